@@ -1,0 +1,78 @@
+"""Atomic checkpoints: write to a temporary file, fsync, then rename over the target.
+
+A checkpoint is never seen half-written: a crash during the write leaves the
+previous checkpoint intact.  The newest ``keep_last`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_save", "save_checkpoint", "latest_checkpoint", "load_checkpoint",
+           "rng_state", "set_rng_state"]
+
+_PATTERN = re.compile(r"epoch_(\d+)\.pt$")
+
+
+def atomic_save(obj, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(obj: dict, ckpt_dir: Path, epoch: int, keep_last: int) -> Path:
+    """Save ``obj`` as ``ckpt_dir/epoch_XXXX.pt`` atomically and prune older ones."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"epoch_{epoch:04d}.pt"
+    atomic_save(obj, path)
+    for old in _checkpoints(ckpt_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("epoch_*.pt") if (m := _PATTERN.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = _checkpoints(ckpt_dir) if Path(ckpt_dir).is_dir() else []
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,14 @@
+"""Clustering on features: torch k-means and evaluation metrics."""
+
+from clusterkit.cluster.kmeans import KMeansResult, assign, kmeans, pairwise_scores
+from clusterkit.cluster.metrics import cluster_acc, cluster_metrics, hungarian_match
+
+__all__ = [
+    "KMeansResult",
+    "assign",
+    "cluster_acc",
+    "cluster_metrics",
+    "hungarian_match",
+    "kmeans",
+    "pairwise_scores",
+]

@@ -1,0 +1,518 @@
+"""Two-view augmentation for contrastive clustering.
+
+The augmentation of every method in clusterkit (METHODS.md, "Augmentation (both
+views)") is, in this order::
+
+    RandomResizedCrop(S, scale=crop_scale, ratio=crop_ratio)
+    RandomHorizontalFlip()                          # if hflip (dataset default)
+    RandomApply([ColorJitter(*jitter)], p=jitter_p)
+    RandomGrayscale(p=grayscale_p)
+    RandomApply([GaussianBlur(k, blur_sigma)], p=blur_p)   # k ~ 10% of S, odd
+    Normalize(mean, std)
+
+Two implementations draw from the same distribution:
+
+* :class:`BatchedTwoView` transforms a whole ``uint8 (B, C, H, W)`` batch at once on
+  the batch's device, with independent random parameters per sample and no
+  Python loop over the batch (crop + flip + resize is one ``affine_grid`` /
+  ``grid_sample`` call).  This is the fast path for in-memory datasets.
+* :class:`PerImageTwoView` is the torchvision ``transforms.v2`` pipeline applied
+  to one ``uint8 (C, H, W)`` image, for DataLoader workers over big folders.
+
+:func:`eval_transform` is the test transform: resize to ``S x S`` and normalise.
+
+Randomness: both use torch's global CPU generator (the batched path draws its
+per-sample parameters on the CPU and moves them to the batch's device), so
+``torch.manual_seed`` makes them reproducible, identically on CPU and GPU.
+
+Single-channel images (digits, Fashion-MNIST) skip saturation, hue and grayscale,
+which are no-ops on them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from clusterkit.data.datasets import DatasetInfo
+
+__all__ = [
+    "AugmentParams",
+    "BatchedTwoView",
+    "PerImageTwoView",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "blur_kernel_size",
+    "eval_transform",
+    "gaussian_blur",
+    "hsv_to_rgb",
+    "resized_crop",
+    "rgb_to_grayscale",
+    "rgb_to_hsv",
+    "sample_crop_boxes",
+]
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _float_tuple(value: Any) -> Any:
+    """Recipe lists -> tuple of floats; anything else is left for the validator to reject."""
+    if isinstance(value, (list, tuple)):
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+# Validator messages follow clusterkit.schema's style: they read well after the
+# field's recipe path ("'data.augment.crop_scale' must be ...").
+
+
+def _check_tuple(length: int) -> Callable[[Any, attrs.Attribute, Any], None]:
+    def check(_instance: Any, _attribute: attrs.Attribute, value: Any) -> None:
+        if not (isinstance(value, tuple) and len(value) == length and all(isinstance(v, float) for v in value)):
+            raise TypeError(f"must be a list of {length} numbers, got {value!r}")
+
+    return check
+
+
+def _check_pair(low: float, high: float, *, open_low: bool) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """A (lo, hi) pair with lo <= hi inside [low, high] (low excluded if open_low)."""
+
+    def check(_instance: Any, _attribute: attrs.Attribute, value: tuple[float, float]) -> None:
+        lo, hi = value
+        lo_ok = lo > low if open_low else lo >= low
+        if not (lo_ok and lo <= hi <= high):
+            bracket = "(" if open_low else "["
+            raise ValueError(f"must be [lo, hi] with lo <= hi, both in {bracket}{low}, {high}], got {list(value)}")
+
+    return check
+
+
+def _check_prob(_instance: Any, _attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be a probability in [0, 1], got {value!r}")
+
+
+def _check_jitter(_instance: Any, _attribute: attrs.Attribute, value: tuple[float, ...]) -> None:
+    brightness, contrast, saturation, hue = value
+    if min(brightness, contrast, saturation) < 0 or not 0.0 <= hue <= 0.5:
+        raise ValueError(
+            "must be [brightness, contrast, saturation, hue] with the first three "
+            f">= 0 and hue in [0, 0.5], got {list(value)}"
+        )
+
+
+@attrs.define
+class AugmentParams:
+    """Parameters of the two-view augmentation (the recipe's ``augment`` section).
+
+    Attributes:
+        crop_scale: RandomResizedCrop area fraction range, in (0, 1].
+        crop_ratio: RandomResizedCrop aspect-ratio range (w / h), > 0.
+        hflip: random horizontal flip; None uses the dataset's default
+            (:attr:`DatasetInfo.hflip`).
+        jitter: ColorJitter (brightness, contrast, saturation, hue) strengths.
+        jitter_p: probability of applying the colour jitter.
+        grayscale_p: probability of converting to grayscale.
+        blur_p: probability of a Gaussian blur (kernel ~10% of the image size, odd).
+        blur_sigma: range the blur's sigma is drawn from, in pixels.
+    """
+
+    crop_scale: tuple[float, float] = attrs.field(
+        default=(0.08, 1.0),
+        converter=_float_tuple,
+        validator=[_check_tuple(2), _check_pair(0.0, 1.0, open_low=True)],
+    )
+    crop_ratio: tuple[float, float] = attrs.field(
+        default=(3 / 4, 4 / 3),
+        converter=_float_tuple,
+        validator=[_check_tuple(2), _check_pair(0.0, math.inf, open_low=True)],
+    )
+    hflip: bool | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool))
+    )
+    jitter: tuple[float, float, float, float] = attrs.field(
+        default=(0.4, 0.4, 0.4, 0.1), converter=_float_tuple, validator=[_check_tuple(4), _check_jitter]
+    )
+    jitter_p: float = attrs.field(default=0.8, validator=_check_prob)
+    grayscale_p: float = attrs.field(default=0.2, validator=_check_prob)
+    blur_p: float = attrs.field(default=0.0, validator=_check_prob)
+    blur_sigma: tuple[float, float] = attrs.field(
+        default=(0.1, 2.0),
+        converter=_float_tuple,
+        validator=[_check_tuple(2), _check_pair(0.0, math.inf, open_low=True)],
+    )
+
+    def resolved_hflip(self, info: DatasetInfo) -> bool:
+        """Whether to flip: the explicit setting, else the dataset's default."""
+        return info.hflip if self.hflip is None else self.hflip
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """Gaussian blur kernel side: about 10% of ``image_size``, odd, at least 3."""
+    k = int(0.1 * image_size)
+    return max(3, k if k % 2 else k + 1)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    tries: int = 10,
+) -> torch.Tensor:
+    """Per-sample RandomResizedCrop boxes, drawn as torchvision does, vectorised.
+
+    Each sample tries ``tries`` (area, log-aspect) draws and keeps the first that
+    fits; samples with no fitting draw fall back to the central crop with the
+    aspect ratio clamped into ``ratio``.
+
+    Returns:
+        float32 ``(n, 4)``: integer-valued ``(top, left, h, w)`` in pixels, on the CPU.
+    """
+    area = height * width
+    target = area * torch.empty(n, tries).uniform_(scale[0], scale[1])
+    aspect = torch.exp(torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first fitting try
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    top = torch.floor(torch.rand(n) * (height - h + 1))
+    left = torch.floor(torch.rand(n) * (width - w + 1))
+
+    # Central-crop fallback (same for every sample that needs it).
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    fallback = ~fits.any(dim=1)
+    fallback_box = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float32)
+    boxes = torch.stack([top, left, h, w], dim=1)
+    return torch.where(fallback[:, None], fallback_box, boxes)
+
+
+def resized_crop(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    size: int,
+    flip: torch.Tensor | None = None,
+    max_supersample: int = 8,
+) -> torch.Tensor:
+    """Crop each image to its box, optionally mirror it, and resize to ``size``.
+
+    One ``affine_grid`` + bilinear ``grid_sample`` call for the whole batch, with
+    sample points clamped into the box: the same result as cropping and then
+    ``F.interpolate(mode="bilinear", align_corners=False)``.  When a box is larger
+    than the output, every output pixel averages an ``s x s`` grid of bilinear
+    samples (``s`` = the largest shrink factor in the batch, at most
+    ``max_supersample``), which stands in for torchvision's antialiasing.
+
+    Args:
+        images: float ``(B, C, H, W)``.
+        boxes: ``(B, 4)`` ``(top, left, h, w)`` in pixels (best on the CPU).
+        size: output side ``S``.
+        flip: optional bool ``(B,)``: mirror horizontally.
+    Returns:
+        float ``(B, C, S, S)``.
+    """
+    b, c, height, width = images.shape
+    shrink = float(boxes[:, 2:].max()) / size if b else 1.0  # before moving: no device sync
+    s = int(min(max_supersample, max(1, math.ceil(shrink - 1e-6))))
+    boxes = boxes.to(device=images.device, dtype=images.dtype)
+    top, left, h, w = boxes.unbind(dim=1)
+    sx = w / width
+    if flip is not None:
+        sx = torch.where(flip.to(images.device), -sx, sx)
+    theta = torch.zeros(b, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, [b, c, size * s, size * s], align_corners=False)
+    # Clamp sample points to the box's outer pixel centres, so that the box edge is
+    # replicated as when cropping first and resizing after (torchvision).
+    lo = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], dim=1).view(b, 1, 1, 2)
+    hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], dim=1).view(b, 1, 1, 2)
+    grid = torch.maximum(torch.minimum(grid, hi), lo)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.avg_pool2d(out, s) if s > 1 else out
+
+
+# --------------------------------------------------------------------------- colour
+
+
+def rgb_to_grayscale(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma: float ``(..., 3, H, W)`` -> ``(..., 1, H, W)``."""
+    r, g, b = images.unbind(dim=-3)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+
+
+def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
+    """RGB in ``[0, 1]`` -> HSV with every channel in ``[0, 1]``; shapes ``(..., 3, H, W)``."""
+    r, g, b = images.unbind(dim=-3)
+    maxc = images.amax(dim=-3)
+    minc = images.amin(dim=-3)
+    delta = maxc - minc
+    chroma = delta > 0
+    safe_delta = torch.where(chroma, delta, torch.ones_like(delta))
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    hue = torch.where(
+        maxc == r,
+        (g - b) / safe_delta,
+        torch.where(maxc == g, 2.0 + (b - r) / safe_delta, 4.0 + (r - g) / safe_delta),
+    )
+    hue = torch.where(chroma, torch.remainder(hue / 6.0, 1.0), torch.zeros_like(hue))
+    return torch.stack([hue, sat, maxc], dim=-3)
+
+
+# For each hue sextant i, which of (v, q, p, t) are (r, g, b).
+_SEXTANT = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]])
+
+
+def hsv_to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """HSV with channels in ``[0, 1]`` -> RGB; shapes ``(..., 3, H, W)``."""
+    h, s, v = images.unbind(dim=-3)
+    h6 = torch.remainder(h, 1.0) * 6.0
+    sextant = torch.floor(h6)
+    f = h6 - sextant
+    p = v * (1.0 - s)
+    q = v * (1.0 - s * f)
+    t = v * (1.0 - s * (1.0 - f))
+    candidates = torch.stack([v, q, p, t], dim=-3)
+    index = _SEXTANT.to(images.device)[sextant.long() % 6]  # (..., H, W, 3)
+    return candidates.gather(-3, index.movedim(-1, -3))
+
+
+def _per_sample(factor: torch.Tensor) -> torch.Tensor:
+    return factor.reshape(-1, 1, 1, 1)
+
+
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``clamp(x * f)`` per sample; images float ``(B, C, H, W)`` in [0, 1], factor ``(B,)``."""
+    return (images * _per_sample(factor)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each image with its mean gray level: ``clamp(f * x + (1 - f) * mean)``."""
+    gray = rgb_to_grayscale(images) if images.shape[1] == 3 else images
+    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_sample(factor)
+    return (f * images + (1.0 - f) * mean).clamp_(0.0, 1.0)
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each RGB image with its grayscale version: ``clamp(f * x + (1 - f) * gray)``."""
+    f = _per_sample(factor)
+    return (f * images + (1.0 - f) * rgb_to_grayscale(images)).clamp_(0.0, 1.0)
+
+
+def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of each RGB image by ``factor`` turns, ``factor`` in [-0.5, 0.5]."""
+    hsv = rgb_to_hsv(images)
+    hue = torch.remainder(hsv[:, 0] + factor.reshape(-1, 1, 1), 1.0)
+    return hsv_to_rgb(torch.cat([hue.unsqueeze(1), hsv[:, 1:]], dim=1))
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with a per-sample sigma and reflect padding.
+
+    Args:
+        images: float ``(B, C, H, W)``; sigma: ``(B,)`` in pixels; kernel_size: odd.
+    Returns:
+        float ``(B, C, H, W)``.
+    """
+    b, c, height, width = images.shape
+    half = (kernel_size - 1) / 2
+    x = torch.linspace(-half, half, kernel_size, device=images.device, dtype=images.dtype)
+    kernel = torch.softmax(-0.5 * (x / sigma.to(images).reshape(-1, 1)) ** 2, dim=1)  # (B, k)
+    kernel = kernel.repeat_interleave(c, dim=0)  # (B*C, k)
+    pad = kernel_size // 2
+    flat = F.pad(images.reshape(1, b * c, height, width), (pad, pad, pad, pad), mode="reflect")
+    flat = F.conv2d(flat, kernel.reshape(b * c, 1, 1, kernel_size), groups=b * c)
+    flat = F.conv2d(flat, kernel.reshape(b * c, 1, kernel_size, 1), groups=b * c)
+    return flat.reshape(b, c, height, width)
+
+
+def _apply_to(
+    images: torch.Tensor, select: torch.Tensor, fn: Callable[..., torch.Tensor], *args: torch.Tensor
+) -> None:
+    """In place: ``images[select] = fn(images[select], *args[select])``; ``select`` a CPU bool mask."""
+    index = select.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return
+    dev_index = index.to(images.device)
+    out = fn(images.index_select(0, dev_index), *(a[index].to(images.device) for a in args))
+    images.index_copy_(0, dev_index, out)
+
+
+def _normalise(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    if images.shape[1] != len(info.mean):
+        raise ValueError(
+            f"images have {images.shape[1]} channels but the dataset statistics have {len(info.mean)}"
+        )
+    mean = torch.tensor(info.mean, device=images.device, dtype=images.dtype).reshape(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=images.device, dtype=images.dtype).reshape(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    if images.ndim != 4:
+        raise ValueError(f"expected a batch (B, C, H, W), got shape {tuple(images.shape)}")
+    return images.to(torch.float32).div_(255.0) if images.dtype == torch.uint8 else images.to(torch.float32)
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def eval_transform(images: torch.Tensor, image_size: int, info: DatasetInfo) -> torch.Tensor:
+    """Test transform: resize to ``image_size`` (whole image, bilinear) and normalise.
+
+    Args:
+        images: uint8 ``(B, C, H, W)`` (or float in [0, 1]).
+    Returns:
+        float32 ``(B, C, S, S)``, normalised with ``info.mean`` / ``info.std``.
+    """
+    x = _to_float(images)
+    b, _, height, width = x.shape
+    if (height, width) != (image_size, image_size):
+        boxes = torch.tensor([[0.0, 0.0, height, width]]).expand(b, 4)
+        x = resized_crop(x, boxes, image_size)
+    return _normalise(x, info)
+
+
+class BatchedTwoView(torch.nn.Module):
+    """Two independently augmented views of a batch, vectorised over samples.
+
+    Every sample draws its own crop box, flip, jitter factors, jitter op order,
+    grayscale and blur decisions (from torch's global CPU RNG).  Ops are applied to
+    the subset of samples that drew them, so untouched samples stay bit-exact.
+    Colour-jitter order is random per sample as in torchvision: the four stages are
+    processed in turn, each op on the samples that drew it at that stage.
+
+    Example::
+
+        >>> aug = BatchedTwoView(AugmentParams(), 32, DATASETS["cifar10"])
+        >>> v1, v2 = aug(torch.zeros(8, 3, 32, 32, dtype=torch.uint8))
+        >>> v1.shape
+        torch.Size([8, 3, 32, 32])
+    """
+
+    def __init__(self, params: AugmentParams, image_size: int, info: DatasetInfo):
+        super().__init__()
+        self.params = params
+        self.image_size = int(image_size)
+        self.info = info
+        self.hflip = params.resolved_hflip(info)
+        self.kernel_size = blur_kernel_size(self.image_size)
+
+    def extra_repr(self) -> str:
+        return f"image_size={self.image_size}, hflip={self.hflip}, params={self.params}"
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``(B, C, H, W)`` -> two float32 normalised views ``(B, C, S, S)``."""
+        x = _to_float(images)
+        return self.view(x), self.view(x)
+
+    def view(self, images: torch.Tensor) -> torch.Tensor:
+        """One augmented view: uint8 or [0, 1] float ``(B, C, H, W)`` -> float32 ``(B, C, S, S)``."""
+        p = self.params
+        x = _to_float(images)
+        b, c, height, width = x.shape
+        boxes = sample_crop_boxes(b, height, width, p.crop_scale, p.crop_ratio)
+        flip = torch.rand(b) < 0.5 if self.hflip else None
+        x = resized_crop(x, boxes, self.image_size, flip)
+        self._jitter(x)
+        if c == 3 and p.grayscale_p > 0:
+            gray = torch.rand(b) < p.grayscale_p
+            _apply_to(x, gray, lambda im: rgb_to_grayscale(im).expand_as(im))
+        if p.blur_p > 0:
+            blur = torch.rand(b) < p.blur_p
+            sigma = torch.empty(b).uniform_(*p.blur_sigma)
+            _apply_to(x, blur, lambda im, s: gaussian_blur(im, s, self.kernel_size), sigma)
+        return _normalise(x, self.info)
+
+    def _jitter(self, x: torch.Tensor) -> None:
+        """Colour jitter in place, per-sample factors and per-sample random op order."""
+        p = self.params
+        if p.jitter_p <= 0:
+            return
+        b, c = x.shape[:2]
+        brightness, contrast, saturation, hue = p.jitter
+        apply = torch.rand(b) < p.jitter_p
+        order = torch.argsort(torch.rand(b, 4), dim=1)  # a random permutation of the 4 ops per sample
+
+        def factor(strength: float) -> torch.Tensor:  # torchvision's range [max(0, 1 - s), 1 + s]
+            return torch.empty(b).uniform_(max(0.0, 1 - strength), 1 + strength)
+
+        colour = c == 3
+        ops: list[tuple[Callable[..., torch.Tensor], torch.Tensor] | None] = [  # indexed by op id
+            (adjust_brightness, factor(brightness)) if brightness > 0 else None,
+            (adjust_contrast, factor(contrast)) if contrast > 0 else None,
+            (adjust_saturation, factor(saturation)) if saturation > 0 and colour else None,
+            (adjust_hue, torch.empty(b).uniform_(-hue, hue)) if hue > 0 and colour else None,
+        ]
+        for stage in range(4):
+            for op_id, op in enumerate(ops):
+                if op is not None:
+                    fn, factors = op
+                    _apply_to(x, apply & (order[:, stage] == op_id), fn, factors)
+
+
+class PerImageTwoView:
+    """The same augmentation as :class:`BatchedTwoView`, one image at a time.
+
+    Built from ``torchvision.transforms.v2``; call it on a uint8 ``(C, H, W)``
+    tensor (e.g. in a DataLoader worker) to get two float32 normalised
+    ``(C, S, S)`` views.  ``self.transform`` is the single-view pipeline.
+    """
+
+    def __init__(self, params: AugmentParams, image_size: int, info: DatasetInfo):
+        from torchvision.transforms import v2
+
+        self.params = params
+        self.image_size = int(image_size)
+        self.info = info
+        colour = info.channels == 3
+        brightness, contrast, saturation, hue = params.jitter
+        steps: list[Any] = [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.RandomResizedCrop(
+                self.image_size, scale=params.crop_scale, ratio=params.crop_ratio, antialias=True
+            ),
+        ]
+        if params.resolved_hflip(info):
+            steps.append(v2.RandomHorizontalFlip())
+        jitter = v2.ColorJitter(brightness, contrast, saturation if colour else 0.0, hue if colour else 0.0)
+        steps.append(v2.RandomApply([jitter], p=params.jitter_p))
+        if colour:
+            steps.append(v2.RandomGrayscale(p=params.grayscale_p))
+        if params.blur_p > 0:
+            blur = v2.GaussianBlur(blur_kernel_size(self.image_size), sigma=params.blur_sigma)
+            steps.append(v2.RandomApply([blur], p=params.blur_p))
+        steps.append(v2.Normalize(list(info.mean), list(info.std)))
+        self.transform = v2.Compose(steps)
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``(C, H, W)`` -> two float32 views ``(C, S, S)``."""
+        return self.transform(image), self.transform(image)
+
+    def __repr__(self) -> str:
+        return f"PerImageTwoView({self.transform})"

@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad recipe, a missing data folder, an unknown
+plugin) is raised as a :class:`ClusterkitError` subclass whose message is one
+self-contained paragraph: what is wrong, where, and how to fix it.  The CLI
+prints that paragraph and exits non-zero; ``--debug`` adds the traceback.
+Anything else that escapes is a bug in clusterkit or in a plugin.
+"""
+
+
+class ClusterkitError(Exception):
+    """Base class of errors caused by user input; the message is the whole story."""
+
+    exit_code = 2
+
+
+class RecipeError(ClusterkitError):
+    """A recipe, an ``--set`` override or a plugin parameter is invalid."""
+
+
+class PluginError(ClusterkitError):
+    """A plugin is unknown, failed to load, or failed inside a hook."""
+
+
+class DataError(ClusterkitError):
+    """A dataset is missing, empty, corrupt or inconsistent with the recipe."""
+
+
+class RunDirError(ClusterkitError):
+    """A run directory cannot be created, resumed or overwritten as asked."""

@@ -1,0 +1,124 @@
+"""Every hook the clusterkit trainer calls, in the order it calls them.
+
+A plugin is a class with methods marked ``@hookimpl`` whose names are the hook
+names below.  An implementation may take any subset of a spec's arguments (pluggy
+passes them by name), so specs can grow arguments without breaking plugins.
+
+The loop (``clusterkit/trainer.py``)::
+
+    setup                    once: add modules to state.model, return parameter groups
+    register_outputs         once: name the per-step tensors you can produce ("q", "k", ...)
+    for epoch:
+        on_epoch_start
+        e_step               every e_step.every epochs (and before the first)
+        for batch:
+            on_step_start    before the forward (e.g. an extra EMA)
+            compute_losses   return {term name: weighted loss}; the core sums and steps
+            after_step       after the optimiser step (EMA, memory banks, regrouping)
+        evaluate:  embed -> predict -> NMI/ACC/ARI
+        on_epoch_end
+        checkpoint
+
+Shared objects:
+
+* ``state`` (:class:`clusterkit.state.TrainState`): recipe, device, epoch, step,
+  ``state.model`` (an ``nn.ModuleDict`` holding the ``backbone`` and every plugin's
+  modules and buffers: all of it is checkpointed), ``state.pseudo_labels`` (the
+  E-step's labels of the training set), ``state.in_warmup``, and
+  ``state.features(split)`` (the embeddings of a split, computed once per step).
+* ``cache`` (:class:`clusterkit.state.StepCache`): the step's two augmented views,
+  their dataset indices, and lazily computed named outputs ``cache["q", view]``: each
+  output is computed at most once per step, by whichever plugin registered it.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "clusterkit"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def setup(state):
+    """Build your modules once, before the optimiser exists.
+
+    Add modules and buffers to ``state.model`` (an ``nn.ModuleDict``; the core has put
+    the timm ``backbone`` there).  Return a list of :class:`clusterkit.state.ParamGroup`
+    for parameters that need their own lr multiplier or weight decay, or None.
+    Parameters you do not return go to the default group.
+    """
+
+
+@hookspec
+def register_outputs(state):
+    """Name the per-step tensors you can compute.
+
+    Return ``{name: fn}`` where ``fn(cache, view) -> Tensor`` computes output ``name``
+    of view ``view`` (0 or 1), reading other outputs through ``cache[other, view]``.
+    The core computes each (name, view) at most once per step.  Two plugins may not
+    register the same name.
+    """
+
+
+@hookspec
+def on_epoch_start(state):
+    """Called at the start of every epoch, before the E-step."""
+
+
+@hookspec
+def e_step(state):
+    """The E-step: cluster the training set and publish the result.
+
+    Runs before the first epoch and then every ``e_step.every`` epochs.  Typically
+    reads ``state.features("train")`` and sets ``state.pseudo_labels`` (LongTensor (N,))
+    and ``state.centers`` (K, D).  Returns nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def embed(state, images):
+    """Map a batch of evaluation images to the features used for clustering.
+
+    ``images``: float (B, C, S, S), already resized and normalised, on ``state.device``.
+    Called under ``torch.no_grad()`` with the model in eval mode.  Return (B, D).
+    The first plugin that returns a value wins; without any, the core uses the
+    backbone's pooled output.
+    """
+
+
+@hookspec
+def on_step_start(state, cache):
+    """Called before the forward of every training step."""
+
+
+@hookspec
+def compute_losses(state, cache):
+    """Return this plugin's loss terms for the step: ``{name: weighted scalar tensor}``.
+
+    Apply your own weight (and warm-up gate) before returning: the core sums every
+    term of every plugin, logs each one, and runs backward and the optimiser step.
+    Term names must be unique across plugins.
+    """
+
+
+@hookspec
+def after_step(state, cache):
+    """Called after the optimiser step (gradients are applied): EMA updates,
+    memory banks, periodic regrouping."""
+
+
+@hookspec(firstresult=True)
+def predict(state, features):
+    """Turn evaluation features (N, D) into cluster predictions.
+
+    Return :class:`clusterkit.state.Prediction` (labels (N,), confidence (N,)).
+    The first plugin that returns a value wins (k-means on features, or a cluster head).
+    """
+
+
+@hookspec
+def on_epoch_end(state, metrics):
+    """Called after evaluation with that epoch's record (``metrics``: dict of floats,
+    loss means, and NMI/ACC/ARI when evaluated).  Plugins may add keys to it."""

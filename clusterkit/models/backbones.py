@@ -1,0 +1,87 @@
+"""Backbones come from timm; clusterkit adds the CIFAR-stem ResNets to timm's registry.
+
+``resnet18_cifar`` / ``resnet34_cifar`` are the "BigResNet" of ProPos and DigPro:
+timm's ResNet with the stem replaced by a 3x3 stride-1 convolution and no max-pool,
+so a 32x32 input keeps 32x32 feature maps in the first stage.  timm's ResNet
+arguments pass through ``model.backbone_kwargs`` (e.g. ``channels: [32, 64, 128, 256]``
+for a narrower network; the stem follows the first stage's width).  They are registered
+on import of this module, so ``timm.create_model("resnet18_cifar")`` works after
+``import clusterkit``::
+
+    >>> m = create_backbone(ModelConfig(backbone="resnet18_cifar"), in_chans=3)
+    >>> m(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 512])
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+import torch
+from timm.models import register_model
+from timm.models.resnet import BasicBlock, ResNet
+from torch import nn
+
+from ..errors import RecipeError
+
+__all__ = ["create_backbone", "resnet18_cifar", "resnet34_cifar"]
+
+
+def _cifar_resnet(layers, pretrained: bool = False, in_chans: int = 3, **kwargs) -> ResNet:
+    if pretrained:
+        raise RecipeError("The CIFAR-stem ResNets have no published pretrained weights; set "
+                          "model.pretrained: false (the papers train them from scratch).")
+    kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("pretrained_cfg_overlay", None)
+    kwargs.pop("cache_dir", None)
+    if "channels" in kwargs:  # narrower variants: the stem is as wide as the first stage
+        kwargs.setdefault("stem_width", kwargs["channels"][0])
+    model = ResNet(block=BasicBlock, layers=layers, in_chans=in_chans, **kwargs)
+    model.conv1 = nn.Conv2d(in_chans, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+@register_model
+def resnet18_cifar(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet-18 with a 3x3 stride-1 stem and no max-pool (ProPos/DigPro "BigResNet-18")."""
+    return _cifar_resnet([2, 2, 2, 2], pretrained, **kwargs)
+
+
+@register_model
+def resnet34_cifar(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet-34 with a 3x3 stride-1 stem and no max-pool."""
+    return _cifar_resnet([3, 4, 6, 3], pretrained, **kwargs)
+
+
+def create_backbone(cfg, in_chans: int = 3) -> nn.Module:
+    """``timm.create_model(cfg.backbone, num_classes=0)``: a module mapping (B, C, H, W) to
+    pooled features (B, ``model.num_features``).  Bad names and missing weights give
+    RecipeErrors that say what to do."""
+    name = cfg.backbone
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise RecipeError(f"timm does not know the backbone '{name}' (model.backbone).{hint} "
+                          "Run python -c \"import timm; print(timm.list_models('*resnet*'))\" to list names.")
+    kwargs = dict(cfg.backbone_kwargs)
+    if cfg.pretrained and cfg.pretrained_file:
+        kwargs["pretrained_cfg_overlay"] = dict(file=cfg.pretrained_file)
+    try:
+        model = timm.create_model(name, pretrained=cfg.pretrained, num_classes=0, in_chans=in_chans, **kwargs)
+    except RecipeError:
+        raise
+    except Exception as exc:
+        if cfg.pretrained:
+            raise RecipeError(
+                f"Could not load pretrained weights for '{name}': {type(exc).__name__}: {exc}. clusterkit cannot "
+                "download anything at run time; put the weights file on this machine and set "
+                "model.pretrained_file: /path/to/weights.safetensors (or .pth), or set model.pretrained: false."
+            ) from None
+        raise RecipeError(f"timm could not build '{name}' with {kwargs}: {exc}. Check model.backbone_kwargs.") from None
+    if not hasattr(model, "num_features"):
+        with torch.no_grad():
+            model.num_features = model(torch.zeros(2, in_chans, 32, 32)).shape[1]
+    return model

@@ -1,0 +1,272 @@
+"""Recipes: YAML files that say which data, backbone, optimiser and plugins a run uses.
+
+A recipe file may ``extends:`` another (path relative to the file, or a list of them):
+the base is loaded first and the child is deep-merged over it (mappings merge key by
+key; anything else replaces).  ``--set a.b=value`` overrides are applied last; the value
+is parsed as YAML and then converted to the schema's type.  The result is validated by
+the attrs classes below; plugin parameters (``plugins: {name: {...}}``) are validated
+by each plugin's own ``Params`` class when the plugin manager loads them.
+
+Example::
+
+    extends: _base/imagenet10.yaml
+    name: digpro_imagenet10
+    data:  {dataset: imagefolder, root: data/imagenet-10, image_size: 96, batch_size: 128}
+    model: {backbone: resnet18_cifar}
+    plugins:
+      byol_target: {momentum: 0.996}
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import yaml
+
+from .data.augment import AugmentParams
+from .errors import RecipeError
+from .schema import build, in_range, non_negative, positive, unstructure
+
+field = attrs.field
+
+
+def _doc(text: str) -> dict:
+    return {"doc": text}
+
+
+@attrs.define
+class DataConfig:
+    dataset: str = field(default="digits", metadata=_doc(
+        "digits | fashion_mnist | cifar10 | cifar100 | stl10 | imagefolder"))
+    root: str | None = field(default=None, metadata=_doc("data folder (not needed for digits)"))
+    split: Literal["train", "test", "all"] = field(default="train", metadata=_doc(
+        "training data: train split, test split, or all = train+test (the clustering papers' protocol)"))
+    eval_split: Literal["train", "test", "all"] | None = field(default=None, metadata=_doc(
+        "data the metrics are computed on; default: the training data"))
+    image_size: int = field(default=32, validator=positive, metadata=_doc("side of the augmented views"))
+    batch_size: int = field(default=256, validator=positive, metadata=_doc("images per step (per process)"))
+    eval_batch_size: int = field(default=512, validator=positive)
+    num_workers: int = field(default=0, validator=non_negative, metadata=_doc("DataLoader workers"))
+    drop_last: bool = True
+    cache: bool = field(default=True, metadata=_doc("decode folder datasets once into a uint8 tensor"))
+    skip_corrupt: bool = field(default=False, metadata=_doc("skip unreadable images and list them in the summary"))
+    augment: AugmentParams = field(factory=AugmentParams)
+
+
+@attrs.define
+class ModelConfig:
+    backbone: str = field(default="resnet18_cifar", metadata=_doc("any timm model name"))
+    pretrained: bool = field(default=False, metadata=_doc("passed to timm; needs local weights"))
+    pretrained_file: str | None = field(default=None, metadata=_doc("local weights file for pretrained=true"))
+    backbone_kwargs: dict[str, Any] = field(factory=dict, metadata=_doc("extra timm.create_model arguments"))
+
+
+@attrs.define
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = field(default=0.05, validator=positive, metadata=_doc("base learning rate"))
+    lr_scaling: Literal["linear", "none"] = field(default="linear", metadata=_doc(
+        "linear: lr x batch_size / 256 (ProPos/DigPro); none: lr as given"))
+    momentum: float = field(default=0.9, validator=in_range(0, 1))
+    weight_decay: float = field(default=5.0e-4, validator=non_negative)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@attrs.define
+class ScheduleConfig:
+    epochs: int = field(default=100, validator=in_range(1, None))
+    warmup_epochs: int = field(default=0, validator=non_negative, metadata=_doc(
+        "linear lr warm-up; also the loss warm-up gates of diffused_sampling and prototype_aggregation"))
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    cosine_denominator: Literal["total", "after_warmup"] = field(default="total", metadata=_doc(
+        "official ProPos/DigPro quirk: the cosine divides by the total epochs, so the last lr is not 0"))
+
+
+@attrs.define
+class EStepConfig:
+    k: int = field(default=10, validator=in_range(2, None), metadata=_doc("number of clusters K"))
+    every: int = field(default=1, validator=in_range(1, None), metadata=_doc("run the E-step every N epochs"))
+
+
+@attrs.define
+class EvalConfig:
+    every: int = field(default=1, validator=in_range(1, None), metadata=_doc("evaluate every N epochs (and last)"))
+    pixel_baseline: Literal["auto", "always", "never"] = field(default="auto", metadata=_doc(
+        "k-means on raw pixels of the eval data for the summary; auto: when the data is small"))
+
+
+@attrs.define
+class RunConfig:
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_doc("auto: CUDA when present"))
+    amp: bool = field(default=True, metadata=_doc("bf16 autocast on CUDA (never on CPU)"))
+    deterministic: bool = field(default=True, metadata=_doc("deterministic algorithms where torch has them"))
+    threads: int | None = field(default=None, metadata=_doc("torch CPU threads (default: torch's choice)"))
+    out_dir: str = field(default="runs", metadata=_doc("runs go to OUT_DIR/<name>/<time>/"))
+    log_every: int = field(default=50, validator=in_range(1, None), metadata=_doc("metrics.jsonl every N steps"))
+    keep_last: int = field(default=2, validator=in_range(1, None), metadata=_doc("checkpoints kept"))
+    progress: bool = field(default=True, metadata=_doc("tqdm progress bar"))
+
+
+@attrs.define
+class Recipe:
+    name: str = "unnamed"
+    description: str = ""
+    data: DataConfig = field(factory=DataConfig)
+    model: ModelConfig = field(factory=ModelConfig)
+    optim: OptimConfig = field(factory=OptimConfig)
+    schedule: ScheduleConfig = field(factory=ScheduleConfig)
+    e_step: EStepConfig = field(factory=EStepConfig)
+    eval: EvalConfig = field(factory=EvalConfig)
+    run: RunConfig = field(factory=RunConfig)
+    plugins: dict[str, Any] = field(factory=dict, metadata=_doc("plugin name -> its parameters"))
+
+    def to_dict(self) -> dict:
+        return unstructure(self)
+
+    def hash(self) -> str:
+        """Stable short hash of the resolved recipe (what ran, not how it was spelled)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Merge ``over`` into a copy of ``base``: mappings merge recursively, other values replace."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"Recipe file '{path}' does not exist. Check the path; recipes shipped with "
+                          "clusterkit live in its recipes/ folder (e.g. recipes/quickstart.yaml).") from None
+    except OSError as exc:
+        raise RecipeError(f"Recipe file '{path}' cannot be read: {exc.strerror}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"Recipe file '{path}' is not valid YAML{where}: {problem}. Fix the syntax "
+                          "(indentation with spaces, 'key: value' pairs) and run again.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"Recipe file '{path}' must hold a mapping (key: value lines) at the top "
+                          f"level, not a {type(data).__name__}.")
+    return data
+
+
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe file and everything it ``extends``, deep-merged, as plain data."""
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise RecipeError(f"Recipe 'extends' forms a cycle: {cycle}. Remove one of these 'extends' "
+                          "entries so that every recipe has a base that does not lead back to it.")
+    data = read_yaml(path)
+    bases = data.pop("extends", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise RecipeError(f"'extends' in '{path}' must be a file path or a list of file paths, got {bases!r}.")
+    merged: dict = {}
+    for base in bases:
+        base_path = (path.parent / base)
+        if not base_path.exists():
+            raise RecipeError(f"Recipe '{path}' extends '{base}', but '{base_path}' does not exist. "
+                              "Paths in 'extends' are relative to the recipe file that names them.")
+        merged = deep_merge(merged, load_raw(base_path, (*_chain, path)))
+    return deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], parsed YAML value)."""
+    if "=" not in text:
+        raise RecipeError(f"Override '{text}' must look like key.path=value, e.g. "
+                          "--set schedule.epochs=10 or --set plugins.byol_target.momentum=0.99.")
+    key, _, raw = text.partition("=")
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise RecipeError(f"Override '{text}' has an empty key; write it as key.path=value.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``--set`` overrides.  Core keys must exist in the schema (checked when building);
+    plugin keys are checked by the plugin's own Params class."""
+    data = copy.deepcopy(data)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _check_override_path(keys, text)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            elif not isinstance(child, dict):
+                raise RecipeError(f"Override '{text}': '{k}' holds a value ({child!r}), not a section, "
+                                  "so it has no keys to set.")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _check_override_path(keys: list[str], text: str) -> None:
+    """Reject ``--set`` on a core path that does not exist, with a did-you-mean."""
+    from .schema import did_you_mean
+
+    cls = Recipe
+    path = []
+    for k in keys:
+        if cls is None or not attrs.has(cls):
+            return  # inside a free-form mapping (plugins.*, backbone_kwargs): checked later
+        names = {f.name: f for f in attrs.fields(cls)}
+        if k not in names:
+            where = ".".join(path) or "the recipe's top level"
+            raise RecipeError(f"Override '{text}': there is no key '{k}' in {where}.{did_you_mean(k, names)} "
+                              f"Valid keys there are: {', '.join(sorted(names))}.")
+        path.append(k)
+        tp = typing.get_type_hints(cls)[k]
+        cls = tp if isinstance(tp, type) and attrs.has(tp) else None
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> Recipe:
+    """Load, merge, override and validate a recipe (from a file, or from ``data``)."""
+    raw = load_raw(path) if path is not None else copy.deepcopy(data or {})
+    raw = apply_overrides(raw, overrides or [])
+    raw.pop("extends", None)
+    if raw.get("plugins") is None:
+        raw["plugins"] = {}
+    if not isinstance(raw["plugins"], dict):
+        raise RecipeError("'plugins' must be a mapping of plugin names to their parameters, e.g. "
+                          "plugins: {byol_target: {momentum: 0.996}}.")
+    raw["plugins"] = {name: ({} if params is None else params) for name, params in raw["plugins"].items()}
+    return build(Recipe, raw, "")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

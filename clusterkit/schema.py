@@ -1,0 +1,213 @@
+"""Typed construction of attrs classes from plain YAML data.
+
+Recipes and plugin parameters are attrs classes.  :func:`build` turns a nested
+``dict`` (from YAML or ``--set``) into such a class, converting values to the
+annotated field types and turning every mistake into one readable
+:class:`~clusterkit.errors.RecipeError` that names the full key path::
+
+    >>> @attrs.define
+    ... class Params:
+    ...     beta: float = attrs.field(default=0.99, validator=in_unit_interval)
+    >>> build(Params, {"beta": 1}, "plugins.momentum_grouping")
+    Params(beta=1.0)
+    >>> build(Params, {"bta": 0.9}, "plugins.momentum_grouping")   # doctest: +SKIP
+    RecipeError: Unknown key 'plugins.momentum_grouping.bta'; did you mean 'beta'? ...
+
+Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``X | None``,
+``typing.Literal[...]``, ``tuple[T, ...]`` / ``tuple[T1, T2]``, ``list[T]``,
+``dict[str, T]``, ``typing.Any`` and nested attrs classes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from typing import Any
+
+import attrs
+
+from .errors import RecipeError
+
+__all__ = ["build", "unstructure", "did_you_mean", "field_docs", "in_range", "positive", "non_negative",
+           "in_unit_interval"]
+
+
+def did_you_mean(word: str, choices) -> str:
+    """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+# -- validators with messages that read well after "plugins.x.y: " ------------------------------------
+
+def in_range(lo=None, hi=None, *, lo_open=False, hi_open=False):
+    """attrs validator: ``lo <= value <= hi`` (bounds optional, optionally open)."""
+
+    def check(_inst, attribute, value):
+        if value is None:
+            return
+        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
+              (hi is not None and (value >= hi if hi_open else value > hi))
+        if bad:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            raise ValueError(f"must be in {left}{'-inf' if lo is None else lo}, "
+                             f"{'inf' if hi is None else hi}{right}, got {value!r}")
+
+    return check
+
+
+positive = in_range(0, None, lo_open=True)
+non_negative = in_range(0, None)
+in_unit_interval = in_range(0, 1)
+
+
+# -- building ------------------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` to annotation ``tp`` or raise RecipeError mentioning ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except RecipeError as exc:
+                errors.append(exc)
+        raise errors[0] if len(errors) == 1 else RecipeError(
+            f"'{where}' must be {' or '.join(_type_name(a) for a in args)}, got {value!r}.")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise RecipeError(f"'{where}' must be one of {', '.join(repr(a) for a in args)}, got {value!r}."
+                          f"{did_you_mean(value, args)}")
+    if attrs.has(tp):
+        if isinstance(value, tp):
+            return value
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise RecipeError(f"'{where}' must be a mapping of keys to values, got {value!r}.")
+        return build(tp, value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"'{where}' must be a list, got {value!r}.")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise RecipeError(f"'{where}' must have {len(args)} items, got {len(value)}: {value!r}.")
+            items = [_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise RecipeError(f"'{where}' must be a mapping, got {value!r}.")
+        val_tp = args[1] if args else Any
+        return {str(k): _convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise RecipeError(f"'{where}' must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise RecipeError(f"'{where}' must be an integer, got {value!r}.")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise RecipeError(f"'{where}' must be an integer, got {value!r}.") from None
+        if not as_float.is_integer():
+            raise RecipeError(f"'{where}' must be an integer, got {value!r}.")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise RecipeError(f"'{where}' must be a number, got {value!r}.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"'{where}' must be a number, got {value!r}.") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise RecipeError(f"'{where}' must be a string, got {value!r}.")
+        return str(value)
+    raise TypeError(f"schema: unsupported annotation {tp!r} at {where}")  # a bug in a schema, not user input
+
+
+def build(cls, data: dict | None, where: str = ""):
+    """Build attrs class ``cls`` from mapping ``data``; unknown keys and bad values raise RecipeError."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise RecipeError(f"'{where or cls.__name__}' must be a mapping of keys to values, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in attrs.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise RecipeError(
+                f"Unknown key '{path}'.{did_you_mean(key, fields)} Valid keys here are: "
+                f"{', '.join(sorted(fields))}.")
+        kwargs[key] = _convert(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        # attrs validators raise with the attribute as args[1] when they can; our own validators
+        # raise ValueError(message) -- find which field failed by validating one field at a time.
+        for name, value in kwargs.items():
+            field = fields[name]
+            if field.validator is None:
+                continue
+            try:
+                field.validator(None, field, value)
+            except (ValueError, TypeError) as inner:
+                path = f"{where}.{name}" if where else name
+                raise RecipeError(f"'{path}' {_reason(inner)}.") from None
+        raise RecipeError(f"'{where or cls.__name__}': {_reason(exc)}.") from None
+
+
+def _reason(exc: Exception) -> str:
+    msg = str(exc.args[0]) if exc.args else str(exc)
+    return msg.rstrip(".")
+
+
+def unstructure(obj) -> Any:
+    """attrs instance -> plain YAML-friendly data (tuples become lists)."""
+    if attrs.has(type(obj)):
+        return {f.name: unstructure(getattr(obj, f.name)) for f in attrs.fields(type(obj))}
+    if isinstance(obj, (list, tuple)):
+        return [unstructure(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: unstructure(v) for k, v in obj.items()}
+    return obj
+
+
+def field_docs(cls) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, doc) for every field; docs come from ``metadata={"doc": ...}``."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in attrs.fields(cls):
+        default = f.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory() if not default.takes_self else "<derived>"
+        rows.append((f.name, _type_name(hints.get(f.name, Any)), unstructure(default), f.metadata.get("doc", "")))
+    return rows

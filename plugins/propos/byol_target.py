@@ -1,0 +1,104 @@
+"""The BYOL-style online/target pair shared by ProPos, DigPro and HaDis.
+
+Online branch: backbone -> projector MLP (d -> 4096 -> 256) -> predictor MLP
+(256 -> 4096 -> 256, weights N(0, 0.01)).  Target branch: an EMA copy of backbone +
+projector, parameters only (the target's BatchNorm buffers are its own, not EMA'd),
+momentum alpha = 0.996, optionally increased to 1 along a cosine.  The predictor
+trains with 10x the base learning rate.
+
+Step outputs it provides, for view v of the step:
+    ``q``  (B, 256) raw online projector output  q = g(f(x_v))
+    ``k``  (B, 256) raw target projector output  k = g'(f'(x_v)), no gradient
+Evaluation features (``embed``): norm(k) of the target branch, as the official code.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clusterkit import ParamGroup, Plugin, hookimpl
+from clusterkit.models import MLPHead
+from clusterkit.schema import in_range, positive
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * online, parameters only."""
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.mul_(momentum).add_(o.detach(), alpha=1.0 - momentum)
+
+
+def cosine_momentum(base: float, step: int, total_steps: int) -> float:
+    """BYOL's schedule: 1 - (1 - base) * (cos(pi * step / total) + 1) / 2, from base to 1."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total_steps, 1)) + 1.0) / 2.0
+
+
+class BYOLTarget(Plugin):
+    """Online projector + predictor and an EMA target branch (ProPos / DigPro / HaDis)."""
+
+    @attrs.define
+    class Params:
+        momentum: float = attrs.field(default=0.996, validator=in_range(0, 1), metadata={
+            "doc": "EMA momentum alpha of the target branch"})
+        cosine_increase: bool = attrs.field(default=False, metadata={
+            "doc": "increase the momentum to 1 along a cosine over training (BYOL)"})
+        hidden_dim: int = attrs.field(default=4096, validator=positive, metadata={"doc": "MLP hidden width"})
+        out_dim: int = attrs.field(default=256, validator=positive, metadata={"doc": "projection dimension"})
+        predictor_lr_scale: float = attrs.field(default=10.0, validator=positive, metadata={
+            "doc": "predictor lr multiplier (official: 10)"})
+        predictor_init_std: float = attrs.field(default=0.01, validator=positive, metadata={
+            "doc": "std of the predictor's initial weights"})
+
+    def online(self, model: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+        return model["projector"](model["backbone"](x))
+
+    def target(self, model: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+        return model["target_projector"](model["target_backbone"](x))
+
+    @hookimpl
+    def setup(self, state):
+        p, m = self.params, state.model
+        dim = m["backbone"].num_features
+        m["projector"] = MLPHead(dim, p.hidden_dim, p.out_dim)
+        m["predictor"] = MLPHead(p.out_dim, p.hidden_dim, p.out_dim, init_std=p.predictor_init_std)
+        m["target_backbone"] = copy.deepcopy(m["backbone"])
+        m["target_projector"] = copy.deepcopy(m["projector"])
+        for name in ("target_backbone", "target_projector"):
+            m[name].requires_grad_(False)
+        return [ParamGroup(list(m["predictor"].parameters()), lr_scale=p.predictor_lr_scale, name="predictor")]
+
+    @hookimpl
+    def register_outputs(self, state):
+        model = state.model
+
+        def q(cache, v):
+            return self.online(model, cache.views[v])
+
+        def k(cache, v):
+            with torch.no_grad():
+                return self.target(model, cache.views[v])
+
+        return {"q": q, "k": k}
+
+    @hookimpl
+    def embed(self, state, images):
+        return F.normalize(self.target(state.model, images), dim=1)
+
+    def current_momentum(self, state) -> float:
+        p = self.params
+        return cosine_momentum(p.momentum, state.step, state.total_steps) if p.cosine_increase else p.momentum
+
+    @hookimpl
+    def after_step(self, state):
+        m = state.model
+        alpha = self.current_momentum(state)
+        ema_update(m["target_backbone"], m["backbone"], alpha)
+        ema_update(m["target_projector"], m["projector"], alpha)
+        if self.params.cosine_increase:
+            state.log("ema", alpha)

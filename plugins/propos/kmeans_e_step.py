@@ -1,0 +1,65 @@
+"""The E-step of ProPos / DigPro / HaDis: spherical k-means on target features.
+
+Every ``e_step.every`` epochs (and before the first), the features norm(k) of the
+whole training set (from the ``embed`` hook, eval mode, test transform) are
+clustered by cosine k-means++ (official: n_init 10, max_iter 300, tol 1e-4, seed 0);
+the hard labels become ``state.pseudo_labels`` (N,) and the normalised centres
+``state.centers`` (K, D).  Prediction is the same k-means on the evaluation features,
+with confidence = cosine to the assigned centre.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from clusterkit import Plugin, Prediction, hookimpl
+from clusterkit.cluster import KMeansResult, kmeans
+from clusterkit.schema import in_range, positive
+
+
+class KMeansEStep(Plugin):
+    """Pseudo-labels and predictions by (spherical) k-means on the learned features."""
+
+    @attrs.define
+    class Params:
+        metric: Literal["cosine", "euclidean"] = attrs.field(default="cosine", metadata={
+            "doc": "cosine = spherical k-means (ProPos/DigPro)"})
+        n_init: int = attrs.field(default=10, validator=in_range(1, None), metadata={"doc": "k-means restarts"})
+        max_iter: int = attrs.field(default=300, validator=in_range(1, None))
+        tol: float = attrs.field(default=1e-4, validator=positive)
+        seed: int | None = attrs.field(default=None, metadata={
+            "doc": "k-means seed; null: the run's seed (the official code always used 0)"})
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self._memo: tuple | None = None
+
+    def cluster(self, state, features: torch.Tensor) -> KMeansResult:
+        """k-means of ``features`` (N, D); reused while the features object is the same."""
+        if self._memo is not None and self._memo[0] is features:
+            return self._memo[1]
+        p = self.params
+        seed = state.recipe.run.seed if p.seed is None else p.seed
+        result = kmeans(features, state.num_clusters, metric=p.metric, n_init=p.n_init, max_iter=p.max_iter,
+                        tol=p.tol, seed=seed)
+        self._memo = (features, result)
+        return result
+
+    @hookimpl
+    def e_step(self, state):
+        result = self.cluster(state, state.features("train"))
+        state.pseudo_labels = result.labels.to(state.device)
+        state.centers = result.centers.to(state.device)
+
+    @hookimpl
+    def predict(self, state, features):
+        result = self.cluster(state, features)
+        if self.params.metric == "cosine":
+            conf = (F.normalize(features, dim=1) * result.centers[result.labels]).sum(1)
+        else:
+            conf = -(features - result.centers[result.labels]).norm(dim=1)
+        return Prediction(result.labels, conf)

@@ -1,0 +1,254 @@
+"""Two-view augmentation: the batched path, its ops, and the per-image twin."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from clusterkit.data import DATASETS, AugmentParams, BatchedTwoView, PerImageTwoView, eval_transform
+from clusterkit.data.augment import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    blur_kernel_size,
+    gaussian_blur,
+    hsv_to_rgb,
+    resized_crop,
+    rgb_to_hsv,
+    sample_crop_boxes,
+)
+
+CIFAR = DATASETS["cifar10"]
+DIGITS = DATASETS["digits"]
+IDENTITY = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False, jitter_p=0.0, grayscale_p=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _smooth_images(n: int, size: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    """uint8 (n, C, size, size): random 4x4 colour layouts upsampled, plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, channels, 4, 4, generator=g)
+    x = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    x = x + 0.05 * torch.randn(x.shape, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def test_params_validate_and_convert_lists():
+    p = AugmentParams(crop_scale=[0.2, 1], jitter=[0.8, 0.8, 0.8, 0.2])
+    assert p.crop_scale == (0.2, 1.0) and p.jitter == (0.8, 0.8, 0.8, 0.2)
+    for bad in (
+        dict(crop_scale=(0.0, 1.0)),
+        dict(crop_scale=(0.9, 0.1)),
+        dict(crop_scale=(0.5, 1.5)),
+        dict(crop_ratio=(-1.0, 1.0)),
+        dict(jitter=(0.4, 0.4, 0.4, 0.7)),
+        dict(jitter=(-0.1, 0.4, 0.4, 0.1)),
+        dict(jitter_p=1.5),
+        dict(grayscale_p=-0.1),
+        dict(blur_p=2),
+        dict(blur_sigma=(0.0, 1.0)),
+    ):
+        with pytest.raises(ValueError):
+            AugmentParams(**bad)
+    with pytest.raises(TypeError):
+        AugmentParams(jitter=(0.4, 0.4))
+    with pytest.raises(TypeError):
+        AugmentParams(hflip="yes")
+    assert blur_kernel_size(32) == 3 and blur_kernel_size(96) == 9 and blur_kernel_size(224) == 23
+
+
+# --------------------------------------------------------------------------- batched path
+
+
+def test_shapes_dtype_and_normalisation():
+    images = _smooth_images(16, 20)
+    v1, v2_ = BatchedTwoView(AugmentParams(blur_p=0.5), 24, CIFAR)(images)
+    assert v1.shape == v2_.shape == (16, 3, 24, 24) and v1.dtype == torch.float32
+    assert not torch.equal(v1, v2_)
+    # A constant image stays constant under every op but hue/grayscale; with those off
+    # and no jitter the output is exactly (value - mean) / std.
+    flat = torch.full((4, 3, 10, 10), 51, dtype=torch.uint8)
+    out, _ = BatchedTwoView(AugmentParams(**IDENTITY), 10, CIFAR)(flat)
+    expected = (0.2 - torch.tensor(CIFAR.mean)) / torch.tensor(CIFAR.std)
+    assert torch.allclose(out[:, :, 3, 3], expected.expand(4, 3), atol=1e-5)
+
+
+def test_reproducible_under_manual_seed():
+    images = _smooth_images(8, 16)
+    aug = BatchedTwoView(AugmentParams(blur_p=0.5), 16, CIFAR)
+    torch.manual_seed(3)
+    a = aug(images)
+    torch.manual_seed(3)
+    b = aug(images)
+    torch.manual_seed(4)
+    c = aug(images)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_identity_params_equal_eval_transform(size):
+    images = _smooth_images(6, 8, channels=1)
+    v1, v2_ = BatchedTwoView(AugmentParams(**IDENTITY), size, DIGITS)(images)
+    ref = eval_transform(images, size, DIGITS)
+    assert ref.shape == (6, 1, size, size)
+    assert torch.allclose(v1, ref, atol=1e-5) and torch.allclose(v2_, ref, atol=1e-5)
+    if size != 8:  # eval resize is plain bilinear, like F.interpolate
+        up = F.interpolate(images.float() / 255, size=(size, size), mode="bilinear", align_corners=False)
+        assert torch.allclose(ref, (up - DIGITS.mean[0]) / DIGITS.std[0], atol=1e-5)
+
+
+def test_hflip_flips_about_half():
+    images = _smooth_images(400, 8)
+    params = dict(IDENTITY, hflip=True)
+    torch.manual_seed(0)
+    out, _ = BatchedTwoView(AugmentParams(**params), 8, CIFAR)(images)
+    ref = eval_transform(images, 8, CIFAR)
+    same = (out - ref).abs().amax(dim=(1, 2, 3)) < 1e-5
+    mirrored = (out - ref.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-5
+    assert (same | mirrored).all()
+    assert 0.4 < mirrored.float().mean() < 0.6  # binomial(400, 0.5): sd 0.025
+    # hflip=None takes the dataset default: digits are not flip-invariant.
+    aug = BatchedTwoView(AugmentParams(**dict(IDENTITY, hflip=None)), 8, DIGITS)
+    assert aug.hflip is False and BatchedTwoView(AugmentParams(), 8, CIFAR).hflip is True
+
+
+def test_grayscale_p1_gives_equal_channels():
+    images = _smooth_images(8, 16)
+    out, _ = BatchedTwoView(AugmentParams(grayscale_p=1.0), 16, CIFAR)(images)
+    raw = out * torch.tensor(CIFAR.std).view(1, 3, 1, 1) + torch.tensor(CIFAR.mean).view(1, 3, 1, 1)
+    assert torch.allclose(raw[:, 0], raw[:, 1], atol=1e-5) and torch.allclose(raw[:, 1], raw[:, 2], atol=1e-5)
+
+
+def test_per_sample_crops_differ_within_a_batch():
+    images = _smooth_images(1, 32).expand(16, -1, -1, -1)
+    params = AugmentParams(crop_scale=(0.2, 1.0), hflip=False, jitter_p=0, grayscale_p=0)
+    out, _ = BatchedTwoView(params, 32, CIFAR)(images)
+    distinct = {tuple(o.flatten()[:50].tolist()) for o in out}
+    assert len(distinct) == 16
+
+
+def test_single_channel_pipeline_runs():
+    images = _smooth_images(32, 8, channels=1)
+    params = AugmentParams(jitter_p=1.0, grayscale_p=1.0, blur_p=1.0)
+    v1, v2_ = BatchedTwoView(params, 16, DIGITS)(images)
+    assert v1.shape == (32, 1, 16, 16) and torch.isfinite(v1).all()
+    p1, p2 = PerImageTwoView(AugmentParams(), 16, DIGITS)(images[0])
+    assert p1.shape == (1, 16, 16) and p1.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- ops vs torchvision
+
+
+def test_crop_boxes_follow_torchvision_distribution():
+    torch.manual_seed(0)
+    n, height, width = 4000, 32, 48
+    boxes = sample_crop_boxes(n, height, width, (0.08, 1.0), (3 / 4, 4 / 3))
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    assert (boxes == boxes.round()).all() and (h > 0).all() and (w > 0).all()
+    ref = v2.RandomResizedCrop(8, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    dummy = torch.zeros(3, height, width)
+    draws = [ref.make_params([dummy]) for _ in range(n)]
+    areas = torch.tensor([d["height"] * d["width"] for d in draws], dtype=torch.float)
+    assert abs((h * w).mean() - areas.mean()) / areas.mean() < 0.05
+    assert abs((h * w).std() - areas.std()) / areas.std() < 0.08
+    # Impossible constraints fall back to the central crop with a clamped ratio.
+    fallback = sample_crop_boxes(5, 10, 40, (1.0, 1.0), (1.0, 1.0))
+    assert fallback.tolist() == [[0.0, 15.0, 10.0, 10.0]] * 5
+
+
+def test_resized_crop_matches_torchvision_when_upscaling():
+    images = _smooth_images(3, 12).float() / 255
+    boxes = torch.tensor([[0.0, 0.0, 12.0, 12.0], [2.0, 3.0, 6.0, 8.0], [5.0, 1.0, 7.0, 4.0]])
+    flip = torch.tensor([False, True, False])
+    out = resized_crop(images, boxes, 16, flip)
+    for i, (t, l, h, w) in enumerate(boxes.int().tolist()):
+        ref = TF.resized_crop(images[i], t, l, h, w, [16, 16], antialias=False)
+        ref = ref.flip(-1) if flip[i] else ref
+        assert torch.allclose(out[i], ref, atol=1e-5)
+
+
+def test_resized_crop_antialiases_when_shrinking():
+    checker = ((torch.arange(64).view(1, -1) + torch.arange(64).view(-1, 1)) % 2).float()
+    images = checker.expand(2, 3, 64, 64)
+    out = resized_crop(images, torch.tensor([[0.0, 0.0, 64.0, 64.0]] * 2), 8)
+    assert torch.allclose(out, torch.full_like(out, 0.5), atol=1e-5)
+
+
+def test_colour_ops_match_torchvision():
+    images = _smooth_images(5, 8).float() / 255
+    factors = torch.tensor([0.6, 1.0, 1.3, 0.2, 1.4])
+    hues = torch.tensor([-0.5, -0.1, 0.0, 0.25, 0.45])
+    ours = {
+        "brightness": adjust_brightness(images.clone(), factors),
+        "contrast": adjust_contrast(images.clone(), factors),
+        "saturation": adjust_saturation(images.clone(), factors),
+        "hue": adjust_hue(images.clone(), hues),
+    }
+    for i in range(5):
+        img, f, h = images[i], float(factors[i]), float(hues[i])
+        assert torch.allclose(ours["brightness"][i], TF.adjust_brightness(img, f), atol=1e-6)
+        assert torch.allclose(ours["contrast"][i], TF.adjust_contrast(img, f), atol=1e-5)
+        assert torch.allclose(ours["saturation"][i], TF.adjust_saturation(img, f), atol=1e-5)
+        assert torch.allclose(ours["hue"][i], TF.adjust_hue(img, h), atol=1e-5)
+    gray = images[:, :1].expand(-1, 3, -1, -1)
+    assert torch.allclose(hsv_to_rgb(rgb_to_hsv(images)), images, atol=1e-6)
+    assert torch.allclose(hsv_to_rgb(rgb_to_hsv(gray)), gray, atol=1e-6)
+
+
+def test_blur_matches_torchvision():
+    images = _smooth_images(3, 16).float() / 255
+    sigma = torch.tensor([0.3, 1.0, 2.0])
+    out = gaussian_blur(images, sigma, 5)
+    for i in range(3):
+        ref = TF.gaussian_blur(images[i], [5, 5], [float(sigma[i])] * 2)
+        assert torch.allclose(out[i], ref, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- batched == per-image in distribution
+
+
+def test_batched_and_per_image_have_matching_moments():
+    """Same data, same params: per-channel mean / std, the spread of per-image means
+    and stds (sensitive to crop and jitter) and the mean chroma (sensitive to
+    grayscale and saturation) agree between the two implementations."""
+    params = AugmentParams(blur_p=0.5, crop_scale=(0.08, 1.0))
+    images = _smooth_images(400, 16, seed=1)
+    mean, std = torch.tensor(CIFAR.mean).view(1, 3, 1, 1), torch.tensor(CIFAR.std).view(1, 3, 1, 1)
+    torch.manual_seed(0)
+    batched = torch.cat(BatchedTwoView(params, 16, CIFAR)(images))
+    per_image = PerImageTwoView(params, 16, CIFAR)
+    single = torch.stack([v for img in images for v in per_image(img)])
+    clean = eval_transform(images, 16, CIFAR)
+
+    def moments(x: torch.Tensor) -> torch.Tensor:
+        per_img_mean, per_img_std = x.mean(dim=(2, 3)), x.std(dim=(2, 3))
+        return torch.cat([x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)), per_img_mean.std(0), per_img_std.mean(0)])
+
+    def chroma(x: torch.Tensor) -> float:
+        return float((x * std + mean).std(dim=1).mean())
+
+    m_batched, m_single, m_clean = moments(batched), moments(single), moments(clean)
+    assert (m_batched - m_single).abs().max() < 0.1, (m_batched, m_single)
+    assert abs(chroma(batched) / chroma(single) - 1) < 0.12
+    # ...and the statistics can tell augmented from un-augmented data.
+    assert (m_clean - m_single).abs().max() > 0.2
+    assert abs(chroma(clean) / chroma(single) - 1) > 0.2

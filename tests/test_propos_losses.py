@@ -1,0 +1,103 @@
+"""PSA (diffused_sampling) and PSL (prototype_aggregation) against naive loop computations."""
+
+import math
+
+import pytest
+import torch
+
+from clusterkit_plugins.propos.diffused_sampling import diffuse, diffused_sampling_loss
+from clusterkit_plugins.propos.prototype_aggregation import ABSENT_LOGIT, prototype_aggregation_loss
+
+
+def naive_psl(q, k, labels, K, tau):
+    """PSL written out cluster by cluster with Python loops and math."""
+    B, D = q.shape
+    qn = [v / v.norm() for v in q]
+    kn = [v / v.norm() for v in k]
+    protos_a, protos_b, present = [], [], []
+    for c in range(K):
+        members = [i for i in range(B) if int(labels[i]) == c]
+        present.append(bool(members))
+        if members:
+            ma = sum(qn[i] for i in members) / len(members)
+            mb = sum(kn[i] for i in members) / len(members)
+            protos_a.append(ma / ma.norm())
+            protos_b.append(mb / mb.norm())
+        else:
+            protos_a.append(torch.zeros(D, dtype=q.dtype))
+            protos_b.append(torch.zeros(D, dtype=q.dtype))
+    losses = []
+    for c in range(K):
+        if not present[c]:
+            continue
+        row = []
+        for j in range(K):
+            if not present[j]:
+                row.append(ABSENT_LOGIT)
+            elif j == c:
+                row.append(float(protos_a[c] @ protos_b[c]) / tau)
+            else:
+                row.append(float(protos_a[c] @ protos_a[j]) / tau)
+        pos = float(protos_a[c] @ protos_b[c]) / tau
+        lse = math.log(sum(math.exp(v) for v in row))
+        losses.append(lse - pos)
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_psl_matches_naive(seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randn(12, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (12,), generator=g)
+    got = prototype_aggregation_loss(q, k, labels, 4, 0.5)
+    assert got.item() == pytest.approx(naive_psl(q, k, labels, 4, 0.5), rel=1e-10)
+
+
+def test_psl_empty_clusters_use_minus_ten_columns_and_no_rows():
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 2, 2, 2, 5, 5, 0])  # clusters 1, 3, 4, 6 absent of K=7
+    got = prototype_aggregation_loss(q, k, labels, 7, 0.5).item()
+    assert got == pytest.approx(naive_psl(q, k, labels, 7, 0.5), rel=1e-10)
+    # with -inf instead of -10 the value would differ: the absent columns do enter the logsumexp
+    only_present = naive_psl(q, k, torch.tensor([0, 0, 1, 1, 1, 2, 2, 0]), 3, 0.5)
+    assert got > only_present
+
+
+def test_psl_single_cluster_is_finite_and_zero_gap():
+    q = torch.randn(6, 4, dtype=torch.float64)
+    labels = torch.zeros(6, dtype=torch.long)
+    got = prototype_aggregation_loss(q, q.clone(), labels, 3, 0.5)
+    # one present cluster: logits = [pos, -10, -10], loss = log(1 + 2 exp(-10 - pos))
+    pos = 1.0 / 0.5
+    assert got.item() == pytest.approx(math.log(1 + 2 * math.exp(-10 - pos)), rel=1e-9)
+
+
+def test_psl_gradient_reaches_q_only():
+    q = torch.randn(10, 4, requires_grad=True)
+    k = torch.randn(10, 4, requires_grad=True)
+    prototype_aggregation_loss(q, k, torch.randint(0, 3, (10,)), 3, 0.5).backward()
+    assert q.grad.abs().sum() > 0
+    assert k.grad is None or k.grad.abs().sum() > 0  # k is a target: callers pass it without grad
+
+
+def test_psa_is_minus_two_cosine():
+    p = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    k = torch.tensor([[0.0, 3.0], [2.0, 2.0]])
+    # cosines: 0 and 1 -> mean -2 * 0.5 = -1
+    assert diffused_sampling_loss(p, k).item() == pytest.approx(-1.0)
+
+
+def test_psa_does_not_backprop_into_target():
+    p = torch.randn(4, 3, requires_grad=True)
+    k = torch.randn(4, 3, requires_grad=True)
+    diffused_sampling_loss(p, k).backward()
+    assert k.grad is None and p.grad is not None
+
+
+def test_diffuse_adds_gaussian_noise_of_sigma():
+    torch.manual_seed(0)
+    q = torch.zeros(20000, 8)
+    noisy = diffuse(q, 0.5)
+    assert noisy.std().item() == pytest.approx(0.5, rel=0.02)
+    assert torch.equal(diffuse(q, 0.0), q)
