@@ -108,9 +108,11 @@ def load_plugins(plugin_params: dict[str, dict], available: dict[str, PluginInfo
                 f"Unknown plugin '{name}' in the recipe's plugins.{did_you_mean(name, available)} "
                 f"Installed plugins: {', '.join(sorted(available)) or 'none'}. Run 'clusterkit plugins' to "
                 "list them, or install the package that provides it.")
-        plugin = make_plugin(available[name].load(), name, raw)
-        pm.register(plugin, name=name)
-        instances[name] = plugin
+        instances[name] = make_plugin(available[name].load(), name, raw)
+    # pluggy calls the last registered implementation first: register in reverse so that hooks
+    # run in the order the recipe lists the plugins (tryfirst/trylast still take precedence).
+    for name in reversed(list(instances)):
+        pm.register(instances[name], name=name)
     return pm, instances
 
 

@@ -1,5 +1,7 @@
 """Tests of clusterkit.cluster.kmeans against scikit-learn and hand-made cases."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -176,12 +178,12 @@ def test_clusters_emptied_by_final_assignment_are_refilled(data_seed, k, max_ite
 
 
 def test_fill_empty_moves_centre_onto_far_point():
-    from clusterkit.cluster.kmeans import _fill_empty
+    from clusterkit.cluster.kmeans import _augment_points, _fill_empty
 
     x = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0]])
     centres = torch.tensor([[1.0], [50.0], [10.5]])
     labels = torch.tensor([0, 0, 0, 2, 2])
-    new_labels, new_centres = _fill_empty(x, labels, centres, "euclidean", 8192)
+    new_labels, new_centres = _fill_empty(_augment_points(x, "euclidean"), labels, centres, "euclidean", 8192)
     assert torch.bincount(new_labels, minlength=3).min() > 0
     assert new_centres[1].item() in (0.0, 2.0)
     assert torch.equal(new_centres[[0, 2]], centres[[0, 2]])
@@ -199,8 +201,11 @@ def test_fewer_distinct_points_than_k_gives_no_nan():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("keep_candidate_costs", [True, False])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_chunked_equals_unchunked(metric):
+def test_chunked_equals_unchunked(metric, keep_candidate_costs, monkeypatch):
+    if not keep_candidate_costs:  # force k-means++ to recompute the winner's costs chunk by chunk
+        monkeypatch.setattr(sys.modules["clusterkit.cluster.kmeans"], "_KEEP_CANDIDATE_COSTS", 0)
     x, _ = _blobs(400, 6, 5, 1.5, 3)
     small = kmeans(x, 5, metric=metric, chunk_size=7, n_init=3)
     big = kmeans(x, 5, metric=metric, chunk_size=100_000, n_init=3)
@@ -218,6 +223,16 @@ def test_k_equals_n_and_k_one():
     assert torch.equal(one.labels, torch.zeros(30, dtype=torch.long))
     torch.testing.assert_close(one.centers[0], x.mean(0))
     assert one.inertia == pytest.approx(_direct_sq_inertia(x, one.labels, one.centers), rel=1e-5)
+
+
+def test_input_requiring_grad_is_not_tracked():
+    x, _ = _blobs(100, 4, 3, 1.0, 0)
+    x.requires_grad_(True)
+    res = kmeans(x, 3)
+    assert not res.centers.requires_grad
+    assert not assign(x, res.centers)[1].requires_grad
+    pairwise_scores(x, res.centers, "cosine").sum().backward()
+    assert x.grad is not None
 
 
 def test_float64_and_dtype_handling():

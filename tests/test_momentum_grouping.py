@@ -222,6 +222,19 @@ def test_plugin_step_is_both_directions_with_sequential_group_updates():
     assert not state.model[MODULE_KEY].groups.requires_grad
 
 
+def test_step_runs_under_bf16_autocast_and_keeps_float32_state():
+    state, byol, plugin = make_state(k=3, regroup_every=1)
+    cache = make_cache(state, byol, batch=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the trainer does on CUDA
+        loss = plugin.compute_losses(state, cache)["momentum_grouping"]
+    assert cache["q", 0].dtype == torch.bfloat16 and torch.isfinite(loss)
+    loss.float().backward()
+    plugin.after_step(state, cache)
+    memory = state.model[MODULE_KEY]
+    assert memory.groups.dtype == memory.bank.dtype == torch.float32
+    torch.testing.assert_close(memory.groups.norm(dim=1), torch.ones(3))  # regrouped: unit centres
+
+
 def test_random_init_is_seeded_normalised_and_leaves_global_rng_alone():
     rng = torch.get_rng_state()
     state, _, _ = make_state(k=5, run_seed=7)
@@ -415,3 +428,69 @@ def test_setup_without_byol_target_says_what_to_add():
                        model=nn.ModuleDict({"backbone": backbone}), num_train=10, steps_per_epoch=1)
     with pytest.raises(PluginError, match="byol_target"):
         MomentumGrouping().setup(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: the trainer, one epoch of DigPro on digits, and the ablation
+# ---------------------------------------------------------------------------------------------
+
+DIGPRO_PLUGINS = ("diffused_sampling", "prototype_aggregation", "momentum_grouping")
+
+
+def _digpro_recipe(without: str | None):
+    plugins = {"byol_target": {"hidden_dim": 64, "out_dim": 32}, "kmeans_e_step": {"n_init": 1},
+               "diffused_sampling": {}, "prototype_aggregation": {}, "momentum_grouping": {"bank_size": 256}}
+    plugins.pop(without, None)
+    return load_recipe(data={
+        "name": "digpro_digits_test",
+        "data": {"dataset": "digits", "image_size": 16, "batch_size": 64},
+        # a narrow resnet10t: the test is about wiring, not accuracy
+        "model": {"backbone": "resnet10t", "backbone_kwargs": {"channels": [16, 32, 64, 128], "stem_width": 8}},
+        "schedule": {"epochs": 1}, "e_step": {"k": 10}, "eval": {"pixel_baseline": "never"},
+        # one thread: on small CPU machines two threads contend and are 100x slower
+        "run": {"device": "cpu", "progress": False, "threads": 1},
+        "plugins": plugins,
+    })
+
+
+@pytest.fixture
+def restore_threads():
+    """The trainer sets process-wide torch settings: put them back for the other tests."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("without", [None, *DIGPRO_PLUGINS], ids=lambda w: f"without_{w}" if w else "digpro")
+def test_digpro_trains_one_epoch_on_digits_and_each_plugin_can_be_ablated(tmp_path, restore_threads, without):
+    import json
+
+    from clusterkit.checkpoint import latest_checkpoint, load_checkpoint
+    from clusterkit.trainer import Trainer, make_run_dir
+
+    recipe = _digpro_recipe(without)
+    run_dir = make_run_dir(recipe, str(tmp_path / "run"), force=False)
+    summary = Trainer(recipe, run_dir).fit()
+    steps = 1797 // 64
+    assert summary["steps"] == steps
+    for name in ("nmi", "acc", "ari"):
+        assert 0.0 <= summary["metrics"][name] <= 1.0
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for name in DIGPRO_PLUGINS:
+        assert (name in record) == (name != without), name
+        if name != without:
+            assert math.isfinite(record[name])
+
+    model = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["model"]
+    if without == "momentum_grouping":
+        assert not any(key.startswith(MODULE_KEY + ".") for key in model)
+        return
+    # the grouping state is checkpointed with the model
+    assert int(model[f"{MODULE_KEY}.iteration"]) == steps
+    assert int(model[f"{MODULE_KEY}.bank_count"]) == 256
+    assert int(model[f"{MODULE_KEY}.bank_ptr"]) == (steps * 2 * 64) % 256
+    groups = model[f"{MODULE_KEY}.groups"]
+    assert groups.shape == (10, 32) and torch.isfinite(groups).all()

@@ -8,17 +8,22 @@ Two metrics are supported:
   goes to the centre of largest cosine similarity, and the centres are
   re-normalised after each update; the inertia is ``sum(1 - cos)``.
 
-All ``n_init`` restarts run side by side: one matmul per chunk of points
-scores every point against the centres of every still-running restart, so the
-cost of a restart is a few wide GEMMs rather than many narrow ones.  Distances
-use the ``|x|^2 - 2 x.c + |c|^2`` form and at most ``chunk_size`` rows of any
-point-by-centre matrix exist at a time.
+Costs are one matmul.  Every point is stored augmented as ``[x, s, 1]``
+(``s = |x|^2`` for euclidean, ``1`` for cosine) and every centre as
+``[-2c, 1, |c|^2]`` (euclidean) or ``[-c, 1, 0]`` (cosine), so the dot product
+is ``|x|^2 - 2 x.c + |c|^2`` or ``1 - x.c``.  The trailing ones column also
+gives the cluster sizes when the points are summed per cluster.  At most
+``chunk_size`` rows of any point-by-centre matrix exist at a time.
 
-Conventions follow scikit-learn's ``KMeans`` (``algorithm="lloyd"``) so that
-the two agree closely: greedy k-means++ with ``2 + int(log k)`` local trials,
-``tol`` relative to the mean per-feature variance of the data and compared with
-the squared centre shift summed over all centres, stop early when the labels no
-longer change, and a final assignment step so that the labels match the
+All ``n_init`` restarts run side by side: one matmul per chunk scores every
+point against the centres of all still-running restarts (and in k-means++ all
+restarts' candidates), so a restart costs a share of a wide GEMM.
+
+Conventions follow scikit-learn's ``KMeans`` (``algorithm="lloyd"``) so the
+two agree closely: greedy k-means++ with ``2 + int(log k)`` local trials,
+``tol`` relative to the mean per-feature variance of the data and compared
+with the squared centre shift summed over all centres, stop early when the
+labels no longer change, and a final assignment so that the labels match the
 returned centres.  Randomness comes only from a private ``torch.Generator`` on
 the device of ``x`` seeded with ``seed``; the global RNG is never touched.
 """
@@ -35,6 +40,10 @@ __all__ = ["KMeansResult", "assign", "kmeans", "pairwise_scores"]
 
 METRICS = ("euclidean", "cosine")
 INITS = ("k-means++", "random")
+
+# Keep the k-means++ candidates' cost rows between the scoring and the update
+# of a step when they hold at most this many elements; else recompute the winner's.
+_KEEP_CANDIDATE_COSTS = 1 << 24
 
 
 @attrs.frozen
@@ -56,7 +65,7 @@ class KMeansResult:
 
 
 # ----------------------------------------------------------------------------
-# validation and preparation
+# validation
 # ----------------------------------------------------------------------------
 
 
@@ -68,8 +77,7 @@ def _as_float_matrix(x, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be a 2-D (N, D) tensor, got shape {tuple(x.shape)}")
     if x.is_complex():
         raise ValueError(f"{name} must be real, got dtype {x.dtype}")
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(dtype)
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return x
@@ -81,58 +89,82 @@ def _check_metric(metric: str) -> None:
 
 
 def _check_chunk_size(chunk_size: int) -> None:
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
+def _check_dims(x: torch.Tensor, centers: torch.Tensor) -> None:
+    if centers.shape[0] < 1:
+        raise ValueError("centers has no rows")
+    if centers.shape[1] != x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features but centers has {centers.shape[1]}")
+
+
 # ----------------------------------------------------------------------------
-# chunked scoring
+# costs as one matmul
 # ----------------------------------------------------------------------------
+
+
+def _augment_points(x: torch.Tensor, metric: str) -> torch.Tensor:
+    """``(N, D)`` -> ``(N, D + 2)`` rows ``[x, s, 1]``; ``s = |x|^2`` (euclidean) or 1 (cosine)."""
+    ones = x.new_ones(x.shape[0], 1)
+    s = (x * x).sum(-1, keepdim=True) if metric == "euclidean" else ones
+    return torch.cat([x, s, ones], dim=1)
+
+
+def _augment_centres(c: torch.Tensor, metric: str) -> torch.Tensor:
+    """``(..., D)`` -> ``(..., D + 2)``: ``[-2c, 1, |c|^2]`` (euclidean) or ``[-c, 1, 0]`` (cosine).
+
+    The dot product with an augmented point is its cost to ``c``.
+    """
+    ones = c.new_ones(*c.shape[:-1], 1)
+    if metric == "euclidean":
+        return torch.cat([-2.0 * c, ones, (c * c).sum(-1, keepdim=True)], dim=-1)
+    return torch.cat([-c, ones, torch.zeros_like(ones)], dim=-1)
 
 
 def _best_centre(
-    x: torch.Tensor, x_sq: torch.Tensor | None, centers: torch.Tensor, metric: str, chunk_size: int
+    xa: torch.Tensor, centres: torch.Tensor, metric: str, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centre of every point, for R sets of centres at once.
 
     Args:
-        x: ``(N, D)`` points (unit norm for cosine).
-        x_sq: ``(N,)`` squared norms of ``x`` (euclidean only, else ``None``).
-        centers: ``(R, K, D)`` centres of R restarts (unit norm for cosine).
+        xa: ``(N, D + 2)`` augmented points (see :func:`_augment_points`).
+        centres: ``(R, K, D)`` centres of R restarts (unit norm for cosine).
 
     Returns:
         ``labels`` ``(R, N)`` int64 and ``cost`` ``(R, N)``: squared distance
-        (euclidean, clamped at 0) or ``1 - cos`` (cosine, clamped at 0).
+        or ``1 - cos`` to that centre, clamped at 0.
     """
-    r, k, _ = centers.shape
-    n = x.shape[0]
-    flat_t = centers.reshape(r * k, -1).T
-    labels = torch.empty(r, n, dtype=torch.long, device=x.device)
-    cost = torch.empty(r, n, dtype=x.dtype, device=x.device)
-    if metric == "euclidean":
-        c_sq = (centers * centers).sum(-1).reshape(1, r * k)
-    for start in range(0, n, chunk_size):
-        xc = x[start : start + chunk_size]
-        if metric == "euclidean":
-            # |c|^2 - 2 x.c: |x|^2 is constant per row and added back after the min.
-            part = torch.addmm(c_sq, xc, flat_t, alpha=-2.0).view(-1, r, k)
-            val, idx = part.min(dim=2)
-            val = (val + x_sq[start : start + chunk_size, None]).clamp_(min=0)
-        else:
-            sim = (xc @ flat_t).view(-1, r, k)
-            val, idx = sim.max(dim=2)
-            val = (1.0 - val).clamp_(min=0)
-        labels[:, start : start + chunk_size] = idx.T
-        cost[:, start : start + chunk_size] = val.T
-    return labels, cost
+    r, k, _ = centres.shape
+    n = xa.shape[0]
+    ca_t = _augment_centres(centres, metric).reshape(r * k, -1).T
+    labels = torch.empty(r, n, dtype=torch.long, device=xa.device)
+    cost = torch.empty(r, n, dtype=xa.dtype, device=xa.device)
+    for s in range(0, n, chunk_size):
+        val, idx = (xa[s : s + chunk_size] @ ca_t).view(-1, r, k).min(dim=2)
+        labels[:, s : s + chunk_size] = idx.T
+        cost[:, s : s + chunk_size] = val.T
+    return labels, cost.clamp_(min=0)
 
 
-def _point_costs(x: torch.Tensor, x_sq: torch.Tensor | None, points: torch.Tensor, metric: str) -> torch.Tensor:
-    """``(M, N')`` cost between M ``points`` ``(M, D)`` and a chunk ``x`` ``(N', D)``."""
+def _chunked_costs(xa: torch.Tensor, points: torch.Tensor, metric: str, chunk_size: int) -> torch.Tensor:
+    """``(M, N)`` cost (clamped at 0) of every augmented point ``xa`` to each of M ``points`` ``(M, D)``."""
+    pa = _augment_centres(points, metric)
+    out = torch.empty(points.shape[0], xa.shape[0], dtype=xa.dtype, device=xa.device)
+    for s in range(0, xa.shape[0], chunk_size):
+        out[:, s : s + chunk_size] = pa @ xa[s : s + chunk_size].T
+    return out.clamp_(min=0)
+
+
+def _exact_cost(x: torch.Tensor, points: torch.Tensor, metric: str) -> torch.Tensor:
+    """``(N,)`` cost between rows of ``x`` and of ``points`` (both ``(N, D)``), computed directly.
+
+    Exactly zero for identical rows (no cancellation), unlike the matmul form.
+    """
     if metric == "euclidean":
-        p_sq = (points * points).sum(-1, keepdim=True)
-        return torch.addmm(p_sq + x_sq[None, :], points, x.T, alpha=-2.0).clamp_(min=0)
-    return (1.0 - points @ x.T).clamp_(min=0)
+        return ((x - points) ** 2).sum(-1)
+    return (1.0 - (x * points).sum(-1)).clamp_(min=0)
 
 
 # ----------------------------------------------------------------------------
@@ -149,83 +181,62 @@ def _init_random(x: torch.Tensor, k: int, n_init: int, gen: torch.Generator) -> 
 
 
 def _init_kmeans_pp(
-    x: torch.Tensor, x_sq: torch.Tensor | None, k: int, n_init: int, metric: str, chunk_size: int,
-    gen: torch.Generator,
+    xa: torch.Tensor, k: int, n_init: int, metric: str, chunk_size: int, gen: torch.Generator
 ) -> torch.Tensor:
     """Greedy k-means++ for R restarts at once; returns ``(R, K, D)`` centres.
 
-    Each new centre is the best (lowest potential) of ``2 + int(log k)``
+    Each new centre is the best (lowest potential) of ``L = 2 + int(log k)``
     candidates sampled with probability proportional to the current cost of a
     point (squared distance, or ``1 - cos`` which is half the squared distance
-    on the unit sphere).
+    on the unit sphere).  The R*L candidates of a step share one matmul per
+    chunk; a chunk has ``chunk_size * k / L`` rows, the memory of a chunk of the
+    assignment step.
     """
+    x = xa[:, :-2]
     n, dev = x.shape[0], x.device
-    r = n_init
-    n_trials = 2 + int(math.log(k))
+    r, n_trials = n_init, 2 + int(math.log(k))
     rows = torch.arange(r, device=dev)
+    step = max(1, chunk_size * k // n_trials)
+    keep = r * n_trials * n <= max(_KEEP_CANDIDATE_COSTS, r * n_trials * step)
     chosen = torch.empty(r, k, dtype=torch.long, device=dev)
     chosen[:, 0] = torch.randint(n, (r,), generator=gen, device=dev)
 
-    closest = _chunked_costs(x, x_sq, x[chosen[:, 0]], metric, chunk_size)  # (R, N)
+    closest = _chunked_costs(xa, x[chosen[:, 0]], metric, chunk_size)  # (R, N)
     for c in range(1, k):
-        cum = torch.cumsum(closest.double(), dim=1)  # (R, N)
-        pot = cum[:, -1:]
-        rand = torch.rand(r, n_trials, generator=gen, device=dev, dtype=torch.float64) * pot
-        cand = torch.searchsorted(cum, rand).clamp_(max=n - 1)  # (R, L)
+        cum = torch.cumsum(closest, dim=1, dtype=torch.float64)  # (R, N)
+        rand = torch.rand(r, n_trials, generator=gen, device=dev, dtype=torch.float64) * cum[:, -1:]
+        cand = torch.searchsorted(cum, rand).clamp_(max=n - 1).reshape(-1)  # (R*L,)
+        pa = _augment_centres(x[cand], metric)
         # Potential of each candidate: sum_i min(closest_i, cost(candidate, x_i)).
-        cand_pot = torch.zeros(r, n_trials, dtype=torch.float64, device=dev)
-        keep = []
-        for s in range(0, n, chunk_size):
-            xs = x[s : s + chunk_size]
-            xs_sq = None if x_sq is None else x_sq[s : s + chunk_size]
-            d = _point_costs(xs, xs_sq, x[cand.reshape(-1)], metric).view(r, n_trials, -1)
-            d = torch.minimum(d, closest[:, None, s : s + chunk_size])
-            cand_pot += d.sum(-1, dtype=torch.float64)
-            if n <= chunk_size:
-                keep.append(d)
-        best = cand_pot.argmin(dim=1)
-        chosen[:, c] = cand[rows, best]
+        pot = torch.zeros(r, n_trials, dtype=x.dtype, device=dev)
+        kept = []
+        for s in range(0, n, step):
+            d = (pa @ xa[s : s + step].T).view(r, n_trials, -1)
+            torch.minimum(d, closest[:, None, s : s + step], out=d)
+            pot += d.sum(-1)
+            if keep:
+                kept.append(d)
+        best = pot.argmin(dim=1)
+        chosen[:, c] = cand.view(r, n_trials)[rows, best]
         if keep:
-            closest = keep[0][rows, best]
+            closest = kept[0][rows, best] if len(kept) == 1 else torch.cat([d[rows, best] for d in kept], dim=1)
+            closest.clamp_(min=0)
         else:
-            new = _chunked_costs(x, x_sq, x[chosen[:, c]], metric, chunk_size)
-            closest = torch.minimum(closest, new)
+            closest = torch.minimum(closest, _chunked_costs(xa, x[chosen[:, c]], metric, chunk_size))
     return x[chosen]
 
 
-def _chunked_costs(
-    x: torch.Tensor, x_sq: torch.Tensor | None, points: torch.Tensor, metric: str, chunk_size: int
-) -> torch.Tensor:
-    """``(M, N)`` cost of every point of ``x`` ``(N, D)`` to each of M ``points``."""
-    n = x.shape[0]
-    out = torch.empty(points.shape[0], n, dtype=x.dtype, device=x.device)
-    for s in range(0, n, chunk_size):
-        xs_sq = None if x_sq is None else x_sq[s : s + chunk_size]
-        out[:, s : s + chunk_size] = _point_costs(x[s : s + chunk_size], xs_sq, points, metric)
-    return out
-
-
 # ----------------------------------------------------------------------------
-# Lloyd iterations
+# Lloyd iterations and empty clusters
 # ----------------------------------------------------------------------------
-
-
-def _exact_cost(x: torch.Tensor, points: torch.Tensor, metric: str) -> torch.Tensor:
-    """``(N,)`` cost between rows of ``x`` and ``points`` ``(N, D)``, computed directly.
-
-    Exactly zero for identical rows (no cancellation), unlike the matmul form.
-    """
-    if metric == "euclidean":
-        return ((x - points) ** 2).sum(-1)
-    return (1.0 - (x * points).sum(-1)).clamp_(min=0)
 
 
 def _farthest_points(x: torch.Tensor, cost: torch.Tensor, m: int, metric: str) -> torch.Tensor:
-    """Pick ``m`` points by farthest-point traversal starting from ``cost`` ``(N,)``.
+    """Pick ``m`` points of ``x`` ``(N, D)`` by farthest-point traversal from ``cost`` ``(N,)``.
 
-    Each pick is the point of largest current cost; the costs are then lowered
-    to the cost to that point, so later picks are distinct from earlier ones
-    whenever the data allow.  Returns ``(m,)`` indices.
+    Each pick is the point of largest current cost; costs are then lowered to
+    the cost to that point, so later picks differ from earlier ones whenever
+    the data allow.  Returns ``(m,)`` indices.
     """
     cost = cost.clone()
     picks = []
@@ -237,25 +248,25 @@ def _farthest_points(x: torch.Tensor, cost: torch.Tensor, m: int, metric: str) -
 
 
 def _update_centres(
-    x: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, k: int, metric: str
+    xa: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, k: int, metric: str
 ) -> torch.Tensor:
     """New ``(R, K, D)`` centres from ``labels`` ``(R, N)``.
 
     Empty clusters are re-seeded with the points farthest from their current
     centre (``cost`` ``(R, N)``), as in scikit-learn, never left NaN.
     """
-    r = labels.shape[0]
-    sums = torch.zeros(r, k, x.shape[1], dtype=x.dtype, device=x.device)
+    r, dim = labels.shape[0], xa.shape[1] - 2
+    sums = torch.zeros(r, k, dim + 2, dtype=xa.dtype, device=xa.device)
     for i in range(r):
-        sums[i].index_add_(0, labels[i], x)
-    counts = torch.zeros(r, k, dtype=x.dtype, device=x.device)
-    counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=x.dtype))
+        sums[i].index_add_(0, labels[i], xa)
+    counts = sums[..., -1]  # the ones column
     if metric == "euclidean":
-        centres = sums / counts.clamp(min=1)[..., None]
+        centres = sums[..., :dim] / counts.clamp(min=1)[..., None]
     else:
-        centres = F.normalize(sums, dim=-1)
+        centres = F.normalize(sums[..., :dim], dim=-1)
     empty = counts == 0
     if bool(empty.any()):
+        x = xa[:, :dim]
         for i in torch.nonzero(empty.any(dim=1)).flatten().tolist():
             slots = torch.nonzero(empty[i]).flatten()
             centres[i, slots] = x[_farthest_points(x, cost[i], len(slots), metric)]
@@ -263,44 +274,43 @@ def _update_centres(
 
 
 def _fill_empty(
-    x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, metric: str, chunk_size: int
+    xa: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, metric: str, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move centres that own no point onto far-away points until none is empty.
 
     Args:
-        labels: ``(N,)`` and centres ``(K, D)`` of one restart (already assigned).
+        xa: ``(N, D + 2)`` augmented points; labels ``(N,)`` and centres
+            ``(K, D)`` of one restart, already assigned.
 
     Returns:
         the (possibly) changed ``labels`` ``(N,)`` and ``centres`` ``(K, D)``.
-        A relocated centre sits exactly on a point that is at positive distance
-        from every other centre, so it keeps that point; each round therefore
-        fixes at least one centre for good, and when at least K distinct points
-        exist every cluster ends up non-empty.
+        A relocated centre sits exactly on a point at positive distance from
+        every other centre, so it keeps that point; each round fixes at least
+        one centre for good, and when there are at least K distinct points
+        every cluster ends up non-empty.
     """
     k = centres.shape[0]
+    x = xa[:, :-2]
     centres = centres.clone()
-    x_sq = (x * x).sum(-1) if metric == "euclidean" else None
     for _ in range(k + 1):
-        counts = torch.bincount(labels, minlength=k)
-        slots = torch.nonzero(counts == 0).flatten()
+        slots = torch.nonzero(torch.bincount(labels, minlength=k) == 0).flatten()
         if len(slots) == 0:
             break
         cost = _exact_cost(x, centres[labels], metric)
         if not bool((cost > 0).any()):
-            break  # fewer distinct points than clusters: nothing to move to
+            break  # fewer distinct points than clusters: nowhere to move to
         centres[slots] = x[_farthest_points(x, cost, len(slots), metric)]
-        new_labels, _ = _best_centre(x, x_sq, centres[None], metric, chunk_size)
-        labels = new_labels[0]
+        labels = _best_centre(xa, centres[None], metric, chunk_size)[0][0]
     return labels, centres
 
 
 def _lloyd(
-    x: torch.Tensor, x_sq: torch.Tensor | None, centres: torch.Tensor, metric: str, max_iter: int,
-    tol: float, chunk_size: int,
+    xa: torch.Tensor, centres: torch.Tensor, metric: str, max_iter: int, tol: float, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run Lloyd iterations for R restarts side by side.
 
     Args:
+        xa: ``(N, D + 2)`` augmented points.
         centres: ``(R, K, D)`` initial centres.
         tol: absolute threshold on the squared centre shift summed over centres.
 
@@ -310,24 +320,22 @@ def _lloyd(
         squared shift is ``<= tol``; finished restarts are no longer computed.
     """
     r, k, _ = centres.shape
-    n = x.shape[0]
     centres = centres.clone()
-    active = torch.arange(r, device=x.device)
-    labels_old = torch.full((r, n), -1, dtype=torch.long, device=x.device)
+    active = torch.arange(r, device=xa.device)
+    labels_old = torch.full((r, xa.shape[0]), -1, dtype=torch.long, device=xa.device)
     n_iter = torch.full((r,), max_iter, dtype=torch.long)
     for it in range(max_iter):
         everyone = len(active) == r
         current = centres if everyone else centres[active]
-        labels, cost = _best_centre(x, x_sq, current, metric, chunk_size)
-        new = _update_centres(x, labels, cost, k, metric)
+        labels, cost = _best_centre(xa, current, metric, chunk_size)
+        new = _update_centres(xa, labels, cost, k, metric)
         shift = ((new - current) ** 2).sum(dim=(1, 2))
         old = labels_old if everyone else labels_old[active]
         done = (labels == old).all(dim=1) | (shift <= tol)
         centres[active] = new
         labels_old[active] = labels
         if bool(done.any()):
-            finished = active[done]
-            n_iter[finished.cpu()] = it + 1
+            n_iter[active[done].cpu()] = it + 1
             active = active[~done]
             if len(active) == 0:
                 break
@@ -339,6 +347,7 @@ def _lloyd(
 # ----------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def kmeans(
     x: torch.Tensor,
     k: int,
@@ -355,10 +364,10 @@ def kmeans(
 
     Args:
         x: ``(N, D)`` features on any device (float64 stays float64, any other
-            dtype is computed in float32).
+            dtype is computed in float32); no gradient is tracked.
         k: number of clusters, ``1 <= k <= N``.
         metric: ``"euclidean"`` (Lloyd) or ``"cosine"`` (spherical k-means).
-        n_init: restarts run side by side; the one of lowest inertia is returned.
+        n_init: restarts, run side by side; the one of lowest inertia is returned.
         max_iter: most Lloyd iterations per restart.
         tol: stop a restart when the squared centre shift (summed over centres)
             is ``<= tol * mean(var(x, dim=0))`` (scikit-learn's convention;
@@ -369,11 +378,12 @@ def kmeans(
             (k distinct points).
 
     Returns:
-        :class:`KMeansResult` with ``labels`` ``(N,)``, ``centers`` ``(K, D)``.
+        :class:`KMeansResult` with ``labels`` ``(N,)`` and ``centers`` ``(K, D)``.
+        Every cluster is non-empty whenever ``x`` has at least ``k`` distinct rows.
 
     Raises:
         ValueError: for non-2-D or non-finite ``x``, ``k`` outside ``[1, N]``,
-            or an unknown option.
+            or an invalid option.
     """
     x = _as_float_matrix(x, "x")
     n = x.shape[0]
@@ -385,9 +395,9 @@ def kmeans(
         raise ValueError("x has no rows: cannot cluster an empty set")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"k must be an int with 1 <= k <= N = {n}, got {k!r}")
-    if not isinstance(n_init, int) or n_init < 1:
+    if isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1:
         raise ValueError(f"n_init must be a positive int, got {n_init!r}")
-    if not isinstance(max_iter, int) or max_iter < 1:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
@@ -398,27 +408,28 @@ def kmeans(
     if metric == "euclidean":
         # Centring leaves the partition unchanged and makes |x|^2 - 2x.c + |c|^2 more accurate.
         mean = x.mean(dim=0)
-        x = x - mean
-        x_sq = (x * x).sum(-1)
+        work = x - mean
     else:
-        x = F.normalize(x, dim=1)
-        x_sq = None
-    tol_abs = float(tol * x.double().var(dim=0, unbiased=False).mean())
+        work = F.normalize(x, dim=1)
+    tol_abs = tol * float(work.var(dim=0, unbiased=False).mean())
+    xa = _augment_points(work, metric)
+    del work
+    x = xa[:, :-2]
 
     if init == "random":
         centres = _init_random(x, k, n_init, gen)
     else:
-        centres = _init_kmeans_pp(x, x_sq, k, n_init, metric, chunk_size, gen)
-    centres, n_iter = _lloyd(x, x_sq, centres, metric, max_iter, tol_abs, chunk_size)
+        centres = _init_kmeans_pp(xa, k, n_init, metric, chunk_size, gen)
+    centres, n_iter = _lloyd(xa, centres, metric, max_iter, tol_abs, chunk_size)
 
-    # Final assignment so labels match the returned centres.
-    labels, cost = _best_centre(x, x_sq, centres, metric, chunk_size)
-    inertia = cost.double().sum(dim=1)
+    # Final assignment so that the labels match the returned centres.
+    labels, cost = _best_centre(xa, centres, metric, chunk_size)
+    inertia = cost.sum(dim=1, dtype=torch.float64)
     counts = torch.zeros(n_init, k, dtype=torch.long, device=x.device)
     counts.scatter_add_(1, labels, torch.ones_like(labels))
     for i in torch.nonzero((counts == 0).any(dim=1)).flatten().tolist():
-        labels[i], centres[i] = _fill_empty(x, labels[i], centres[i], metric, chunk_size)
-        inertia[i] = _exact_cost(x, centres[i][labels[i]], metric).double().sum()
+        labels[i], centres[i] = _fill_empty(xa, labels[i], centres[i], metric, chunk_size)
+        inertia[i] = _exact_cost(x, centres[i][labels[i]], metric).sum(dtype=torch.float64)
 
     best = int(inertia.argmin())
     out_centres = centres[best] + mean if metric == "euclidean" else centres[best]
@@ -430,26 +441,7 @@ def kmeans(
     )
 
 
-def pairwise_scores(x: torch.Tensor, centers: torch.Tensor, metric: str) -> torch.Tensor:
-    """Full ``(N, K)`` score matrix (materialised: use for modest N).
-
-    Args:
-        x: ``(N, D)`` points; centers: ``(K, D)``.
-
-    Returns:
-        euclidean: squared distances ``(N, K)``; cosine: cosine similarities
-        ``(N, K)`` (both normalised first).
-    """
-    x = _as_float_matrix(x, "x")
-    centers = _as_float_matrix(centers, "centers").to(device=x.device, dtype=x.dtype)
-    _check_metric(metric)
-    _check_dims(x, centers)
-    if metric == "euclidean":
-        x_sq = (x * x).sum(-1)
-        return _point_costs(x, x_sq, centers, metric).T
-    return F.normalize(x, dim=1) @ F.normalize(centers, dim=1).T
-
-
+@torch.no_grad()
 def assign(
     x: torch.Tensor, centers: torch.Tensor, metric: str = "euclidean", *, chunk_size: int = 8192
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,28 +449,39 @@ def assign(
 
     Args:
         x: ``(N, D)`` points; centers: ``(K, D)`` centres (e.g. ``KMeansResult.centers``).
-        metric: ``"euclidean"`` or ``"cosine"`` (both sides are L2-normalised).
+        metric: ``"euclidean"`` or ``"cosine"`` (both sides L2-normalised first).
 
     Returns:
-        ``labels`` ``(N,)`` int64 and, per point, the score of its assigned
-        centre ``(N,)``: euclidean -> squared distance (lower = more
-        confident); cosine -> cosine similarity in ``[-1, 1]`` (higher = more
-        confident).
+        ``labels`` ``(N,)`` int64 and the score of each point's centre ``(N,)``:
+        euclidean -> squared distance (lower = more confident); cosine ->
+        cosine similarity in ``[-1, 1]`` (higher = more confident).
     """
     x = _as_float_matrix(x, "x")
     centers = _as_float_matrix(centers, "centers").to(device=x.device, dtype=x.dtype)
     _check_metric(metric)
     _check_chunk_size(chunk_size)
     _check_dims(x, centers)
-    if metric == "euclidean":
-        labels, cost = _best_centre(x, (x * x).sum(-1), centers[None], metric, chunk_size)
-        return labels[0], cost[0]
-    labels, cost = _best_centre(F.normalize(x, dim=1), None, F.normalize(centers, dim=1)[None], metric, chunk_size)
-    return labels[0], 1.0 - cost[0]
+    if metric == "cosine":
+        x, centers = F.normalize(x, dim=1), F.normalize(centers, dim=1)
+    labels, cost = _best_centre(_augment_points(x, metric), centers[None], metric, chunk_size)
+    return (labels[0], cost[0]) if metric == "euclidean" else (labels[0], 1.0 - cost[0])
 
 
-def _check_dims(x: torch.Tensor, centers: torch.Tensor) -> None:
-    if centers.shape[0] < 1:
-        raise ValueError("centers has no rows")
-    if centers.shape[1] != x.shape[1]:
-        raise ValueError(f"x has {x.shape[1]} features but centers has {centers.shape[1]}")
+def pairwise_scores(x: torch.Tensor, centers: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
+    """Full ``(N, K)`` score matrix (materialised: for modest N, e.g. soft assignments).
+
+    Args:
+        x: ``(N, D)`` points; centers: ``(K, D)``.
+
+    Returns:
+        euclidean: squared distances ``(N, K)``; cosine: cosine similarities
+        ``(N, K)`` of the L2-normalised rows.  Differentiable (unlike
+        :func:`kmeans` and :func:`assign`, which run under ``torch.no_grad``).
+    """
+    x = _as_float_matrix(x, "x")
+    centers = _as_float_matrix(centers, "centers").to(device=x.device, dtype=x.dtype)
+    _check_metric(metric)
+    _check_dims(x, centers)
+    if metric == "cosine":
+        return F.normalize(x, dim=1) @ F.normalize(centers, dim=1).T
+    return _chunked_costs(_augment_points(x, metric), centers, metric, max(x.shape[0], 1)).T

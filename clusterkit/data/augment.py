@@ -409,6 +409,7 @@ class BatchedTwoView(torch.nn.Module):
 
     Example::
 
+        >>> from clusterkit.data import DATASETS
         >>> aug = BatchedTwoView(AugmentParams(), 32, DATASETS["cifar10"])
         >>> v1, v2 = aug(torch.zeros(8, 3, 32, 32, dtype=torch.uint8))
         >>> v1.shape
