@@ -110,7 +110,12 @@ def main(argv=None) -> int:
     except ClusterkitError as exc:
         if args.debug:
             raise
-        print(textwrap.fill(f"clusterkit: error: {exc}", 100), file=sys.stderr)
+        # the first paragraph is the error; anything after a blank line (e.g. data preparation
+        # steps) is printed as written
+        head, _, rest = str(exc).partition("\n\n")
+        print(textwrap.fill(f"clusterkit: error: {head}", 100), file=sys.stderr)
+        if rest:
+            print("\n" + rest, file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("clusterkit: interrupted; resume with --resume RUN_DIR (the last checkpoint is kept)",

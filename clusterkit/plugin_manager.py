@@ -79,8 +79,9 @@ def new_manager() -> pluggy.PluginManager:
 
 
 def hook_names() -> list[str]:
-    return [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
-            if hasattr(fn, hookspecs.PROJECT + "_spec")]
+    """Hook names in the order hookspecs.py defines them (the order the loop calls them)."""
+    return [name for name, fn in vars(hookspecs).items()
+            if inspect.isfunction(fn) and hasattr(fn, hookspecs.PROJECT + "_spec")]
 
 
 def implemented_hooks(cls) -> list[str]:

@@ -45,6 +45,8 @@ class DataConfig:
     dataset: str = field(default="digits", metadata=_doc(
         "digits | fashion_mnist | cifar10 | cifar100 | stl10 | imagefolder"))
     root: str | None = field(default=None, metadata=_doc("data folder (not needed for digits)"))
+    guide: str | None = field(default=None, metadata=_doc(
+        "name of the preparation guide (clusterkit.data.guides) printed when the data is missing"))
     split: Literal["train", "test", "all"] = field(default="train", metadata=_doc(
         "training data: train split, test split, or all = train+test (the clustering papers' protocol)"))
     eval_split: Literal["train", "test", "all"] | None = field(default=None, metadata=_doc(

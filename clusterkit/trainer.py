@@ -24,6 +24,7 @@ from . import __version__
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .cluster import cluster_metrics, kmeans
 from .data import BatchedTwoView, collate_batched, eval_transform, load_dataset
+from .data.guides import guide_text, train_data_missing
 from .errors import DataError, PluginError, RecipeError, RunDirError
 from .models import create_backbone
 from .plugin_manager import load_plugins
@@ -134,10 +135,16 @@ class Trainer:
 
     def _load_data(self):
         d = self.recipe.data
-        train = load_dataset(d.dataset, d.root, d.split, d.image_size, cache=d.cache, skip_corrupt=d.skip_corrupt)
         eval_split = d.eval_split or d.split
-        evald = train if eval_split == d.split else load_dataset(
-            d.dataset, d.root, eval_split, d.image_size, cache=d.cache, skip_corrupt=d.skip_corrupt)
+        try:
+            train = load_dataset(d.dataset, d.root, d.split, d.image_size, cache=d.cache,
+                                 skip_corrupt=d.skip_corrupt)
+            evald = train if eval_split == d.split else load_dataset(
+                d.dataset, d.root, eval_split, d.image_size, cache=d.cache, skip_corrupt=d.skip_corrupt)
+        except DataError as exc:
+            if d.guide is None or not train_data_missing(exc):
+                raise
+            raise DataError(f"{exc}\n\n{guide_text(d.guide)}") from None
         k = self.recipe.e_step.k
         if k > len(train):
             raise DataError(f"e_step.k = {k} clusters is more than the {len(train)} training images of "

@@ -114,12 +114,23 @@ def test_debug_shows_the_traceback(tmp_path, tiny_recipe_data):
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
+def test_builtin_plugins_come_from_entry_points():
+    from clusterkit.plugin_manager import discover
+
+    found = discover()
+    for name in ("byol_target", "kmeans_e_step", "diffused_sampling", "prototype_aggregation", "momentum_grouping"):
+        assert found[name].package == "clusterkit"
+        assert found[name].value.startswith("clusterkit_plugins.")
+        assert found[name].load().__module__.startswith("clusterkit_plugins.")
+
+
 def test_plugins_lists_builtins_with_hooks_and_params():
     res = run_cli("plugins")
     assert res.returncode == 0
     for name in ("byol_target", "kmeans_e_step", "diffused_sampling", "prototype_aggregation", "momentum_grouping"):
         assert f"{name}  [built-in]" in res.stdout
-    assert "hooks:  setup, register_outputs, embed, after_step" in res.stdout or "after_step" in res.stdout
+    assert "hooks:  setup, register_outputs, embed, after_step" in res.stdout
+    assert "hooks:  e_step, predict" in res.stdout
     assert "sigma: float = 0.001" in res.stdout
     one = run_cli("plugins", "--params", "diffused_sampling")
     assert "std of the Gaussian noise" in one.stdout and "byol_target" not in one.stdout
