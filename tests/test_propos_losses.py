@@ -101,3 +101,65 @@ def test_diffuse_adds_gaussian_noise_of_sigma():
     noisy = diffuse(q, 0.5)
     assert noisy.std().item() == pytest.approx(0.5, rel=0.02)
     assert torch.equal(diffuse(q, 0.0), q)
+
+
+# -- the plugins' warm-up gates -----------------------------------------------------------------
+
+class _Sched:
+    warmup_epochs = 2
+
+
+class _Recipe:
+    schedule = _Sched()
+
+    class e_step:  # noqa: N801
+        k = 3
+
+
+def _state(epoch):
+    from clusterkit.state import TrainState
+
+    model = torch.nn.ModuleDict({"predictor": torch.nn.Identity()})
+    s = TrainState(recipe=_Recipe(), device=torch.device("cpu"), model=model, num_train=8, steps_per_epoch=1)
+    s.epoch = epoch
+    s.pseudo_labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    return s
+
+
+def _cache(state):
+    from clusterkit.state import StepCache
+
+    g = torch.Generator().manual_seed(0)
+    q = [torch.randn(4, 5, generator=g) for _ in range(2)]
+    k = [torch.randn(4, 5, generator=g) for _ in range(2)]
+    producers = {"q": lambda c, v: q[v], "k": lambda c, v: k[v]}
+    return StepCache([torch.zeros(4, 1), torch.zeros(4, 1)], torch.tensor([0, 2, 4, 5]), producers, state), q, k
+
+
+def test_prototype_aggregation_is_zero_during_warmup_then_weighted():
+    from clusterkit_plugins.propos.prototype_aggregation import PrototypeAggregation
+
+    plugin = PrototypeAggregation(PrototypeAggregation.Params(weight=0.1))
+    warm = _state(epoch=1)
+    assert plugin.compute_losses(warm, _cache(warm)[0])["prototype_aggregation"].item() == 0.0
+    after = _state(epoch=2)
+    cache, q, k = _cache(after)
+    labels = after.pseudo_labels[cache.index]
+    want = 0.1 * (prototype_aggregation_loss(q[0], k[1], labels, 3, 0.5)
+                  + prototype_aggregation_loss(q[1], k[0], labels, 3, 0.5)) / 2
+    assert plugin.compute_losses(after, cache)["prototype_aggregation"].item() == pytest.approx(want.item())
+
+
+def test_diffused_sampling_has_no_noise_during_warmup():
+    from clusterkit_plugins.propos.diffused_sampling import DiffusedSampling
+
+    plugin = DiffusedSampling(DiffusedSampling.Params(sigma=0.5))
+    assert plugin.sigma(_state(epoch=1)) == 0.0 and plugin.sigma(_state(epoch=2)) == 0.5
+    warm = _state(epoch=1)
+    cache, q, k = _cache(warm)
+    # identity predictor, no noise: exactly the mean of -2 cos over both directions
+    want = (diffused_sampling_loss(q[0], k[1]) + diffused_sampling_loss(q[1], k[0])) / 2
+    assert plugin.compute_losses(warm, cache)["diffused_sampling"].item() == pytest.approx(want.item())
+    after = _state(epoch=2)
+    cache2, _, _ = _cache(after)
+    assert plugin.compute_losses(after, cache2)["diffused_sampling"].item() != pytest.approx(want.item())

@@ -4,7 +4,7 @@
 timm's ResNet with the stem replaced by a 3x3 stride-1 convolution and no max-pool,
 so a 32x32 input keeps 32x32 feature maps in the first stage.  timm's ResNet
 arguments pass through ``model.backbone_kwargs`` (e.g. ``channels: [32, 64, 128, 256]``
-for a narrower network; the stem follows the first stage's width).  They are registered
+for a narrower network; timm keeps the single-conv stem 64 wide).  They are registered
 on import of this module, so ``timm.create_model("resnet18_cifar")`` works after
 ``import clusterkit``::
 
@@ -35,8 +35,6 @@ def _cifar_resnet(layers, pretrained: bool = False, in_chans: int = 3, **kwargs)
     kwargs.pop("pretrained_cfg", None)
     kwargs.pop("pretrained_cfg_overlay", None)
     kwargs.pop("cache_dir", None)
-    if "channels" in kwargs:  # narrower variants: the stem is as wide as the first stage
-        kwargs.setdefault("stem_width", kwargs["channels"][0])
     model = ResNet(block=BasicBlock, layers=layers, in_chans=in_chans, **kwargs)
     model.conv1 = nn.Conv2d(in_chans, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
