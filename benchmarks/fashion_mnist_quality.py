@@ -17,7 +17,7 @@ is continued by running the same command again.
 
 Usage (from the repo root)::
 
-    python benchmarks/fashion_mnist_quality.py [--epochs 12] [--seeds 0 1 2]
+    python benchmarks/fashion_mnist_quality.py [--epochs 8] [--seeds 0 1 2]
         [--methods digpro propos] [--workdir runs/bench_fmnist]
         [--out benchmarks/results/fashion_mnist_quality.md] [--extra-set KEY=VALUE ...]
 
@@ -471,9 +471,9 @@ def _sigterm(signum, frame):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=12,
-                        help="epochs per run (12 keeps one run under ~15 min on 2 idle CPU cores: an epoch is "
-                             "~40 steps of ~1 s plus the E-step and evaluation)")
+    parser.add_argument("--epochs", type=int, default=8,
+                        help="epochs per run (8: one run takes ~6 min on 2 idle CPU cores, an epoch ~40 s: "
+                             "~40 steps plus the E-step and evaluation)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run.seed of the runs")
     parser.add_argument("--methods", nargs="+", choices=sorted(RECIPES), default=["digpro", "propos"],
                         help="recipes benchmarks/recipes/fmnist_<method>.yaml to run")

@@ -1,7 +1,9 @@
 """Atomic checkpoints: write to a temporary file, fsync, then rename over the target.
 
 A checkpoint is never seen half-written: a crash during the write leaves the
-previous checkpoint intact.  The newest ``keep_last`` checkpoints are kept.
+previous checkpoint intact, and the temporary file it leaves behind (``.epoch_XXXX.pt.tmp-PID``)
+is never taken for a checkpoint and is removed by the next save.  The newest ``keep_last``
+checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -14,22 +16,43 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "save_checkpoint", "latest_checkpoint", "load_checkpoint",
+__all__ = ["atomic_save", "atomic_write_text", "save_checkpoint", "latest_checkpoint", "load_checkpoint",
            "rng_state", "set_rng_state"]
 
-_PATTERN = re.compile(r"epoch_(\d+)\.pt$")
+_PATTERN = re.compile(r"epoch_(\d+)\.pt")  # matched against the whole file name
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file, fsync, then rename it over ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_path(path)
     with open(tmp, "wb") as fh:
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
     try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -46,15 +69,18 @@ def save_checkpoint(obj: dict, ckpt_dir: Path, epoch: int, keep_last: int) -> Pa
     atomic_save(obj, path)
     for old in _checkpoints(ckpt_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
+    for stale in ckpt_dir.glob(".epoch_*.pt.tmp-*"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
     return path
 
 
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("epoch_*.pt") if (m := _PATTERN.search(p.name))]
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("epoch_*.pt") if (m := _PATTERN.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete ``epoch_XXXX.pt`` (temporary files of unfinished saves are ignored)."""
     found = _checkpoints(ckpt_dir) if Path(ckpt_dir).is_dir() else []
     return found[-1] if found else None
 

@@ -113,7 +113,9 @@ def main(argv=None) -> int:
         # the first paragraph is the error; anything after a blank line (e.g. data preparation
         # steps) is printed as written
         head, _, rest = str(exc).partition("\n\n")
-        print(textwrap.fill(f"clusterkit: error: {head}", 100), file=sys.stderr)
+        # never break inside a path or a key (they are copied from here)
+        print(textwrap.fill(f"clusterkit: error: {head}", 100, break_on_hyphens=False, break_long_words=False),
+              file=sys.stderr)
         if rest:
             print("\n" + rest, file=sys.stderr)
         return exc.exit_code

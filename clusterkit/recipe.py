@@ -101,6 +101,10 @@ class EvalConfig:
     every: int = field(default=1, validator=in_range(1, None), metadata=_doc("evaluate every N epochs (and last)"))
     pixel_baseline: Literal["auto", "always", "never"] = field(default="auto", metadata=_doc(
         "k-means on raw pixels of the eval data for the summary; auto: when the data is small"))
+    collapse_share: float = field(default=0.9, validator=in_range(0, 1, lo_open=True), metadata=_doc(
+        "warn of cluster collapse when one predicted cluster holds more than this share of the data"))
+    collapse_std_ratio: float = field(default=0.1, validator=non_negative, metadata=_doc(
+        "warn of feature collapse when the std of the L2-normalised features is below this times 1/sqrt(D)"))
 
 
 @attrs.define
@@ -114,6 +118,10 @@ class RunConfig:
     log_every: int = field(default=50, validator=in_range(1, None), metadata=_doc("metrics.jsonl every N steps"))
     keep_last: int = field(default=2, validator=in_range(1, None), metadata=_doc("checkpoints kept"))
     progress: bool = field(default=True, metadata=_doc("tqdm progress bar"))
+    nonfinite: Literal["stop", "skip"] = field(default="stop", metadata=_doc(
+        "a NaN/inf loss term: stop the run (keeping the last checkpoint), or skip that optimiser step"))
+    max_skipped_steps: int = field(default=10, validator=non_negative, metadata=_doc(
+        "with nonfinite: skip, stop once more than this many steps were skipped"))
 
 
 @attrs.define

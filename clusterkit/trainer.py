@@ -21,21 +21,29 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .cluster import cluster_metrics, kmeans
 from .data import BatchedTwoView, collate_batched, eval_transform, load_dataset
 from .data.guides import guide_text, train_data_missing
 from .errors import DataError, PluginError, RecipeError, RunDirError
+from .guards import collapse_report
 from .models import create_backbone
+from .models.backbones import require_local_weights
 from .plugin_manager import load_plugins
 from .recipe import Recipe, dump_recipe
 from .state import ParamGroup, Prediction, StepCache, TrainState
 
-__all__ = ["Trainer", "make_run_dir", "lr_at"]
+__all__ = ["Trainer", "make_run_dir", "lr_at", "DivergenceError"]
 
 
 class DivergenceError(RecipeError):
-    """A loss term became NaN or infinite."""
+    """A loss term became NaN or infinite (or, with ``run.nonfinite: skip``, did so too often)."""
+
+
+def _warn(text: str) -> None:
+    """A warning line on stderr that does not break a running progress bar."""
+    tqdm.write(f"clusterkit: warning: {text}", file=sys.stderr)
 
 
 def seed_everything(seed: int) -> None:
@@ -168,6 +176,7 @@ class Trainer:
         self.pm, self.plugins = load_plugins(r.plugins, self.available_plugins)
         self.train_ds, self.eval_ds = self._load_data()
         info = self.train_ds.info
+        require_local_weights(r.model)
         model = nn.ModuleDict({"backbone": create_backbone(r.model, in_chans=info.channels)})
         self.loader = torch.utils.data.DataLoader(
             self.train_ds, batch_size=r.data.batch_size, shuffle=True, drop_last=r.data.drop_last,
@@ -190,6 +199,8 @@ class Trainer:
         self.augment = BatchedTwoView(r.data.augment, r.data.image_size, info).to(self.device)
         self.use_amp = r.run.amp and self.device.type == "cuda"
         self._feature_memo: dict = {}
+        self.skipped_steps = 0
+        self.collapse_warnings: list[dict] = []
 
     def _impls(self, hook: str) -> list[str]:
         """Names of the plugins implementing ``hook``, in pluggy's call order."""
@@ -269,10 +280,38 @@ class Trainer:
         return pred
 
     def evaluate(self) -> dict:
+        """Cluster metrics of the eval data, plus ``collapse_share`` and ``feature_std``."""
         feats = self._features("train" if self.eval_ds is self.train_ds else "eval")
         pred = self.predict(feats)
         self.last_prediction = pred
-        return cluster_metrics(self.eval_ds.targets, pred.labels.cpu())
+        metrics = cluster_metrics(self.eval_ds.targets, pred.labels.cpu())
+        e = self.recipe.eval
+        report = collapse_report(feats, pred.labels, self.recipe.e_step.k, e.collapse_share, e.collapse_std_ratio)
+        self._record_collapse(report["warnings"], "evaluation")
+        return {**metrics, "collapse_share": report["collapse_share"], "feature_std": report["feature_std"]}
+
+    def _check_pseudo_labels(self) -> None:
+        """After an E-step: warn when one pseudo-label cluster holds too much of the data."""
+        labels = self.state.pseudo_labels
+        if not torch.is_tensor(labels) or labels.dim() != 1 or labels.is_floating_point():
+            return
+        report = collapse_report(None, labels, self.recipe.e_step.k, self.recipe.eval.collapse_share)
+        self._record_collapse(report["warnings"], "E-step pseudo-labels")
+
+    def _record_collapse(self, warnings: list[tuple[str, float]], where: str) -> None:
+        """Warn on stderr and keep ``{epoch, kind, value}`` for summary.json (and checkpoints)."""
+        e = self.recipe.eval
+        for kind, value in warnings:
+            if kind == "cluster_share" and where != "evaluation":
+                kind = "pseudo_label_share"
+            self.collapse_warnings.append({"epoch": self.state.epoch + 1, "kind": kind, "value": value})
+            if kind != "feature_std":
+                _warn(f"epoch {self.state.epoch + 1}: {where}: one cluster holds {value:.1%} of the data "
+                      f"(more than eval.collapse_share = {e.collapse_share}); the clustering may have collapsed.")
+            else:
+                _warn(f"epoch {self.state.epoch + 1}: {where}: the std of the L2-normalised features is "
+                      f"{value:.2e}, below eval.collapse_std_ratio = {e.collapse_std_ratio} x 1/sqrt(D); the "
+                      "features may have collapsed to a point.")
 
     def pixel_baseline(self) -> dict | None:
         mode = self.recipe.eval.pixel_baseline
@@ -311,13 +350,10 @@ class Trainer:
         terms = {k: v.float() if torch.is_tensor(v) else torch.tensor(float(v), device=self.device)
                  for k, v in terms.items()}
         total = sum(terms.values())
-        for name, value in terms.items():
-            if not torch.isfinite(value).all():
-                raise DivergenceError(
-                    f"Loss term '{name}' became {value.item()} at epoch {state.epoch + 1}, step "
-                    f"{state.step_in_epoch + 1} (global step {state.step + 1}); the run stopped and the last good "
-                    f"checkpoint in '{self.run_dir / 'checkpoints'}' is kept. Lower optim.lr, check the plugin's "
-                    "parameters, or resume from that checkpoint with --resume.")
+        bad = next((name for name, value in terms.items() if not torch.isfinite(value).all()), None)
+        if bad is not None:
+            self._nonfinite(bad, terms[bad])
+            return None
         self.optimizer.zero_grad(set_to_none=True)
         if total.requires_grad:
             total.backward()
@@ -326,6 +362,24 @@ class Trainer:
         self._call("after_step", cache=cache)
         terms["loss"] = total.detach()
         return {k: v.detach() for k, v in terms.items()}
+
+    def _nonfinite(self, name: str, value: torch.Tensor) -> None:
+        """A NaN/inf loss term: stop (``run.nonfinite: stop``), or count a skipped step and warn."""
+        s, run = self.state, self.recipe.run
+        shown = value.item() if value.numel() == 1 else "non-finite"
+        where = f"at epoch {s.epoch + 1}, step {s.step_in_epoch + 1} (after {s.step} optimiser steps)"
+        keep = (f"the last good checkpoint in '{self.run_dir / 'checkpoints'}' is kept. Lower optim.lr, check "
+                "the plugin's parameters, or resume from that checkpoint with --resume")
+        if run.nonfinite == "stop":
+            raise DivergenceError(f"Loss term '{name}' became {shown} {where}; the run stopped and {keep} "
+                                  "(run.nonfinite: skip skips such steps instead).")
+        self.skipped_steps += 1
+        if self.skipped_steps > run.max_skipped_steps:
+            raise DivergenceError(f"Loss term '{name}' became {shown} {where}: {self.skipped_steps} steps skipped, "
+                                  f"more than run.max_skipped_steps = {run.max_skipped_steps}; the run "
+                                  f"stopped and {keep}.")
+        _warn(f"loss term '{name}' became {shown} {where}; skipped this optimiser step "
+              f"({self.skipped_steps} of at most run.max_skipped_steps = {run.max_skipped_steps}).")
 
     def _write_jsonl(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
@@ -337,7 +391,8 @@ class Trainer:
             "epoch": epoch, "step": s.step, "model": s.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(), "pseudo_labels": s.pseudo_labels, "centers": s.centers, "extra": s.extra,
             "history": history, "wall_time": wall, "recipe": self.recipe.to_dict(),
-            "recipe_hash": self.recipe.hash(),
+            "recipe_hash": self.recipe.hash(), "skipped_steps": self.skipped_steps,
+            "collapse_warnings": self.collapse_warnings,
         }, self.run_dir / "checkpoints", epoch, self.recipe.run.keep_last)
 
     def _restore(self) -> tuple[int, list, float]:
@@ -358,18 +413,32 @@ class Trainer:
         s.pseudo_labels = None if ckpt["pseudo_labels"] is None else ckpt["pseudo_labels"].to(self.device)
         s.centers = None if ckpt["centers"] is None else ckpt["centers"].to(self.device)
         s.extra = ckpt["extra"]
+        self.skipped_steps = ckpt.get("skipped_steps", 0)
+        self.collapse_warnings = list(ckpt.get("collapse_warnings", []))
         set_rng_state(ckpt["rng"])
-        # metrics.jsonl: drop what was logged after this checkpoint (a killed epoch)
-        log = self.run_dir / "metrics.jsonl"
-        if log.exists():
-            keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= s.step]
-            log.write_text("".join(ln + "\n" for ln in keep))
+        self._trim_metrics_log(ckpt["epoch"] + 1, s.step)
         return ckpt["epoch"] + 1, ckpt["history"], ckpt["wall_time"]
+
+    def _trim_metrics_log(self, epochs_done: int, step: int) -> None:
+        """metrics.jsonl after a crash: keep the records up to the checkpoint, drop those of the
+        killed epoch and a line torn by the kill."""
+        log = self.run_dir / "metrics.jsonl"
+        if not log.exists():
+            return
+        keep = []
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step and record.get("epoch", 0) <= epochs_done:
+                keep.append(line)
+        atomic_write_text(log, "".join(line + "\n" for line in keep))
 
     def fit(self) -> dict:
         r = self.recipe
         self._build()
-        (self.run_dir / "recipe.yaml").write_text(dump_recipe(r))
+        atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(r))
         state = self.state
         start_epoch, history, wall_before = (self._restore() if self.resume else (0, [], 0.0))
         baseline = self.pixel_baseline()
@@ -383,14 +452,19 @@ class Trainer:
             self._call("on_epoch_start")
             if epoch == 0 or epoch % r.e_step.every == 0:
                 self._call("e_step")
+                self._check_pseudo_labels()
             sums: dict[str, torch.Tensor] = {}
-            seen = 0
+            seen = done = 0
             bar = tqdm(total=state.steps_per_epoch, desc=f"epoch {epoch + 1}/{r.schedule.epochs}", unit="step",
                        disable=not r.run.progress, leave=False, dynamic_ncols=True, file=sys.stderr)
             for i, (images, _, index) in enumerate(self.loader):
                 state.step_in_epoch = i
                 lr = self._set_lr(epoch + i / state.steps_per_epoch)
                 terms = self._train_step(images, index)
+                if terms is None:  # a non-finite loss skipped (run.nonfinite: skip)
+                    bar.update(1)
+                    continue
+                done += 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v
                 seen += images.shape[0]
@@ -401,7 +475,7 @@ class Trainer:
                                 | {"img/s": f"{seen / (time.perf_counter() - t_epoch):.0f}"}, refresh=False)
                 bar.update(1)
             bar.close()
-            n = max(len(self.loader), 1)
+            n = max(done, 1)
             metrics = {"epoch": epoch + 1, "step": state.step, "lr": lr,
                        **{k: float(v) / n for k, v in sums.items()}, **state.scalars}
             if (epoch + 1) % r.eval.every == 0 or epoch + 1 == r.schedule.epochs:
@@ -433,7 +507,8 @@ class Trainer:
             "peak_memory_mb": _peak_memory_mb(self.device), "device": str(self.device),
             "num_params": sum(p.numel() for p in state.model.parameters()),
             "skipped_images": list(getattr(self.train_ds, "skipped", []) or []),
+            "skipped_steps": self.skipped_steps, "collapse_warnings": self.collapse_warnings,
             "versions": _versions(),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary

@@ -32,7 +32,7 @@ which are no-ops on them.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import attrs
 import torch

@@ -16,6 +16,8 @@ on import of this module, so ``timm.create_model("resnet18_cifar")`` works after
 from __future__ import annotations
 
 import difflib
+import os
+from pathlib import Path
 
 import timm
 import torch
@@ -25,7 +27,7 @@ from torch import nn
 
 from ..errors import RecipeError
 
-__all__ = ["create_backbone", "resnet18_cifar", "resnet34_cifar"]
+__all__ = ["create_backbone", "require_local_weights", "resnet18_cifar", "resnet34_cifar"]
 
 
 def _cifar_resnet(layers, pretrained: bool = False, in_chans: int = 3, **kwargs) -> ResNet:
@@ -83,3 +85,60 @@ def create_backbone(cfg, in_chans: int = 3) -> nn.Module:
         with torch.no_grad():
             model.num_features = model(torch.zeros(2, in_chans, 32, 32)).shape[1]
     return model
+
+
+def _cached_weights(pcfg) -> bool:
+    """Whether timm's pretrained config ``pcfg`` points at weights already on this machine."""
+    if getattr(pcfg, "file", None):
+        return Path(pcfg.file).is_file()
+    hub_id = getattr(pcfg, "hf_hub_id", None)
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = hub_id.partition("@")
+        names = [getattr(pcfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin",
+                 "open_clip_pytorch_model.bin", "open_clip_model.safetensors"]
+        if any(isinstance(try_to_load_from_cache(repo, n, revision=revision or None), str) for n in names if n):
+            return True
+    url = getattr(pcfg, "url", None)
+    if url:
+        from urllib.parse import urlparse
+
+        return (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name).is_file()
+    return False
+
+
+def require_local_weights(cfg) -> None:
+    """Fail fast, before timm tries the network, when ``model.pretrained`` has no local weights.
+
+    clusterkit never downloads at run time: with ``pretrained_file`` that file must exist;
+    without it the weights must already be in the Hugging Face or torch hub cache, and the
+    hub is then put in offline mode so that timm reads the cache instead of retrying the network.
+    """
+    if not cfg.pretrained:
+        return
+    how = ("clusterkit cannot download anything at run time; put the weights file on this machine and set "
+           "model.pretrained_file: /path/to/weights.safetensors (or .pth), or set model.pretrained: false.")
+    if cfg.pretrained_file:
+        if not Path(cfg.pretrained_file).is_file():
+            raise RecipeError(f"model.pretrained_file '{cfg.pretrained_file}' does not exist (or is not a file). "
+                              + how)
+        return
+    import timm
+
+    if not timm.is_model(cfg.backbone):
+        return  # create_backbone names the problem, with close names
+    pcfg = timm.models.get_pretrained_cfg(cfg.backbone)
+    if pcfg is None:
+        return  # no published weights: the model itself says so (e.g. the CIFAR-stem ResNets)
+    if not _cached_weights(pcfg):
+        raise RecipeError(f"model.pretrained is true but no pretrained weights for '{cfg.backbone}' are on this "
+                          "machine (neither in the Hugging Face cache nor in torch hub's "
+                          f"'{torch.hub.get_dir()}/checkpoints'). " + how)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True  # read at import time; set it for this process too
+    except ImportError:
+        pass
