@@ -194,6 +194,8 @@ def test_sigkill_twice_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_r
     raw["schedule"]["epochs"] = 4
     raw["run"].update({"keep_last": 4, "threads": 1})
     raw["eval"] = {"pixel_baseline": "never"}
+    # DigPro's grouping too: its groups, bank and counter must come back exactly (regroups every 10 steps)
+    raw["plugins"]["momentum_grouping"] = {"bank_size": 512}
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -219,7 +221,50 @@ def test_sigkill_twice_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_r
     wa = torch.load(full / "checkpoints" / "epoch_0003.pt", weights_only=False)["model"]
     wb = torch.load(cut / "checkpoints" / "epoch_0003.pt", weights_only=False)["model"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert {"momentum_grouping.groups", "momentum_grouping.bank", "momentum_grouping.iteration"} <= set(wa)
     # metrics.jsonl: every record once, in order, identical to the uninterrupted run's
     assert _records(cut) == _records(full)
     assert [r["epoch"] for r in _records(cut) if "nmi" in r] == [1, 2, 3, 4]
     assert not list((cut / "checkpoints").glob(".*tmp*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# plugin faults
+# ---------------------------------------------------------------------------------------------
+
+class _BrokenEntryPoint:
+    def load(self):
+        raise ImportError("No module named 'torch_scatter'")
+
+
+def test_a_plugin_that_fails_to_import_is_reported_and_the_others_keep_working():
+    from clusterkit.errors import PluginError
+    from clusterkit.plugin_manager import describe, load_plugins
+
+    broken = PluginInfo("fancy_loss", "fancy.plugin:Fancy", "fancy-clusterkit", "0.3", _BrokenEntryPoint())
+    available = {**discover(), "fancy_loss": broken}
+    row = describe(broken)
+    assert row["source"] == "fancy-clusterkit 0.3" and "torch_scatter" in row["error"]
+    _, plugins = load_plugins({"byol_target": {}}, available)  # unaffected
+    assert list(plugins) == ["byol_target"]
+    with pytest.raises(PluginError, match=r"'fancy_loss' \(package 'fancy-clusterkit' 0.3.*failed to import"):
+        load_plugins({"byol_target": {}, "fancy_loss": {}}, available)
+
+
+class Crasher(Plugin):
+    @hookimpl
+    def after_step(self, state):
+        raise ValueError("boom")
+
+
+def test_an_exception_inside_a_hook_names_the_plugin_and_the_hook(tmp_path, tiny_recipe_data):
+    raw = tiny_recipe_data
+    raw["schedule"]["epochs"] = 1
+    raw["eval"] = {"pixel_baseline": "never"}
+    raw["run"]["threads"] = 1
+    raw["plugins"]["crasher"] = {}
+    available = {**discover(), "crasher": PluginInfo("crasher", "tests:Crasher", "tests", "0", _cls=Crasher)}
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match="boom") as err:
+        Trainer(load_recipe(data=raw), tmp_path / "run", available_plugins=available).fit()
+    assert "clusterkit: raised by plugin 'crasher' in hook 'after_step'" in err.value.__notes__
