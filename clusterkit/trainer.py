@@ -202,9 +202,13 @@ class Trainer:
         self.skipped_steps = 0
         self.collapse_warnings: list[dict] = []
 
+    def _hookimpls(self, hook: str) -> list:
+        """The implementations of ``hook`` in pluggy's call order (last registered first)."""
+        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+
     def _impls(self, hook: str) -> list[str]:
-        """Names of the plugins implementing ``hook``, in pluggy's call order."""
-        return [impl.plugin_name for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls())]
+        """Names of the plugins implementing ``hook``, in call order."""
+        return [impl.plugin_name for impl in self._hookimpls(hook)]
 
     def _call(self, hook: str, **kwargs) -> list[tuple[str, object]]:
         """Call every implementation of ``hook`` in pluggy's order; returns [(plugin name, result)].
@@ -214,7 +218,7 @@ class Trainer:
         """
         kwargs["state"] = self.state
         out = []
-        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+        for impl in self._hookimpls(hook):
             try:
                 result = impl.function(*[kwargs[a] for a in impl.argnames])
             except (RecipeError, DataError, PluginError, KeyboardInterrupt):
@@ -443,7 +447,6 @@ class Trainer:
         start_epoch, history, wall_before = (self._restore() if self.resume else (0, [], 0.0))
         baseline = self.pixel_baseline()
         t_start = time.perf_counter()
-        metrics: dict = history[-1] if history else {}
         eval_metrics = next((h for h in reversed(history) if "nmi" in h), {})
         for epoch in range(start_epoch, r.schedule.epochs):
             state.epoch = epoch
