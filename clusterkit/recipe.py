@@ -59,6 +59,9 @@ class DataConfig:
     cache: bool = field(default=True, metadata=_doc("decode folder datasets once into a uint8 tensor"))
     skip_corrupt: bool = field(default=False, metadata=_doc("skip unreadable images and list them in the summary"))
     augment: AugmentParams = field(factory=AugmentParams)
+    augment_second: AugmentParams | None = field(default=None, metadata=_doc(
+        "the second view's augmentation (weak/strong views, as PICI's option); null: the same as augment. "
+        "Unset keys take AugmentParams' defaults, not augment's values"))
 
 
 @attrs.define
@@ -125,6 +128,17 @@ class RunConfig:
 
 
 @attrs.define
+class StageConfig:
+    """One stage of a staged schedule (PICI's pretrain / train / boost)."""
+
+    name: str = field(default="", metadata=_doc("the stage's name, shown in logs and metrics"))
+    until: int | None = field(default=None, validator=in_range(1, None), metadata=_doc(
+        "exclusive end epoch (0-based): the stage runs from the previous stage's until; null: to the end"))
+    plugins: list[str] = field(factory=list, metadata=_doc(
+        "plugins active in this stage; a plugin named in no stage is active in every stage"))
+
+
+@attrs.define
 class Recipe:
     name: str = "unnamed"
     description: str = ""
@@ -136,6 +150,24 @@ class Recipe:
     eval: EvalConfig = field(factory=EvalConfig)
     run: RunConfig = field(factory=RunConfig)
     plugins: dict[str, Any] = field(factory=dict, metadata=_doc("plugin name -> its parameters"))
+    stages: list[StageConfig] = field(factory=list, metadata=_doc(
+        "optional epoch stages that switch plugins on and off (see Recipe.stage_at)"))
+
+    def stage_at(self, epoch: int) -> StageConfig | None:
+        """The stage that epoch ``epoch`` (0-based) belongs to; None without stages."""
+        for stage in self.stages:
+            if stage.until is None or epoch < stage.until:
+                return stage
+        return None
+
+    def inactive_plugins(self, epoch: int) -> set[str]:
+        """Plugins whose per-epoch and per-step hooks do not run in ``epoch``: those named in
+        some stage but not in the stage of ``epoch``.  Plugins named in no stage always run."""
+        stage = self.stage_at(epoch)
+        if stage is None:
+            return set()
+        staged = {name for s in self.stages for name in s.plugins}
+        return staged - set(stage.plugins)
 
     def to_dict(self) -> dict:
         return unstructure(self)
@@ -275,7 +307,42 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise RecipeError("'plugins' must be a mapping of plugin names to their parameters, e.g. "
                           "plugins: {byol_target: {momentum: 0.996}}.")
     raw["plugins"] = {name: ({} if params is None else params) for name, params in raw["plugins"].items()}
-    return build(Recipe, raw, "")
+    recipe = build(Recipe, raw, "")
+    check_stages(recipe)
+    return recipe
+
+
+def check_stages(recipe: Recipe) -> None:
+    """Stages have distinct names, increasing ``until``, cover every epoch and name only the
+    recipe's plugins."""
+    from .schema import did_you_mean
+
+    seen: set[str] = set()
+    last = 0
+    for i, stage in enumerate(recipe.stages):
+        where = f"stages[{i}]"
+        if not stage.name or stage.name in seen:
+            raise RecipeError(f"'{where}.name' must be a non-empty name that no other stage uses, got "
+                              f"{stage.name!r}. Name every stage, e.g. {{name: pretrain, until: 200, plugins: [...]}}.")
+        seen.add(stage.name)
+        if stage.until is None and i != len(recipe.stages) - 1:
+            raise RecipeError(f"'{where}.until' is null, but only the last stage may run to the end; give "
+                              f"stage '{stage.name}' the epoch it ends at.")
+        if stage.until is not None and stage.until <= last:
+            raise RecipeError(f"'{where}.until' = {stage.until} must be larger than the previous stage's end "
+                              f"({last}): stages run one after another, each until its (exclusive) end epoch.")
+        last = stage.until if stage.until is not None else last
+        for name in stage.plugins:
+            if name not in recipe.plugins:
+                raise RecipeError(f"'{where}.plugins' names '{name}', which is not in the recipe's plugins."
+                                  f"{did_you_mean(name, recipe.plugins)} Stages switch the recipe's plugins on "
+                                  "and off; add it under plugins: or fix the name.")
+    end = recipe.stages[-1].until if recipe.stages else None
+    if recipe.stages and end is not None and end < recipe.schedule.epochs:
+        raise RecipeError(f"The last stage ('{recipe.stages[-1].name}') ends at epoch {end}, but "
+                          f"schedule.epochs = {recipe.schedule.epochs}: epochs {end}-{recipe.schedule.epochs - 1} "
+                          "would belong to no stage. Set the last stage's until to null (to the end) or to "
+                          f"{recipe.schedule.epochs}, or lower schedule.epochs.")
 
 
 def dump_recipe(recipe: Recipe) -> str:

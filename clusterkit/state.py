@@ -50,6 +50,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     step_in_epoch: int = 0
+    stage: str | None = None
     pseudo_labels: torch.Tensor | None = None
     centers: torch.Tensor | None = None
     extra: dict = attrs.field(factory=dict)

@@ -31,10 +31,15 @@ from .guards import collapse_report
 from .models import create_backbone
 from .models.backbones import require_local_weights
 from .plugin_manager import load_plugins
-from .recipe import Recipe, dump_recipe
+from .recipe import Recipe, check_stages, dump_recipe
 from .state import ParamGroup, Prediction, StepCache, TrainState
 
-__all__ = ["Trainer", "make_run_dir", "lr_at", "DivergenceError"]
+__all__ = ["Trainer", "make_run_dir", "lr_at", "DivergenceError", "STAGED_HOOKS"]
+
+#: Hooks that a plugin switched off by the recipe's ``stages`` does not receive.  setup,
+#: register_outputs, embed and predict always run, so modules and outputs exist throughout.
+STAGED_HOOKS = frozenset({"on_epoch_start", "e_step", "on_step_start", "compute_losses", "after_step",
+                          "on_epoch_end"})
 
 
 class DivergenceError(RecipeError):
@@ -165,6 +170,7 @@ class Trainer:
 
     def _build(self):
         r = self.recipe
+        check_stages(r)
         if r.run.threads:
             torch.set_num_threads(r.run.threads)
         seed_everything(r.run.seed)
@@ -185,26 +191,51 @@ class Trainer:
         steps = len(self.loader)
         self.state = TrainState(recipe=r, device=self.device, model=model, num_train=len(self.train_ds),
                                 steps_per_epoch=steps, feature_fn=self._features)
+        self.inactive: set[str] = set()
         groups = [g for _, result in self._call("setup") if result for g in result]
         model.to(self.device)
-        producers: dict = {}
+        producers: dict = {"h": self._backbone_output}
+        overridable = {"h"}  # the core's default, which one plugin may replace (a masked encoder)
         for impl, result in self._call("register_outputs"):
             for name, fn in (result or {}).items():
-                if name in producers:
+                if name in overridable:
+                    overridable.discard(name)
+                elif name in producers:
                     raise PluginError(f"Plugin '{impl}' registers step output '{name}', which another plugin "
                                       "already provides. Remove one of them from the recipe.")
                 producers[name] = fn
         self.producers = producers
         self.optimizer = self._optimizer(groups)
-        self.augment = BatchedTwoView(r.data.augment, r.data.image_size, info).to(self.device)
+        self.augment = BatchedTwoView(r.data.augment, r.data.image_size, info,
+                                      second=r.data.augment_second).to(self.device)
         self.use_amp = r.run.amp and self.device.type == "cuda"
         self._feature_memo: dict = {}
         self.skipped_steps = 0
         self.collapse_warnings: list[dict] = []
 
+    def _backbone_output(self, cache: StepCache, view: int) -> torch.Tensor:
+        """The default step output ``h``: pooled backbone features (B, D) of view ``view``."""
+        return self.state.model["backbone"](cache.views[view])
+
     def _hookimpls(self, hook: str) -> list:
-        """The implementations of ``hook`` in pluggy's call order (last registered first)."""
-        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+        """The implementations of ``hook`` in pluggy's call order (last registered first),
+        without those of plugins the current stage switches off."""
+        impls = reversed(getattr(self.pm.hook, hook).get_hookimpls())
+        if hook in STAGED_HOOKS and self.inactive:
+            return [impl for impl in impls if impl.plugin_name not in self.inactive]
+        return list(impls)
+
+    def _enter_epoch(self, epoch: int) -> None:
+        """Set the epoch, its stage and the plugins that stage switches off."""
+        state, r = self.state, self.recipe
+        previous = state.stage
+        state.epoch = epoch
+        stage = r.stage_at(epoch)
+        state.stage = stage.name if stage is not None else None
+        self.inactive = r.inactive_plugins(epoch)
+        if stage is not None and stage.name != previous and r.run.progress:
+            active = [name for name in r.plugins if name not in self.inactive]
+            tqdm.write(f"stage '{stage.name}' from epoch {epoch + 1}: {', '.join(active)}", file=sys.stderr)
 
     def _impls(self, hook: str) -> list[str]:
         """Names of the plugins implementing ``hook``, in call order."""
@@ -449,7 +480,7 @@ class Trainer:
         t_start = time.perf_counter()
         eval_metrics = next((h for h in reversed(history) if "nmi" in h), {})
         for epoch in range(start_epoch, r.schedule.epochs):
-            state.epoch = epoch
+            self._enter_epoch(epoch)
             t_epoch = time.perf_counter()
             self.loader.generator.manual_seed(r.run.seed * 100_003 + epoch)  # data order: f(seed, epoch)
             self._call("on_epoch_start")
@@ -481,6 +512,8 @@ class Trainer:
             n = max(done, 1)
             metrics = {"epoch": epoch + 1, "step": state.step, "lr": lr,
                        **{k: float(v) / n for k, v in sums.items()}, **state.scalars}
+            if state.stage is not None:
+                metrics["stage"] = state.stage
             if (epoch + 1) % r.eval.every == 0 or epoch + 1 == r.schedule.epochs:
                 eval_metrics = self.evaluate()
                 metrics.update(eval_metrics)

@@ -416,21 +416,25 @@ class BatchedTwoView(torch.nn.Module):
         torch.Size([8, 3, 32, 32])
     """
 
-    def __init__(self, params: AugmentParams, image_size: int, info: DatasetInfo):
+    def __init__(self, params: AugmentParams, image_size: int, info: DatasetInfo,
+                 second: AugmentParams | None = None):
         super().__init__()
         self.params = params
         self.image_size = int(image_size)
         self.info = info
         self.hflip = params.resolved_hflip(info)
         self.kernel_size = blur_kernel_size(self.image_size)
+        # weak/strong views: the second view draws from its own parameters
+        self.second = None if second is None else BatchedTwoView(second, image_size, info)
 
     def extra_repr(self) -> str:
         return f"image_size={self.image_size}, hflip={self.hflip}, params={self.params}"
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 ``(B, C, H, W)`` -> two float32 normalised views ``(B, C, S, S)``."""
+        """uint8 ``(B, C, H, W)`` -> two float32 normalised views ``(B, C, S, S)``; the second
+        view uses ``second``'s parameters when given."""
         x = _to_float(images)
-        return self.view(x), self.view(x)
+        return self.view(x), (self if self.second is None else self.second).view(x)
 
     def view(self, images: torch.Tensor) -> torch.Tensor:
         """One augmented view: uint8 or [0, 1] float ``(B, C, H, W)`` -> float32 ``(B, C, S, S)``."""
