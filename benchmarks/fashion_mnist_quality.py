@@ -1,9 +1,11 @@
-"""Clustering quality on Fashion-MNIST: DigPro vs ProPos vs k-means on pixels.
+"""Clustering quality on Fashion-MNIST: DigPro vs ProPos (and HaDis, CC) vs k-means on pixels.
 
 Trains the twin recipes benchmarks/recipes/fmnist_digpro.yaml and fmnist_propos.yaml (they
 differ only in the momentum_grouping plugin) on the 10,000 Fashion-MNIST test images (28x28,
 resized to 32x32; timm resnet18 with its standard stem; batch 256) for a fixed number of
-epochs, once per seed.  Each (method, seed) is its own subprocess::
+epochs, once per seed.  ``--methods`` adds fmnist_hadis.yaml (ProPos's recipe plus
+hardness_aware_distillation) and fmnist_cc.yaml (CC on the same data, backbone, batch and
+epochs, with CC's Adam optimiser and its cluster head's argmax as the prediction).  Each (method, seed) is its own subprocess::
 
     clusterkit run RECIPE --set schedule.epochs=E --set run.seed=S --out WORKDIR/<method>_s<S>
 
@@ -18,7 +20,7 @@ is continued by running the same command again.
 Usage (from the repo root)::
 
     python benchmarks/fashion_mnist_quality.py [--epochs 8] [--seeds 0 1 2]
-        [--methods digpro propos] [--workdir runs/bench_fmnist]
+        [--methods digpro propos [hadis cc]] [--workdir runs/bench_fmnist]
         [--out benchmarks/results/fashion_mnist_quality.md] [--extra-set KEY=VALUE ...]
 
 Writes a markdown table (mean +- sample std over seeds of NMI/ACC/ARI, seconds per epoch and
@@ -56,8 +58,10 @@ sys.path.insert(0, str(REPO))
 from clusterkit.errors import ClusterkitError, DataError  # noqa: E402
 from clusterkit.recipe import load_recipe  # noqa: E402
 
-RECIPES = {"digpro": HERE / "recipes" / "fmnist_digpro.yaml", "propos": HERE / "recipes" / "fmnist_propos.yaml"}
-LABELS = {"digpro": "DigPro", "propos": "ProPos", "pixels": "k-means on pixels"}
+RECIPES = {m: HERE / "recipes" / f"fmnist_{m}.yaml" for m in ("digpro", "propos", "hadis", "cc")}
+LABELS = {"digpro": "DigPro", "propos": "ProPos", "hadis": "HaDis", "cc": "CC", "pixels": "k-means on pixels"}
+#: The plugin each method adds to ProPos's recipe (its twin); CC is a different recipe altogether.
+ADDS_TO_PROPOS = {"digpro": "momentum_grouping", "hadis": "hardness_aware_distillation"}
 METRICS = ("nmi", "acc", "ari")
 DEFAULT_OUT = HERE / "results" / "fashion_mnist_quality.md"
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -270,34 +274,43 @@ def pixel_kmeans_per_seed(runs: dict[str, dict[int, dict]], seeds: list[int],
     return out, notes
 
 
+def versus(agg: dict, runs: dict, seeds: list[int], a: str, b: str) -> list[str]:
+    """Plain sentences saying whether method ``a`` beats method ``b`` on the mean NMI, ACC and ARI."""
+    A, B = LABELS[a], LABELS[b]
+    d, p = agg[a], agg[b]
+    diffs = {k: d[k][0] - p[k][0] for k in METRICS}
+    wins = {k: sum(runs[a][s]["metrics"][k] > runs[b][s]["metrics"][k] for s in seeds) for k in METRICS}
+    detail = "; ".join(f"{k.upper()} {d[k][0]:.3f} vs {p[k][0]:.3f} ({diffs[k]:+.3f}, {A} higher on "
+                       f"{wins[k]} of {len(seeds)} seeds)" for k in METRICS)
+    better = [k.upper() for k in METRICS if diffs[k] > 0]
+    if len(better) == len(METRICS):
+        verdict = f"{A} beats {B} on mean NMI, ACC and ARI"
+    elif not better:
+        verdict = f"{A} does NOT beat {B}: its mean NMI, ACC and ARI are all lower or equal"
+    else:
+        worse = [k.upper() for k in METRICS if diffs[k] <= 0]
+        verdict = (f"{A} does NOT beat {B} overall: its mean is higher on {', '.join(better)} but lower "
+                   f"or equal on {', '.join(worse)}")
+    lines = [f"**{A} vs {B} (mean over {len(seeds)} seed(s)): {verdict}.** {detail}."]
+    if len(seeds) > 1:
+        noisy = [k.upper() for k in METRICS
+                 if abs(diffs[k]) <= max(d[k][1] or 0.0, p[k][1] or 0.0)]
+        if noisy:
+            lines.append(f"The gap in {', '.join(noisy)} is within one seed-to-seed standard deviation, "
+                         "so it is not distinguishable from noise at this budget.")
+    return lines
+
+
 def compare(agg: dict, runs: dict, seeds: list[int]) -> list[str]:
-    """Plain sentences comparing DigPro with ProPos (and both with k-means on pixels)."""
+    """Plain sentences comparing DigPro, HaDis and CC with ProPos (and every method with k-means on pixels)."""
     lines = []
-    if "digpro" in agg and "propos" in agg:
-        d, p = agg["digpro"], agg["propos"]
-        diffs = {k: d[k][0] - p[k][0] for k in METRICS}
-        wins = {k: sum(runs["digpro"][s]["metrics"][k] > runs["propos"][s]["metrics"][k] for s in seeds)
-                for k in METRICS}
-        detail = "; ".join(f"{k.upper()} {d[k][0]:.3f} vs {p[k][0]:.3f} ({diffs[k]:+.3f}, DigPro higher on "
-                           f"{wins[k]} of {len(seeds)} seeds)" for k in METRICS)
-        better = [k.upper() for k in METRICS if diffs[k] > 0]
-        if len(better) == len(METRICS):
-            verdict = "DigPro beats ProPos on mean NMI, ACC and ARI"
-        elif not better:
-            verdict = "DigPro does NOT beat ProPos: its mean NMI, ACC and ARI are all lower or equal"
-        else:
-            worse = [k.upper() for k in METRICS if diffs[k] <= 0]
-            verdict = (f"DigPro does NOT beat ProPos overall: its mean is higher on {', '.join(better)} but lower "
-                       f"or equal on {', '.join(worse)}")
-        lines.append(f"**DigPro vs ProPos (mean over {len(seeds)} seed(s)): {verdict}.** {detail}.")
-        if len(seeds) > 1:
-            noisy = [k.upper() for k in METRICS
-                     if abs(diffs[k]) <= max(d[k][1] or 0.0, p[k][1] or 0.0)]
-            if noisy:
-                lines.append(f"The gap in {', '.join(noisy)} is within one seed-to-seed standard deviation, "
-                             "so it is not distinguishable from noise at this budget.")
-    for m in ("digpro", "propos"):
-        if m in agg and "pixels" in agg:
+    for m in ("digpro", "hadis", "cc"):
+        if m in agg and "propos" in agg:
+            lines += versus(agg, runs, seeds, m, "propos")
+    if "hadis" in agg and "digpro" in agg:
+        lines += versus(agg, runs, seeds, "hadis", "digpro")
+    for m in [m for m in agg if m != "pixels"]:
+        if "pixels" in agg:
             beats = [k.upper() for k in METRICS if agg[m][k][0] > agg["pixels"][k][0]]
             what = ("beats k-means on pixels on mean NMI, ACC and ARI" if len(beats) == len(METRICS) else
                     f"beats k-means on pixels only on {', '.join(beats)}" if beats else
@@ -350,6 +363,24 @@ def machine_info(summaries: list[dict]) -> dict:
 # --------------------------------------------------------------------------- report
 
 
+def optim_text(rec) -> str:
+    """The optimiser and schedule of a recipe, in words."""
+    o = rec.optim
+    momentum = f", momentum {o.momentum:g}" if o.name == "sgd" else f", betas ({o.betas[0]:g}, {o.betas[1]:g})"
+    return (f"{o.name.upper()} lr {o.lr:g}{' x batch/256' if o.lr_scaling == 'linear' else ''}{momentum}, "
+            f"wd {o.weight_decay:g}, {rec.schedule.warmup_epochs} warm-up epoch(s), {rec.schedule.lr_schedule}")
+
+
+def relation(methods: list[str]) -> str:
+    """How the recipes of ``methods`` relate to each other."""
+    if sorted(methods) == ["digpro", "propos"]:
+        return "twins differing only in `momentum_grouping`"
+    parts = [f"{LABELS[m]} = ProPos's recipe + `{ADDS_TO_PROPOS[m]}`" for m in methods if m in ADDS_TO_PROPOS]
+    if "cc" in methods:
+        parts.append("CC: the same data, backbone, batch and epochs with CC's plugins and optimiser, no E-step")
+    return "; ".join(parts) if parts else "one recipe"
+
+
 def write_report(args, runs, pixels, pixel_notes, started: datetime, load_before, load_after) -> None:
     seeds = list(args.seeds)
     methods = list(args.methods)
@@ -373,9 +404,21 @@ def write_report(args, runs, pixels, pixel_notes, started: datetime, load_before
     resumed = sum(r["resumed"] for r in summaries)
     on_cuda = any(str(r.get("device", "")).startswith("cuda") for r in summaries)
     mem_what = "peak CUDA memory allocated (MB)" if on_cuda else "peak RSS of the run's process (MB)"
+    recs = {m: load_recipe(RECIPES[m], [f"schedule.epochs={args.epochs}", *args.extra_set]) for m in methods}
+    optims = {m: optim_text(r) for m, r in recs.items()}
+    optim = (next(iter(optims.values())) if len(set(optims.values())) == 1 else
+             "optimiser per method: " + "; ".join(f"{LABELS[m]} {o}" for m, o in optims.items()))
+    kmeans_methods = [m for m in methods if "kmeans_e_step" in recs[m].plugins]
+    if len(kmeans_methods) == len(methods):
+        predicted = "spherical k-means on the target features"
+    else:
+        others = [LABELS[m] for m in methods if m not in kmeans_methods]
+        predicted = ("predictions: " + (f"spherical k-means on the target features for "
+                                         f"{', '.join(LABELS[m] for m in kmeans_methods)}, " if kmeans_methods else "")
+                     + f"the cluster head's argmax for {', '.join(others)}")
 
     lines = [
-        "# Clustering quality on Fashion-MNIST: DigPro vs ProPos vs k-means on pixels",
+        f"# Clustering quality on Fashion-MNIST: {' vs '.join(LABELS[m] for m in methods)} vs k-means on pixels",
         "",
         f"Command: `{command}` (cwd `{os.getcwd()}`)",
         "",
@@ -392,13 +435,10 @@ def write_report(args, runs, pixels, pixel_notes, started: datetime, load_before
         f"28x28x1), resized to {rec.data.image_size}x{rec.data.image_size}, trained and evaluated on the same images "
         f"(protocol: train `{proto.get('train_split')}`, eval `{proto.get('eval_split')}`, test data used for "
         f"training: {proto.get('test_data_used_for_training')}); timm `{rec.model.backbone}`, batch "
-        f"{rec.data.batch_size}, {args.epochs} epoch(s) ({first.get('steps')} steps), {rec.optim.name.upper()} lr "
-        f"{rec.optim.lr:g}{' x batch/256' if rec.optim.lr_scaling == 'linear' else ''}, momentum "
-        f"{rec.optim.momentum:g}, wd {rec.optim.weight_decay:g}, {rec.schedule.warmup_epochs} warm-up epoch(s), "
-        f"{rec.schedule.lr_schedule}; K = {rec.e_step.k}; metrics of the final epoch's spherical k-means on the "
-        f"target features (no model selection). Seeds: {', '.join(map(str, seeds))}. Recipes: "
-        + ", ".join(f"`{RECIPES[m].relative_to(REPO)}`" for m in methods)
-        + " (twins differing only in `momentum_grouping`)."
+        f"{rec.data.batch_size}, {args.epochs} epoch(s) ({first.get('steps')} steps), {optim}; K = {rec.e_step.k}; "
+        f"metrics of the final epoch's {predicted} (no model selection). Seeds: {', '.join(map(str, seeds))}. "
+        "Recipes: " + ", ".join(f"`{RECIPES[m].relative_to(REPO)}`" for m in methods)
+        + f" ({relation(methods)})."
         + (f" Extra overrides: `{' '.join(args.extra_set)}` (NOT the benchmark setting)." if args.extra_set else ""),
         "",
         "k-means on pixels: clusterkit's torch k-means, euclidean, k-means++ init, n_init 10, seeded with the "
