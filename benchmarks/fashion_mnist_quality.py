@@ -4,8 +4,10 @@ Trains the twin recipes benchmarks/recipes/fmnist_digpro.yaml and fmnist_propos.
 differ only in the momentum_grouping plugin) on the 10,000 Fashion-MNIST test images (28x28,
 resized to 32x32; timm resnet18 with its standard stem; batch 256) for a fixed number of
 epochs, once per seed.  ``--methods`` adds fmnist_hadis.yaml (ProPos's recipe plus
-hardness_aware_distillation) and fmnist_cc.yaml (CC on the same data, backbone, batch and
-epochs, with CC's Adam optimiser and its cluster head's argmax as the prediction).  Each (method, seed) is its own subprocess::
+hardness_aware_distillation), fmnist_cc.yaml (CC on the same data, backbone, batch and
+epochs, with CC's Adam optimiser and its cluster head's argmax as the prediction) and
+fmnist_pici.yaml (PICI: a small masked ViT, same data, batch and epochs, its three stages scaled
+to the budget).  Each (method, seed) is its own subprocess::
 
     clusterkit run RECIPE --set schedule.epochs=E --set run.seed=S --out WORKDIR/<method>_s<S>
 
@@ -20,7 +22,7 @@ is continued by running the same command again.
 Usage (from the repo root)::
 
     python benchmarks/fashion_mnist_quality.py [--epochs 8] [--seeds 0 1 2]
-        [--methods digpro propos [hadis cc]] [--workdir runs/bench_fmnist]
+        [--methods digpro propos [hadis cc pici]] [--workdir runs/bench_fmnist]
         [--out benchmarks/results/fashion_mnist_quality.md] [--extra-set KEY=VALUE ...]
 
 Writes a markdown table (mean +- sample std over seeds of NMI/ACC/ARI, seconds per epoch and
@@ -58,8 +60,9 @@ sys.path.insert(0, str(REPO))
 from clusterkit.errors import ClusterkitError, DataError  # noqa: E402
 from clusterkit.recipe import load_recipe  # noqa: E402
 
-RECIPES = {m: HERE / "recipes" / f"fmnist_{m}.yaml" for m in ("digpro", "propos", "hadis", "cc")}
-LABELS = {"digpro": "DigPro", "propos": "ProPos", "hadis": "HaDis", "cc": "CC", "pixels": "k-means on pixels"}
+RECIPES = {m: HERE / "recipes" / f"fmnist_{m}.yaml" for m in ("digpro", "propos", "hadis", "cc", "pici")}
+LABELS = {"digpro": "DigPro", "propos": "ProPos", "hadis": "HaDis", "cc": "CC", "pici": "PICI",
+          "pixels": "k-means on pixels"}
 #: The plugin each method adds to ProPos's recipe (its twin); CC is a different recipe altogether.
 ADDS_TO_PROPOS = {"digpro": "momentum_grouping", "hadis": "hardness_aware_distillation"}
 METRICS = ("nmi", "acc", "ari")
@@ -309,6 +312,8 @@ def compare(agg: dict, runs: dict, seeds: list[int]) -> list[str]:
             lines += versus(agg, runs, seeds, m, "propos")
     if "hadis" in agg and "digpro" in agg:
         lines += versus(agg, runs, seeds, "hadis", "digpro")
+    if "pici" in agg and "cc" in agg:
+        lines += versus(agg, runs, seeds, "pici", "cc")
     for m in [m for m in agg if m != "pixels"]:
         if "pixels" in agg:
             beats = [k.upper() for k in METRICS if agg[m][k][0] > agg["pixels"][k][0]]
@@ -378,6 +383,9 @@ def relation(methods: list[str]) -> str:
     parts = [f"{LABELS[m]} = ProPos's recipe + `{ADDS_TO_PROPOS[m]}`" for m in methods if m in ADDS_TO_PROPOS]
     if "cc" in methods:
         parts.append("CC: the same data, backbone, batch and epochs with CC's plugins and optimiser, no E-step")
+    if "pici" in methods:
+        parts.append("PICI: the same data, batch and epochs, a small masked ViT with PISD, CC's losses and CLI "
+                     "in three stages, PICI's Adam optimiser, no E-step")
     return "; ".join(parts) if parts else "one recipe"
 
 

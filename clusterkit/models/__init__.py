@@ -2,5 +2,6 @@
 
 from .backbones import create_backbone
 from .heads import MLPHead
+from . import vit as _vit  # noqa: E402,F401  (registers vit_pici_small_patch16_224 in timm, like backbones)
 
 __all__ = ["create_backbone", "MLPHead"]
