@@ -24,6 +24,7 @@ from . import __version__
 from .checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .cluster import cluster_metrics, kmeans
+from .cluster.kmeans import assign as kmeans_assign
 from .data import BatchedTwoView, collate_batched, eval_transform, load_dataset
 from .data.guides import guide_text, train_data_missing
 from .errors import DataError, PluginError, RecipeError, RunDirError
@@ -31,7 +32,7 @@ from .guards import collapse_report
 from .models import create_backbone
 from .models.backbones import require_local_weights
 from .plugin_manager import load_plugins
-from .recipe import Recipe, check_stages, dump_recipe
+from .recipe import Recipe, check_stages, dump_recipe, load_recipe
 from .state import ParamGroup, Prediction, StepCache, TrainState
 
 __all__ = ["Trainer", "make_run_dir", "lr_at", "DivergenceError", "STAGED_HOOKS"]
@@ -179,7 +180,7 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.benchmark = False
         self.device = self._device()
-        self.pm, self.plugins = load_plugins(r.plugins, self.available_plugins)
+        self.pm, self.plugins = load_plugins(r.plugins, self.available_plugins, allow=r.allow_plugins)
         self.train_ds, self.eval_ds = self._load_data()
         info = self.train_ds.info
         require_local_weights(r.model)
@@ -306,13 +307,57 @@ class Trainer:
             self._feature_memo[key] = self._embed_dataset(ds)
         return self._feature_memo[key]
 
-    def predict(self, features: torch.Tensor) -> Prediction:
-        pred = self.pm.hook.predict(state=self.state, features=features)
+    def predict(self, features: torch.Tensor, fit: bool = True) -> Prediction:
+        """Predictions for ``features`` (N, D) by the predict hook.  ``fit=True`` (evaluation):
+        a rule fitted to data is fitted to these features and kept in ``state.extra``;
+        ``fit=False`` (new images of a finished run): the kept rule is applied."""
+        pred = self.pm.hook.predict(state=self.state, features=features, fit=fit)
         if pred is None:  # no plugin predicts: spherical k-means on the features
-            res = kmeans(features, self.recipe.e_step.k, metric="cosine", seed=self.recipe.run.seed)
-            conf = (torch.nn.functional.normalize(features, dim=1) * res.centers[res.labels]).sum(1)
-            pred = Prediction(res.labels, conf)
+            if fit:
+                res = kmeans(features, self.recipe.e_step.k, metric="cosine", seed=self.recipe.run.seed)
+                self.state.extra["core.predict_centers"] = res.centers.detach().cpu()
+                conf = (torch.nn.functional.normalize(features, dim=1) * res.centers[res.labels]).sum(1)
+                pred = Prediction(res.labels, conf)
+            else:
+                centers = self.state.extra.get("core.predict_centers")
+                if centers is None:
+                    raise RunDirError("This run's checkpoint holds no k-means centres of its final evaluation "
+                                      "(it was written by an older clusterkit), so new images cannot be assigned "
+                                      "to them. Resume or rerun the run with this version to write them.")
+                labels, conf = kmeans_assign(features, centers.to(features.device), metric="cosine")
+                pred = Prediction(labels, conf)
         return pred
+
+    def build_for_inference(self, ckpt: dict, info, num_train: int, device: str | None = None) -> None:
+        """Rebuild a checkpoint's model and plugins without data, optimiser or training (for
+        ``clusterkit.load``, ``predict`` and ``plot``): the plugins' ``setup`` and
+        ``register_outputs`` run as in training, then the checkpoint's weights and training
+        state (``extra``, centres, pseudo-labels) are loaded; the model is left in eval mode.
+        ``info``: the dataset's :class:`~clusterkit.data.DatasetInfo` (channels)."""
+        import attrs
+
+        r = self.recipe
+        if device is None:  # CUDA when present (unless the recipe says cpu): a GPU run predicts on a laptop too
+            device = "cuda" if torch.cuda.is_available() and r.run.device != "cpu" else "cpu"
+        self.device = torch.device(device)
+        self.pm, self.plugins = load_plugins(r.plugins, self.available_plugins, allow=r.allow_plugins)
+        cfg = attrs.evolve(r.model, pretrained=False)  # the weights come from the checkpoint
+        model = nn.ModuleDict({"backbone": create_backbone(cfg, in_chans=info.channels)})
+        steps = max(1, ckpt["step"] // (ckpt["epoch"] + 1))
+        self.state = TrainState(recipe=r, device=self.device, model=model, num_train=num_train,
+                                steps_per_epoch=steps)
+        self.inactive = set()
+        self._call("setup")
+        self._call("register_outputs")
+        model.load_state_dict(ckpt["model"])
+        model.to(self.device).eval()
+        s = self.state
+        s.step, s.epoch = ckpt["step"], ckpt["epoch"]
+        s.pseudo_labels = None if ckpt["pseudo_labels"] is None else ckpt["pseudo_labels"].to(self.device)
+        s.centers = None if ckpt["centers"] is None else ckpt["centers"].to(self.device)
+        s.extra = ckpt["extra"]
+        self.use_amp = r.run.amp and self.device.type == "cuda"
+        self._feature_memo = {}
 
     def evaluate(self) -> dict:
         """Cluster metrics of the eval data, plus ``collapse_share`` and ``feature_std``."""
@@ -437,8 +482,9 @@ class Trainer:
                               "A run writes its first checkpoint at the end of its first epoch; start it anew "
                               "with --force, or point --resume at another run directory.")
         ckpt = load_checkpoint(path)
-        if ckpt["recipe_hash"] != self.recipe.hash():
-            diff = "; ".join(_diff(ckpt["recipe"], self.recipe.to_dict())) or "(formatting only)"
+        saved = self._saved_recipe(ckpt)
+        if saved != self.recipe.to_dict():
+            diff = "; ".join(_diff(saved, self.recipe.to_dict())) or "(formatting only)"
             raise RunDirError(f"Cannot resume '{self.run_dir}' with a changed recipe: {diff}. Resume with the "
                               "recipe and --set overrides the run started with (its recipe.yaml), or start a new run.")
         s = self.state
@@ -453,6 +499,16 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self._trim_metrics_log(ckpt["epoch"] + 1, s.step)
         return ckpt["epoch"] + 1, ckpt["history"], ckpt["wall_time"]
+
+    @staticmethod
+    def _saved_recipe(ckpt: dict) -> dict:
+        """The recipe a checkpoint was written with, re-read through today's schema, so that keys
+        added to clusterkit since then (at their defaults) do not count as a change; as saved
+        when it no longer validates."""
+        try:
+            return load_recipe(data=ckpt["recipe"]).to_dict()
+        except RecipeError:
+            return ckpt["recipe"]
 
     def _trim_metrics_log(self, epochs_done: int, step: int) -> None:
         """metrics.jsonl after a crash: keep the records up to the checkpoint, drop those of the

@@ -186,3 +186,30 @@ def test_augment_second_gives_the_second_view_its_own_parameters(tiny_recipe_dat
                                                             "augment_second": {"crop_scale": [0.2, 0.5]}}})
     assert recipe.data.augment_second.crop_scale == (0.2, 0.5)
     assert recipe.data.augment_second.hflip == AugmentParams().hflip
+
+
+def test_resume_accepts_a_checkpoint_written_before_a_recipe_key_existed(tiny_recipe_data, tmp_path):
+    """A run started by an older clusterkit (its saved recipe lacks keys added since, e.g.
+    ``stages``) resumes: absent keys take their defaults and are not a change."""
+    raw = copy.deepcopy(tiny_recipe_data)
+    raw["schedule"] = {"epochs": 2, "warmup_epochs": 0}
+    raw["data"]["batch_size"] = 512
+    run = tmp_path / "run"
+    run.mkdir()
+    Trainer(load_recipe(data=raw), run).fit()
+    ckpt_path = run / "checkpoints" / "epoch_0000.pt"
+    (run / "checkpoints" / "epoch_0001.pt").unlink()
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    for key in ("stages", "allow_plugins"):
+        del ckpt["recipe"][key]
+    del ckpt["recipe"]["data"]["augment_second"]
+    ckpt["recipe_hash"] = "written-by-an-older-version"
+    torch.save(ckpt, ckpt_path)
+    summary = Trainer(load_recipe(data=raw), run, resume=True).fit()
+    assert summary["epochs"] == 2 and summary["metrics"]["nmi"] is not None
+    # a real change is still refused
+    raw["optim"]["lr"] = 0.5
+    from clusterkit.errors import RunDirError
+    (run / "checkpoints" / "epoch_0001.pt").unlink()
+    with pytest.raises(RunDirError, match="optim.lr: 0.05 -> 0.5"):
+        Trainer(load_recipe(data=raw), run, resume=True).fit()
