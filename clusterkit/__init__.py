@@ -13,4 +13,14 @@ from .plugin import Plugin  # noqa: E402
 from .state import DIRECTIONS, ParamGroup, Prediction, StepCache, TrainState  # noqa: E402
 from .models import backbones as _backbones  # noqa: E402,F401  (registers resnet18_cifar & co in timm)
 
-__all__ = ["__version__", "hookimpl", "Plugin", "DIRECTIONS", "ParamGroup", "Prediction", "StepCache", "TrainState"]
+__all__ = ["__version__", "hookimpl", "Plugin", "DIRECTIONS", "ParamGroup", "Prediction", "StepCache", "TrainState",
+           "load"]
+
+
+def __getattr__(name):
+    """``clusterkit.load(run_dir)`` (see :mod:`clusterkit.inference`), imported on first use."""
+    if name == "load":
+        from .inference import load
+
+        return load
+    raise AttributeError(f"module 'clusterkit' has no attribute {name!r}")

@@ -2,6 +2,11 @@
 
     clusterkit run RECIPE [--set key.path=value ...] [--out DIR] [--resume RUN_DIR] [--force]
     clusterkit plugins [--params NAME]
+    clusterkit new-plugin NAME [--dir DIR]
+    clusterkit compare RECIPE... [--seeds 0 1 2] [--set key.path=value ...] [--out DIR]
+    clusterkit plot RUN_DIR [--out DIR]            (a compare folder: its convergence plot)
+    clusterkit predict RUN_DIR --images DIR_OR_FILES... [--out preds.csv]
+    clusterkit show RUN_DIR [--base RECIPE_OR_RUN_DIR]
 
 User mistakes print one paragraph and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -35,6 +40,45 @@ def _parser() -> argparse.ArgumentParser:
     plugins.add_argument("--params", metavar="NAME", help="show one plugin's parameters with their docs")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    new = sub.add_parser("new-plugin", help="write a ready-to-install plugin package skeleton")
+    new.add_argument("name", metavar="NAME", help="the plugin's name in recipes, a lower-case identifier, e.g. my_loss")
+    new.add_argument("--dir", default=".", help="folder to create the package folder in (default: .)")
+    new.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    compare = sub.add_parser("compare", help="run recipes x seeds and write comparison tables and plots")
+    compare.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files to put side by side")
+    compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N",
+                         help="run.seed values, each recipe runs once per seed (default: 0 1 2)")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override applied to every recipe, e.g. --set schedule.epochs=5 (repeatable)")
+    compare.add_argument("--out", default="runs/compare",
+                         help="comparison folder: OUT/<recipe>/seed<N>/ runs and results.* (default: runs/compare)")
+    compare.add_argument("--no-plots", dest="plots", action="store_false", help="skip convergence.png")
+    compare.add_argument("--in-process", action="store_true",
+                         help="run in this process instead of one process per run (peak memory then accumulates)")
+    compare.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    plot = sub.add_parser("plot", help="draw a run's plots (convergence, losses, t-SNE, montage, confusion)")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or a compare --out folder")
+    plot.add_argument("--out", help="folder for the PNG files (default: RUN_DIR/plots)")
+    plot.add_argument("--max-points", type=int, default=2000, help="t-SNE subsample size (default: 2000)")
+    plot.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present, else cpu)")
+    plot.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    predict = sub.add_parser("predict", help="cluster new images with a finished run's model")
+    predict.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (holds checkpoints/)")
+    predict.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE",
+                         help="image files (PNG, JPEG, ...) or folders, searched recursively")
+    predict.add_argument("--out", help="CSV file to write (default: print the CSV)")
+    predict.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present, else cpu)")
+    predict.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    show = sub.add_parser("show", help="print a run's summary, recipe diff and metrics table")
+    show.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    show.add_argument("--base", metavar="RECIPE_OR_RUN_DIR",
+                      help="diff the recipe against this recipe file or run (default: clusterkit's defaults)")
+    show.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -72,11 +116,16 @@ def cmd_run(args) -> int:
 
 def cmd_plugins(args) -> int:
     from .errors import PluginError
-    from .plugin_manager import describe, discover
+    from .plugin_manager import AUTOLOAD_ENV, describe, discover, hidden_plugins
     from .schema import did_you_mean
 
     found = discover()
+    hidden = hidden_plugins()  # third-party plugins CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD keeps out
     if args.params:
+        if args.params in hidden:
+            raise PluginError(f"Plugin '{args.params}' (package '{hidden[args.params].package}') is installed but "
+                              f"not loaded: {AUTOLOAD_ENV} is set. Unset it to see the plugin, or name it in a "
+                              "recipe's allow_plugins to use it.")
         if args.params not in found:
             raise PluginError(f"No plugin named '{args.params}'.{did_you_mean(args.params, found)} "
                               f"Installed: {', '.join(sorted(found))}.")
@@ -88,6 +137,8 @@ def cmd_plugins(args) -> int:
         return 0
     for d in infos:
         print(f"{d['name']}  [{d['source']}]")
+        if d["source"] != f"{d['package']} {d['version']}":  # a third party's source already names both
+            print(f"  package: {d['package']} {d['version']}")
         if "error" in d:
             print(f"  failed to import: {d['error']}")
             continue
@@ -100,13 +151,91 @@ def cmd_plugins(args) -> int:
                 line = f"    {name}: {tp} = {default!r}"
                 print(line + (f"  -- {doc}" if doc and args.params else ""))
         print()
+    if hidden and not args.params:
+        print(f"clusterkit: {AUTOLOAD_ENV} is set: {len(hidden)} third-party plugin(s) not loaded: "
+              f"{', '.join(sorted(hidden))}", file=sys.stderr)
+    return 0
+
+
+def cmd_new_plugin(args) -> int:
+    from .scaffold import new_plugin
+
+    root = new_plugin(args.name, args.dir)
+    print(f"clusterkit: wrote {root}/; install it and run its tests with:\n\n"
+          f"    pip install -e {root} && pytest -q {root}\n\n"
+          f"then add '{args.name}' under plugins: in a recipe (see {root}/recipes/).")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    try:
+        res = compare(args.recipes, args.seeds, args.overrides, args.out, isolate=not args.in_process,
+                      plots=args.plots)
+    except KeyboardInterrupt:
+        print(f"clusterkit: interrupted; run the same compare command again to continue (finished runs in "
+              f"{args.out} are reused, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
+        return 130
+    print((res.out / "results.md").read_text())
+    failed = [r for r in res.runs if r.status != "ok"]
+    if failed:
+        print(f"clusterkit: {len(failed)} of {len(res.runs)} runs failed (see the Failures section above)",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import plot_run, require_matplotlib
+
+    require_matplotlib()
+    run_dir = Path(args.run_dir)
+    if (run_dir / "compare.json").exists() and not (run_dir / "recipe.yaml").exists():
+        from .compare import plot_compare_dir
+
+        paths = [plot_compare_dir(run_dir)]
+    else:
+        paths = plot_run(run_dir, args.out, max_points=args.max_points, device=args.device)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import csv
+
+    from .inference import find_images, load
+
+    files = find_images(args.images)
+    model = load(args.run_dir, args.device)
+    pred = model.predict([str(f) for f in files])
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["path", "cluster", "confidence"])
+        for path, label, conf in zip(files, pred.labels.tolist(), pred.confidence.tolist()):
+            writer.writerow([str(path), label, f"{conf:.6f}"])
+    finally:
+        if args.out:
+            out.close()
+    state = "" if model.finished else " (unfinished run: its last checkpoint)"
+    print(f"clusterkit: {len(files)} images -> clusters of {model.recipe.name}, epoch {model.epoch}{state}"
+          + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .show import show_run
+
+    show_run(args.run_dir, args.base)
     return 0
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "plugins": cmd_plugins}[args.command](args)
+        return {"run": cmd_run, "plugins": cmd_plugins, "new-plugin": cmd_new_plugin, "compare": cmd_compare, "plot": cmd_plot,
+                "predict": cmd_predict, "show": cmd_show}[args.command](args)
     except ClusterkitError as exc:
         if args.debug:
             raise

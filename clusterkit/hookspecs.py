@@ -110,11 +110,18 @@ def after_step(state, cache):
 
 
 @hookspec(firstresult=True)
-def predict(state, features):
+def predict(state, features, fit):
     """Turn evaluation features (N, D) into cluster predictions.
 
     Return :class:`clusterkit.state.Prediction` (labels (N,), confidence (N,)).
     The first plugin that returns a value wins (k-means on features, or a cluster head).
+
+    ``fit`` is True when the trainer evaluates: ``features`` are the whole evaluation
+    set, and a rule fitted to the data (k-means) is fitted here; keep what it needs to
+    predict new data (e.g. the centres) in ``state.extra``, which the checkpoint saves.
+    ``fit`` is False when a finished run predicts new images (``clusterkit predict``,
+    ``clusterkit.load``): apply the kept rule (assign to the saved centres), never refit.
+    A rule without fitted state (a cluster head) may ignore ``fit``.
     """
 
 

@@ -4,12 +4,26 @@ Every plugin, built-in or third-party, is an entry point in the group
 ``clusterkit.plugins``.  :func:`discover` lists them without importing anything
 a recipe does not use until asked; :func:`load_plugins` instantiates the plugins a
 recipe names, validating each one's parameters with its own ``Params`` class.
+
+Which entry points may be loaded (:func:`select`):
+
+* by default, every installed plugin;
+* a recipe's ``allow_plugins`` list (plugin names or package names): clusterkit's
+  built-ins plus the plugins it names, or that the packages it names provide;
+* ``CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD=1`` in the environment (like pytest's
+  ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``): third-party entry points are not loaded unless a
+  recipe's ``allow_plugins`` names them; without an allow-list only the built-ins load.
+
+Excluded entry points are never imported and take no part in the duplicate-name check,
+so a broken or conflicting package that a recipe does not allow cannot break its run.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import inspect
+import os
+import re
 from typing import Any
 
 import attrs
@@ -20,6 +34,10 @@ from .errors import PluginError, RecipeError
 from .schema import build, did_you_mean, field_docs
 
 GROUP = "clusterkit.plugins"
+#: Set to 1 to load only clusterkit's built-in plugins plus those a recipe's allow_plugins names.
+AUTOLOAD_ENV = "CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD"
+#: The distribution whose entry points are the built-in plugins (always allowed).
+BUILTIN_PACKAGE = "clusterkit"
 
 
 @attrs.define
@@ -49,27 +67,93 @@ class PluginInfo:
         return self._cls
 
     @property
+    def builtin(self) -> bool:
+        return self.package == BUILTIN_PACKAGE
+
+    @property
     def source(self) -> str:
-        return "built-in" if self.package == "clusterkit" else f"{self.package} {self.version}"
+        return "built-in" if self.builtin else f"{self.package} {self.version}"
 
 
-def discover() -> dict[str, PluginInfo]:
-    """All plugins in the entry-point group, by name.  Two packages that register the same
-    name are an error that names both."""
-    found: dict[str, PluginInfo] = {}
+def autoload_disabled() -> bool:
+    """True when ``CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD`` is set to anything but '', 0, false, no or off."""
+    return os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def normalize_package(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): ``Foo_Bar.baz`` -> ``foo-bar-baz``."""
+    return re.sub(r"[-_.]+", "-", str(name)).lower()
+
+
+def installed() -> list[PluginInfo]:
+    """Every entry point of the ``clusterkit.plugins`` group, unfiltered and not imported."""
+    infos = []
     for ep in md.entry_points(group=GROUP):
         dist = getattr(ep, "dist", None)
         package = dist.metadata["Name"] if dist is not None else "?"
         version = dist.version if dist is not None else "?"
-        info = PluginInfo(ep.name, ep.value, package, version, ep)
-        if ep.name in found and found[ep.name].value != ep.value:
-            other = found[ep.name]
+        infos.append(PluginInfo(ep.name, ep.value, package, version, ep))
+    return infos
+
+
+def is_allowed(info: PluginInfo, allow: list[str] | None = None, autoload: bool | None = None) -> bool:
+    """Whether plugin ``info`` may be loaded under allow-list ``allow`` (None: no list) and the
+    autoload switch (None: read ``CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD``).  Built-ins always may."""
+    if info.builtin:
+        return True
+    if allow is None:
+        return not autoload_disabled() if autoload is None else autoload
+    wanted = {normalize_package(a) for a in allow}
+    return info.name in allow or normalize_package(info.package) in wanted
+
+
+def select(infos, allow: list[str] | None = None,
+           autoload: bool | None = None) -> tuple[dict[str, PluginInfo], dict[str, PluginInfo]]:
+    """Split plugins into (loadable, excluded) by name.  Two loadable packages that register the
+    same name are an error that names both; excluded ones take no part in that check."""
+    found: dict[str, PluginInfo] = {}
+    excluded: dict[str, PluginInfo] = {}
+    for info in infos:
+        if not is_allowed(info, allow, autoload):
+            excluded.setdefault(info.name, info)
+            continue
+        if info.name in found and found[info.name].value != info.value:
+            other = found[info.name]
             raise PluginError(
-                f"Two packages register the plugin name '{ep.name}': '{other.package}' ({other.value}) and "
-                f"'{package}' ({ep.value}). Uninstall one of them, or rename the entry point in one package's "
-                "pyproject.toml.")
-        found[ep.name] = info
-    return found
+                f"Two packages register the plugin name '{info.name}': '{other.package}' ({other.value}) and "
+                f"'{info.package}' ({info.value}). Uninstall one of them, or rename the entry point in one "
+                "package's pyproject.toml (or name only one of the packages in the recipe's allow_plugins).")
+        found.setdefault(info.name, info)
+    for name in found:
+        excluded.pop(name, None)
+    return found, excluded
+
+
+def check_allow_list(allow: list[str] | None, infos) -> None:
+    """Every entry of a recipe's ``allow_plugins`` must name an installed plugin or a package
+    that provides plugins (a misspelt entry would otherwise silently allow nothing)."""
+    if not allow:
+        return
+    infos = list(infos)
+    names = {info.name for info in infos}
+    packages = {normalize_package(info.package): info.package for info in infos}
+    for entry in allow:
+        if entry not in names and normalize_package(entry) not in packages:
+            raise RecipeError(
+                f"allow_plugins names '{entry}', which is neither an installed plugin nor a package that "
+                f"provides plugins.{did_you_mean(entry, [*names, *packages.values()])} Install the package, "
+                "fix the spelling, or remove the entry; 'clusterkit plugins' lists plugins with their packages.")
+
+
+def discover(allow: list[str] | None = None) -> dict[str, PluginInfo]:
+    """The loadable plugins, by name: every installed one, or only the built-ins plus those that
+    ``allow`` (or ``CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD``) admits; see :func:`select`."""
+    return select(installed(), allow)[0]
+
+
+def hidden_plugins(allow: list[str] | None = None) -> dict[str, PluginInfo]:
+    """Installed plugins that the allow-list or the autoload switch excludes."""
+    return select(installed(), allow)[1]
 
 
 def new_manager() -> pluggy.PluginManager:
@@ -98,12 +182,35 @@ def make_plugin(cls, name: str, raw_params: dict | None):
     return plugin
 
 
-def load_plugins(plugin_params: dict[str, dict], available: dict[str, PluginInfo] | None = None):
-    """Register the recipe's plugins on a fresh pluggy manager; returns (manager, {name: plugin})."""
-    available = discover() if available is None else available
+def _excluded_error(info: PluginInfo, allow: list[str] | None) -> Exception:
+    """Why an installed plugin that the recipe uses is not loaded, and the fix."""
+    what = f"Plugin '{info.name}' (package '{info.package}' {info.version}) is installed but not loaded"
+    if allow is not None:
+        return RecipeError(
+            f"{what}: the recipe's allow_plugins ({', '.join(allow) or 'empty'}) names neither it nor its "
+            f"package, and only clusterkit's built-ins and what allow_plugins names are loaded. Add "
+            f"'{info.name}' or '{info.package}' to allow_plugins, or remove '{info.name}' from the recipe's plugins.")
+    return PluginError(
+        f"{what}: {AUTOLOAD_ENV} is set, so third-party plugins load only when the recipe's allow_plugins "
+        f"names them. Add allow_plugins: [{info.name}] to the recipe, or unset {AUTOLOAD_ENV}.")
+
+
+def load_plugins(plugin_params: dict[str, dict], available: dict[str, PluginInfo] | None = None,
+                 allow: list[str] | None = None):
+    """Register the recipe's plugins on a fresh pluggy manager; returns (manager, {name: plugin}).
+
+    ``available``: the plugins to choose from (default: every installed entry point);
+    ``allow``: the recipe's ``allow_plugins`` (None: no list).  Both the allow-list and
+    ``CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD`` apply to ``available`` as to installed plugins.
+    """
+    pool = installed() if available is None else list(available.values())
+    check_allow_list(allow, pool)
+    available, excluded = select(pool, allow)
     pm = new_manager()
     instances = {}
     for name, raw in plugin_params.items():
+        if name in excluded:
+            raise _excluded_error(excluded[name], allow)
         if name not in available:
             raise RecipeError(
                 f"Unknown plugin '{name}' in the recipe's plugins.{did_you_mean(name, available)} "
@@ -118,16 +225,19 @@ def load_plugins(plugin_params: dict[str, dict], available: dict[str, PluginInfo
 
 
 def describe(info: PluginInfo) -> dict:
-    """Source, hooks and parameters of one plugin (for ``clusterkit plugins``)."""
+    """Source, package, version, hooks and parameters of one plugin (for ``clusterkit plugins``)."""
     try:
         cls = info.load()
     except PluginError:
-        return {"name": info.name, "source": info.source, "error": info.error}
+        return {"name": info.name, "source": info.source, "package": info.package, "version": info.version,
+                "error": info.error}
     params_cls = getattr(cls, "Params", None)
     doc = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
     return {
         "name": info.name,
         "source": info.source,
+        "package": info.package,
+        "version": info.version,
         "object": info.value,
         "doc": doc,
         "hooks": implemented_hooks(cls),

@@ -152,6 +152,11 @@ class Recipe:
     plugins: dict[str, Any] = field(factory=dict, metadata=_doc("plugin name -> its parameters"))
     stages: list[StageConfig] = field(factory=list, metadata=_doc(
         "optional epoch stages that switch plugins on and off (see Recipe.stage_at)"))
+    allow_plugins: list[str] | None = field(default=None, metadata=_doc(
+        "third-party plugins this recipe may load, by plugin name or package name (e.g. "
+        "clusterkit-align-uniform); clusterkit's built-ins are always allowed. null: every installed plugin, "
+        "or only the built-ins when CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD=1 is set. Entries that match no "
+        "installed plugin or package are an error (see docs/writing-a-plugin.md)"))
 
     def stage_at(self, epoch: int) -> StageConfig | None:
         """The stage that epoch ``epoch`` (0-based) belongs to; None without stages."""

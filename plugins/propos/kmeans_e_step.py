@@ -5,7 +5,10 @@ whole training set (from the ``embed`` hook, eval mode, test transform) are
 clustered by cosine k-means++ (official: n_init 10, max_iter 300, tol 1e-4, seed 0);
 the hard labels become ``state.pseudo_labels`` (N,) and the normalised centres
 ``state.centers`` (K, D).  Prediction is the same k-means on the evaluation features,
-with confidence = cosine to the assigned centre.
+with confidence = cosine to the assigned centre (metric cosine) or minus the euclidean
+distance to it.  The centres of that evaluation k-means are kept in ``state.extra``
+(so in every checkpoint); new images of a finished run (``predict(fit=False)``) are
+assigned to the final evaluation's centres, never re-clustered.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from clusterkit import Plugin, Prediction, hookimpl
-from clusterkit.cluster import KMeansResult, kmeans
+from clusterkit.cluster import KMeansResult, assign, kmeans
+from clusterkit.errors import PluginError
 from clusterkit.schema import in_range, positive
 
 
@@ -55,11 +59,27 @@ class KMeansEStep(Plugin):
         state.pseudo_labels = result.labels.to(state.device)
         state.centers = result.centers.to(state.device)
 
+    @property
+    def centers_key(self) -> str:
+        """Where the evaluation k-means centres live in ``state.extra``."""
+        return f"{self.name or 'kmeans_e_step'}.predict_centers"
+
     @hookimpl
-    def predict(self, state, features):
-        result = self.cluster(state, features)
+    def predict(self, state, features, fit):
+        if fit:  # evaluation: k-means on the evaluation features; keep the centres for new data
+            result = self.cluster(state, features)
+            labels, centers = result.labels, result.centers
+            state.extra[self.centers_key] = centers.detach().cpu()
+        else:  # new data: assign to the centres of the last evaluation
+            if self.centers_key not in state.extra:
+                raise PluginError(
+                    f"Plugin '{self.name}' cannot assign new images: the checkpoint holds no k-means centres "
+                    f"of an evaluation (state.extra['{self.centers_key}']). It was written before any "
+                    "evaluation or by an older clusterkit; resume or rerun the run with this version.")
+            centers = state.extra[self.centers_key].to(features.device, features.dtype)
+            labels, _ = assign(features, centers, metric=self.params.metric)
         if self.params.metric == "cosine":
-            conf = (F.normalize(features, dim=1) * result.centers[result.labels]).sum(1)
+            conf = (F.normalize(features, dim=1) * centers[labels]).sum(1)
         else:
-            conf = -(features - result.centers[result.labels]).norm(dim=1)
-        return Prediction(result.labels, conf)
+            conf = -(features - centers[labels]).norm(dim=1)
+        return Prediction(labels, conf)

@@ -1,0 +1,587 @@
+"""Head-to-head comparisons: ``clusterkit compare RECIPE... --seeds 0 1 2``.
+
+Every recipe runs for every seed with the same ``--set`` overrides, as an ordinary run in
+``OUT/<recipe name>/seed<N>/`` (recipe.yaml, metrics.jsonl, checkpoints/, summary.json).
+Before anything runs, the keys in which the resolved recipes differ are printed (their
+``name``, ``description``, ``run.seed`` and ``run.out_dir`` are not compared), so an unfair
+comparison (another backbone, batch size or epoch budget) is visible.
+
+A run is
+
+* **reused** when its folder already holds a ``summary.json`` of the same resolved
+  recipe (same recipe hash): it is not trained again;
+* **resumed** from its last checkpoint when it has checkpoints but no summary (an
+  interrupted compare), so rerunning the same command continues where it stopped;
+* **started** otherwise.  A folder holding a run of a different recipe is an error for
+  that run (delete the folder or choose another ``--out``), never overwritten.
+
+Each run executes in its own ``python -m clusterkit run`` process (``isolate=True``, the
+CLI's default), so its peak memory is its own and a crash cannot take the comparison
+down; ``isolate=False`` runs in-process (faster to start; peak memory then is the
+process's so far).  A failing run (bad plugin parameter, missing data, divergence) is
+reported in the tables with its error and the others go on.
+
+Outputs in ``OUT``: ``results.md``, ``results.csv`` and ``results.tex`` (NMI/ACC/ARI mean ±
+sample standard deviation, ddof = 1, over the seeds that finished; the best seed's value;
+per-seed values; seconds per epoch; total wall time; peak memory; parameter count),
+``compare.json`` (what ran, machine-readable) and ``convergence.png`` (matplotlib).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Sequence
+
+import attrs
+
+from .errors import ClusterkitError, RecipeError, RunDirError
+
+__all__ = ["compare", "CompareResult", "RunResult", "RecipeRow", "aggregate", "recipe_differences",
+           "IGNORED_KEYS", "STD_NOTE"]
+
+#: Keys left out when the compared recipes are diffed.
+IGNORED_KEYS = ("name", "description", "run.seed", "run.out_dir")
+#: How the tables state their spread.
+STD_NOTE = "mean ± sample standard deviation (ddof = 1) over the seeds that finished"
+METRIC_KEYS = ("nmi", "acc", "ari")
+
+
+@attrs.define
+class RunResult:
+    """One (recipe, seed) of a comparison."""
+
+    label: str
+    seed: int
+    run_dir: Path | None
+    status: str                      # "ok" or "failed"
+    how: str = ""                    # "started", "resumed", "reused" (or "" when it never ran)
+    error: str | None = None
+    summary: dict | None = None
+
+
+@attrs.define
+class RecipeRow:
+    """Aggregate over the seeds of one recipe (None where no seed finished)."""
+
+    label: str
+    path: str
+    status: str                      # "ok", "failed", or "k of n seeds failed"
+    runs: list[RunResult]
+    mean: dict = attrs.field(factory=dict)     # metric -> mean over finished seeds
+    std: dict = attrs.field(factory=dict)      # metric -> sample std (ddof 1); None with < 2 seeds
+    best: dict = attrs.field(factory=dict)     # metric -> max over finished seeds
+    seconds_per_epoch: float | None = None     # mean over finished seeds
+    wall_time_s: float | None = None           # sum over finished seeds
+    peak_memory_mb: float | None = None        # max over finished seeds
+    num_params: int | None = None
+    error: str | None = None                   # the first error, if any
+
+
+@attrs.define
+class CompareResult:
+    out: Path
+    rows: list[RecipeRow]
+    runs: list[RunResult]
+    differences: list[tuple[str, list]]
+    files: list[Path]
+
+    @property
+    def ok(self) -> bool:
+        return all(run.status == "ok" for run in self.runs) and bool(self.runs)
+
+
+# -- recipes and what differs ----------------------------------------------------------------------
+
+def recipe_differences(recipes: Sequence) -> list[tuple[str, list]]:
+    """[(dotted key, [value per recipe])] where the resolved recipes differ (plugin parameters
+    completed by their defaults; :data:`IGNORED_KEYS` left out)."""
+    from .show import differing_keys, resolved_dict
+
+    return differing_keys([resolved_dict(r) for r in recipes], ignore=IGNORED_KEYS)
+
+
+def _fmt_value(value) -> str:
+    from .show import _flat
+
+    return _flat(value)
+
+
+def _labels(paths: Sequence[str], names: Sequence[str | None]) -> list[str]:
+    """Folder names: the recipe's name, or name-<file stem> where two recipes share a name."""
+    labels = []
+    for path, name in zip(paths, names):
+        base = name or Path(path).stem
+        clash = sum(1 for n in names if n == name) > 1
+        labels.append(f"{base}-{Path(path).stem}" if clash and name else base)
+    for label in labels:
+        if labels.count(label) > 1:
+            raise RecipeError(f"The recipe '{label}' is listed twice; compare each recipe file once.")
+    return labels
+
+
+# -- one run ---------------------------------------------------------------------------------------
+
+def _plan(run_dir: Path, recipe) -> str:
+    """"reuse", "resume" or "start" for ``run_dir`` (RunDirError when it holds another recipe)."""
+    from .checkpoint import latest_checkpoint
+
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        try:
+            done = json.loads(summary.read_text())
+        except (OSError, json.JSONDecodeError):
+            done = {}
+        if done.get("recipe_hash") == recipe.hash():
+            return "reuse"
+        raise RunDirError(f"'{run_dir}' holds a finished run of a different recipe "
+                          f"({_recipe_change(run_dir, recipe)}). Delete that folder to rerun it, or pass "
+                          "another --out.")
+    if latest_checkpoint(run_dir / "checkpoints") is not None:
+        return "resume"
+    return "start"
+
+
+def _recipe_change(run_dir: Path, recipe) -> str:
+    import yaml
+
+    from .recipe import load_recipe
+    from .show import differing_keys
+
+    try:
+        old = load_recipe(data=yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+        diff = differing_keys([old.to_dict(), recipe.to_dict()])
+        return "; ".join(f"{k}: {_fmt_value(a)} -> {_fmt_value(b)}" for k, (a, b) in diff) or "formatting only"
+    except Exception:  # noqa: BLE001 - only for the message
+        return "its recipe.yaml cannot be read"
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, ClusterkitError):
+        return " ".join(str(exc).partition("\n\n")[0].split())
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _child_error(tail: str, rc: int) -> str:
+    """The error paragraph a ``clusterkit run`` child printed (or its last line), from its stderr."""
+    text = tail.replace("\r", "\n")
+    at = text.rfind("clusterkit: error:")
+    if at >= 0:
+        para = text[at + len("clusterkit: error:"):].strip().split("\n\n")[0]
+        return " ".join(para.split())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else "no output"
+    return f"the run exited with status {rc}: {last}"
+
+
+def _run_isolated(path: str, overrides: list[str], seed: int, run_dir: Path, resume: bool,
+                  echo: Callable[[str], None], quiet: bool) -> None:
+    cmd = [sys.executable, "-m", "clusterkit", "run", str(path)]
+    for o in [*overrides, f"run.seed={seed}"]:
+        cmd += ["--set", o]
+    cmd += ["--resume", str(run_dir)] if resume else ["--out", str(run_dir), "--force"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tail = b""
+    fd = proc.stderr.fileno()
+    while True:
+        chunk = os.read(fd, 8192)
+        if not chunk:
+            break
+        tail = (tail + chunk)[-16384:]
+        if not quiet:
+            try:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+            except (AttributeError, ValueError):  # a captured stream without a buffer
+                sys.stderr.write(chunk.decode(errors="replace"))
+    rc = proc.wait()
+    if rc != 0 or not (run_dir / "summary.json").exists():
+        text = tail.decode(errors="replace")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(f"$ {shlex.join(cmd)}\n(exit status {rc}; the end of its stderr)\n\n"
+                                           f"{text}")
+        raise _ChildFailed(_child_error(text, rc))
+
+
+class _ChildFailed(Exception):
+    pass
+
+
+def _run_in_process(recipe, run_dir: Path, resume: bool) -> None:
+    from .trainer import Trainer, make_run_dir
+
+    if not resume:
+        make_run_dir(recipe, str(run_dir), force=True)
+    try:
+        Trainer(recipe, run_dir, resume=resume).fit()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
+        raise
+
+
+# -- aggregation -----------------------------------------------------------------------------------
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _sample_std(values: list[float]) -> float | None:
+    """Sample standard deviation (ddof = 1); None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def aggregate(label: str, path: str, runs: list[RunResult]) -> RecipeRow:
+    """Mean, sample std, best, time and memory over the finished seeds of one recipe."""
+    done = [r for r in runs if r.status == "ok" and r.summary]
+    failed = [r for r in runs if r.status != "ok"]
+    if not runs:
+        status = "failed"
+    elif not failed:
+        status = "ok"
+    elif not done:
+        status = "failed"
+    else:
+        status = f"{len(failed)} of {len(runs)} seeds failed"
+    row = RecipeRow(label, path, status, runs, error=failed[0].error if failed else None)
+    for key in METRIC_KEYS:
+        values = [float(r.summary["metrics"][key]) for r in done if r.summary["metrics"].get(key) is not None]
+        row.mean[key] = _mean(values)
+        row.std[key] = _sample_std(values)
+        row.best[key] = max(values) if values else None
+    spe = [r.summary["seconds_per_epoch"] for r in done if r.summary.get("seconds_per_epoch") is not None]
+    row.seconds_per_epoch = _mean(spe)
+    row.wall_time_s = sum(r.summary["wall_time_s"] for r in done) if done else None
+    row.peak_memory_mb = max(r.summary["peak_memory_mb"] for r in done) if done else None
+    row.num_params = done[0].summary.get("num_params") if done else None
+    return row
+
+
+# -- tables ----------------------------------------------------------------------------------------
+
+def _f(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _pm(mean, std, digits: int = 3, sep: str = " ± ") -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f}{sep}{std:.{digits}f}"
+
+
+def _int(value) -> str:
+    return "–" if value is None else f"{int(value):,}"
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _seeds_text(seeds: Sequence[int]) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
+def _notes(isolate: bool) -> list[str]:
+    memory = ("peak memory: the highest over the seeds (CPU: the run process's peak resident set size; "
+              "CUDA: peak allocated GPU memory)" if isolate else
+              "peak memory: the highest over the seeds, of the one process that ran every run in turn "
+              "(in-process compare: a run's figure includes those before it)")
+    return [f"NMI / ACC / ARI: {STD_NOTE} (one seed: no std); best: the highest value over those seeds.",
+            "s / epoch: mean over the seeds; wall time: summed over the seeds; " + memory + "; parameters: "
+            "every module of the model (backbone, heads, EMA target)."]
+
+
+def write_markdown(res: CompareResult, seeds: Sequence[int], command: str, isolate: bool) -> str:
+    out = io.StringIO()
+    w = out.write
+    w("# clusterkit compare\n\n")
+    w(f"`{command}`  \n{datetime.now().strftime('%Y-%m-%d %H:%M')}; seeds {_seeds_text(seeds)}; "
+      f"runs in `{res.out}/<recipe>/seed<N>/`.\n\n")
+    for note in _notes(isolate):
+        w(f"{note}  \n")
+    w("\n| recipe | status | seeds | NMI | ACC | ARI | best NMI | best ACC | best ARI | s / epoch | "
+      "wall time (s) | peak memory (MB) | parameters |\n")
+    w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    for row in res.rows:
+        done = sum(1 for r in row.runs if r.status == "ok")
+        cells = [row.label, row.status, f"{done}/{len(row.runs)}"]
+        cells += [_pm(row.mean.get(k), row.std.get(k)) for k in METRIC_KEYS]
+        cells += [_f(row.best.get(k)) for k in METRIC_KEYS]
+        cells += [_f(row.seconds_per_epoch, 2), _f(row.wall_time_s, 1), _f(row.peak_memory_mb, 0),
+                  _int(row.num_params)]
+        w("| " + " | ".join(_md_cell(c) for c in cells) + " |\n")
+    w("\n## Per seed\n\n| recipe | seed | status | NMI | ACC | ARI | epochs | s / epoch | wall time (s) | "
+      "peak memory (MB) | run |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
+    for run in res.runs:
+        s = run.summary or {}
+        m = s.get("metrics", {})
+        status = run.status if run.status != "ok" else f"ok ({run.how})"
+        cells = [run.label, str(run.seed), status, _f(m.get("nmi")), _f(m.get("acc")), _f(m.get("ari")),
+                 str(s.get("epochs", "–")), _f(s.get("seconds_per_epoch"), 2), _f(s.get("wall_time_s"), 1),
+                 _f(s.get("peak_memory_mb"), 0), f"`{run.run_dir}`" if run.run_dir else "–"]
+        w("| " + " | ".join(_md_cell(c) for c in cells) + " |\n")
+    w("\n## What differs between the recipes\n\n")
+    if res.differences:
+        w(f"Resolved recipes, plugin parameters completed by their defaults ({', '.join(IGNORED_KEYS)} not "
+          "compared):\n\n| key | " + " | ".join(_md_cell(r.label) for r in res.rows) + " |\n|---|"
+          + "---|" * len(res.rows) + "\n")
+        for key, values in res.differences:
+            w(f"| `{key}` | " + " | ".join(_md_cell(f"`{_fmt_value(v)}`") for v in values) + " |\n")
+    else:
+        w("Nothing apart from their names: the recipes are the same.\n")
+    failures = [r for r in res.runs if r.status != "ok"]
+    if failures:
+        w("\n## Failures\n\n")
+        for run in failures:
+            where = f" (details: `{run.run_dir / 'error.txt'}`)" if run.run_dir and \
+                (run.run_dir / "error.txt").exists() else ""
+            w(f"- **{_md_cell(run.label)}**, seed {run.seed}: {_md_cell(run.error)}{where}\n")
+    return out.getvalue()
+
+
+def _csv_num(value) -> str:
+    return "" if value is None else repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def write_csv(res: CompareResult, seeds: Sequence[int]) -> str:
+    """One row per recipe: full-precision means, sample stds (ddof 1), bests and per-seed values."""
+    out = io.StringIO()
+    header = ["recipe", "recipe_file", "status", "seeds", "seeds_ok"]
+    for k in METRIC_KEYS:
+        header += [f"{k}_mean", f"{k}_std", f"{k}_best"]
+    for s in seeds:
+        header += [f"{k}_seed{s}" for k in METRIC_KEYS]
+    header += ["seconds_per_epoch", "wall_time_s", "peak_memory_mb", "num_params", "error"]
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for row in res.rows:
+        by_seed = {r.seed: r for r in row.runs}
+        values = [row.label, row.path, row.status, " ".join(str(s) for s in seeds),
+                  sum(1 for r in row.runs if r.status == "ok")]
+        for k in METRIC_KEYS:
+            values += [_csv_num(row.mean.get(k)), _csv_num(row.std.get(k)), _csv_num(row.best.get(k))]
+        for s in seeds:
+            run = by_seed.get(s)
+            m = run.summary["metrics"] if run is not None and run.status == "ok" and run.summary else {}
+            values += [_csv_num(m.get(k)) for k in METRIC_KEYS]
+        values += [_csv_num(row.seconds_per_epoch), _csv_num(row.wall_time_s), _csv_num(row.peak_memory_mb),
+                   _csv_num(row.num_params), row.error or ""]
+        writer.writerow(values)
+    return out.getvalue()
+
+
+def _tex(text) -> str:
+    repl = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+            "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
+    repl["±"] = r"$\pm$"
+    return "".join(repl.get(c, c) for c in str(text))
+
+
+def write_tex(res: CompareResult, seeds: Sequence[int]) -> str:
+    """Two booktabs tables: mean ± sample std with best-of, time and memory; and per seed."""
+    lines = ["% clusterkit compare; needs \\usepackage{booktabs}",
+             "\\begin{table}[t]", "\\centering", "\\small",
+             f"\\caption{{Clustering results, {_tex(STD_NOTE)} (seeds {_seeds_text(seeds)}); best: the highest "
+             "value over those seeds. Time: seconds per epoch (mean) and total wall time (all seeds); memory: "
+             "the highest peak over the seeds.}",
+             "\\label{tab:clusterkit-compare}",
+             "\\begin{tabular}{llccccccrrrr}", "\\toprule",
+             "Recipe & Status & NMI & ACC & ARI & best NMI & best ACC & best ARI & s/epoch & wall time (s) & "
+             "memory (MB) & parameters \\\\", "\\midrule"]
+    for row in res.rows:
+        cells = [_tex(row.label), _tex(row.status)]
+        cells += [_pm(row.mean.get(k), row.std.get(k), sep=" $\\pm$ ").replace("–", "--") for k in METRIC_KEYS]
+        cells += [_f(row.best.get(k)).replace("–", "--") for k in METRIC_KEYS]
+        cells += [_f(row.seconds_per_epoch, 2).replace("–", "--"), _f(row.wall_time_s, 1).replace("–", "--"),
+                  _f(row.peak_memory_mb, 0).replace("–", "--"), _int(row.num_params).replace("–", "--")
+                  .replace(",", "{,}")]
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", "",
+              "\\begin{table}[t]", "\\centering", "\\small",
+              "\\caption{Per-seed clustering results (final epoch).}", "\\label{tab:clusterkit-compare-seeds}",
+              "\\begin{tabular}{lrlccc}", "\\toprule", "Recipe & Seed & Status & NMI & ACC & ARI \\\\", "\\midrule"]
+    for run in res.runs:
+        m = (run.summary or {}).get("metrics", {}) if run.status == "ok" else {}
+        cells = [_tex(run.label), str(run.seed), _tex(run.status)] + \
+                [_f(m.get(k)).replace("–", "--") for k in METRIC_KEYS]
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    return "\n".join(lines)
+
+
+# -- the comparison --------------------------------------------------------------------------------
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 2),
+            overrides: Sequence[str] = (), out: str | os.PathLike = "runs/compare", isolate: bool = True,
+            plots: bool = True, echo: Callable[[str], None] | None = _stderr, quiet_runs: bool = False,
+            command: str | None = None) -> CompareResult:
+    """Run every recipe for every seed and write the comparison tables (see the module doc).
+
+    Args:
+        recipes: recipe files.  seeds: ``run.seed`` values.  overrides: ``--set`` strings
+            applied to every recipe.  out: the comparison folder.
+        isolate: one ``clusterkit run`` process per run (True) or in-process Trainers.
+        plots: draw ``convergence.png`` (skipped with a warning without matplotlib).
+        echo: progress lines (None: silent).  quiet_runs: do not pass the runs' own
+            progress output through (isolate=True).
+        command: the command line recorded in results.md.
+
+    Returns a :class:`CompareResult`.  Raises RecipeError only when no recipe can be loaded.
+    """
+    from .recipe import load_recipe
+
+    say = echo or (lambda _text: None)
+    seeds = [int(s) for s in seeds]
+    if not recipes:
+        raise RecipeError("Name at least one recipe file to compare, e.g. clusterkit compare "
+                          "recipes/quickstart.yaml recipes/quickstart_propos.yaml --seeds 0 1.")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise RecipeError(f"--seeds must list distinct seeds, got {seeds}.")
+    overrides = list(overrides)
+    out = Path(out)
+    paths = [str(p) for p in recipes]
+    loaded: list = []
+    load_errors: list[str | None] = []
+    for path in paths:
+        try:
+            loaded.append(load_recipe(path, [*overrides, f"run.seed={seeds[0]}"]))
+            load_errors.append(None)
+        except ClusterkitError as exc:
+            loaded.append(None)
+            load_errors.append(_error_text(exc))
+    if all(r is None for r in loaded):
+        raise RecipeError(f"No recipe could be loaded; the first error: {load_errors[0]}")
+    labels = _labels(paths, [r.name if r is not None else None for r in loaded])
+    ok = [r for r in loaded if r is not None]
+    differences = recipe_differences(ok) if len(ok) > 1 else []
+    # the difference table covers the recipes that loaded; align its columns with them
+    say(f"compare: {len(paths)} recipes x {len(seeds)} seeds ({_seeds_text(seeds)}) -> {out}")
+    if len(ok) > 1:
+        shown = [lab for lab, r in zip(labels, loaded) if r is not None]
+        if differences:
+            say(f"compare: the recipes differ in {len(differences)} key(s) ({', '.join(IGNORED_KEYS)} not compared):")
+            for key, values in differences:
+                say(f"  {key}:  " + "  |  ".join(f"{lab} = {_fmt_value(v)}" for lab, v in zip(shown, values)))
+        else:
+            say("compare: the recipes are identical apart from their names")
+    runs: list[RunResult] = []
+    total = len(paths) * len(seeds)
+    n = 0
+    for path, label, recipe0, load_error in zip(paths, labels, loaded, load_errors):
+        for seed in seeds:
+            n += 1
+            head = f"[{n}/{total}] {label} seed {seed}"
+            if recipe0 is None:
+                runs.append(RunResult(label, seed, None, "failed", error=load_error))
+                say(f"{head}: FAILED: {load_error}")
+                continue
+            run_dir = out / label / f"seed{seed}"
+            result = RunResult(label, seed, run_dir, "failed")
+            runs.append(result)
+            t0 = time.perf_counter()
+            try:
+                recipe = load_recipe(path, [*overrides, f"run.seed={seed}"])
+                plan = _plan(run_dir, recipe)
+                if plan == "reuse":
+                    result.how = "reused"
+                    say(f"{head}: reused the finished run in {run_dir}")
+                else:
+                    (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier failed attempt
+                    result.how = "resumed" if plan == "resume" else "started"
+                    say(f"{head}: {'resuming' if plan == 'resume' else 'training'} -> {run_dir}")
+                    if isolate:
+                        _run_isolated(path, overrides, seed, run_dir, plan == "resume", say, quiet_runs)
+                    else:
+                        _run_in_process(recipe, run_dir, plan == "resume")
+                result.summary = json.loads((run_dir / "summary.json").read_text())
+                result.status = "ok"
+                m = result.summary["metrics"]
+                done_in = "" if plan == "reuse" else f" in {time.perf_counter() - t0:.0f} s"
+                say(f"{head}: done{done_in}: NMI {_f(m.get('nmi'))}  ACC {_f(m.get('acc'))}  ARI {_f(m.get('ari'))}")
+            except KeyboardInterrupt:
+                raise
+            except _ChildFailed as exc:
+                result.error = str(exc)
+                say(f"{head}: FAILED: {result.error}")
+            except Exception as exc:  # noqa: BLE001 - one failing run must not stop the others
+                result.error = _error_text(exc)
+                say(f"{head}: FAILED: {result.error}")
+    rows = [aggregate(label, path, [r for r in runs if r.label == label]) for path, label in zip(paths, labels)]
+    res = CompareResult(out, rows, runs, differences, [])
+    out.mkdir(parents=True, exist_ok=True)
+    if command is None:
+        command = "clusterkit compare " + " ".join(shlex.quote(p) for p in paths) + \
+            " --seeds " + " ".join(map(str, seeds)) + "".join(f" --set {shlex.quote(o)}" for o in overrides) + \
+            f" --out {shlex.quote(str(out))}"
+    files = {"results.md": write_markdown(res, seeds, command, isolate), "results.csv": write_csv(res, seeds),
+             "results.tex": write_tex(res, seeds)}
+    for name, text in files.items():
+        (out / name).write_text(text)
+        res.files.append(out / name)
+    (out / "compare.json").write_text(json.dumps({
+        "command": command, "seeds": seeds, "overrides": overrides, "isolated": isolate,
+        "recipes": [{"label": lab, "path": p} for lab, p in zip(labels, paths)],
+        "runs": [{"label": r.label, "seed": r.seed, "run_dir": str(r.run_dir) if r.run_dir else None,
+                  "status": r.status, "how": r.how, "error": r.error} for r in runs],
+        "differences": [{"key": k, "values": v} for k, v in differences],
+    }, indent=2, default=str))
+    res.files.append(out / "compare.json")
+    if plots:
+        try:
+            res.files.append(plot_comparison(out, runs))
+        except ClusterkitError as exc:  # matplotlib missing: the tables stand on their own
+            say(f"compare: warning: no convergence.png: {_error_text(exc)}")
+    say(f"compare: wrote {', '.join(str(f) for f in res.files)}")
+    return res
+
+
+def plot_comparison(out: Path, runs: list[RunResult]) -> Path:
+    """``OUT/convergence.png``: every recipe's NMI/ACC/ARI curves (mean over seeds, min-max band)."""
+    from .plots import plot_convergence, require_matplotlib
+    from .show import epoch_records
+
+    require_matplotlib()
+    groups: dict[str, list[list[dict]]] = {}
+    baseline = None
+    for run in runs:
+        if run.status == "ok" and run.run_dir is not None:
+            groups.setdefault(run.label, []).append(epoch_records(run.run_dir))
+            baseline = baseline or (run.summary or {}).get("pixel_kmeans")
+    same_data = len({json.dumps((r.summary or {}).get("protocol", {}).get("dataset")) for r in runs
+                     if r.status == "ok"}) <= 1
+    return plot_convergence(groups, out / "convergence.png", title="Comparison",
+                            baseline=baseline if same_data else None)
+
+
+def plot_compare_dir(out: str | os.PathLike) -> Path:
+    """Redraw ``convergence.png`` of a comparison folder from its ``compare.json``."""
+    out = Path(out)
+    info = json.loads((out / "compare.json").read_text())
+    runs = []
+    for r in info["runs"]:
+        run_dir = Path(r["run_dir"]) if r["run_dir"] else None
+        summary = None
+        if r["status"] == "ok" and run_dir is not None and (run_dir / "summary.json").exists():
+            summary = json.loads((run_dir / "summary.json").read_text())
+        runs.append(RunResult(r["label"], r["seed"], run_dir, r["status"] if summary else "failed",
+                              summary=summary))
+    return plot_comparison(out, runs)

@@ -1,0 +1,279 @@
+"""Using a finished run: ``clusterkit.load(run_dir)`` -> a model that embeds and predicts.
+
+The model is rebuilt from the run's last checkpoint exactly as it trained (the plugins'
+``setup`` runs, then the weights and the plugins' saved state are loaded); nothing is
+trained and no training data is read.  Images go through the run's evaluation transform
+(resize to ``data.image_size``, normalise with the dataset's statistics), and
+predictions come from the method's own rule with ``fit=False``: k-means methods assign
+to the centres of the run's final evaluation (confidence: cosine to the centre), a
+cluster head takes its argmax (confidence: the maximum probability).
+
+Example::
+
+    >>> import clusterkit
+    >>> model = clusterkit.load("runs/quickstart/20250101-120000")       # doctest: +SKIP
+    >>> pred = model.predict(images)          # uint8 (B, C, H, W), or image paths
+    >>> pred.labels, pred.confidence          # (B,) int64, (B,) float
+    >>> feats = model.embed(images)           # (B, D) float, the features it clusters
+
+Accepted images: a ``torch.Tensor`` or numpy array of raw images, ``uint8`` in 0..255 or
+float in [0, 1], shaped (B, C, H, W), (C, H, W) or (H, W) (channels first); a list of
+such arrays, of PIL images or of image file paths; a file path or a folder (searched
+recursively for image files).  Images with 3 channels are converted to grayscale for a
+1-channel run (ITU-R 601 luma, as PIL's ``"L"``) and 1-channel images are repeated for a
+3-channel run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .data import DATASETS, IMAGE_EXTENSIONS, eval_transform
+from .errors import DataError, RunDirError
+from .state import Prediction
+
+__all__ = ["ClusterModel", "load", "find_images", "read_image"]
+
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _run_files(run_dir: Path) -> tuple[Path, dict | None]:
+    """The run's last checkpoint and its summary (None while unfinished); RunDirError if none."""
+    if not run_dir.is_dir():
+        raise RunDirError(f"Run directory '{run_dir}' does not exist. Pass the folder a run wrote (it holds "
+                          "recipe.yaml, metrics.jsonl and checkpoints/), e.g. runs/quickstart/<time>.")
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise RunDirError(f"Run directory '{run_dir}' holds no checkpoint (checkpoints/epoch_*.pt), so there is "
+                          "no model to load. A run writes its first checkpoint at the end of its first epoch; "
+                          "train it (clusterkit run RECIPE --out DIR) or pass another run directory.")
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    return ckpt, summary
+
+
+class ClusterModel:
+    """A finished (or checkpointed) run's model: :meth:`embed` and :meth:`predict` new images.
+
+    Attributes:
+        run_dir: the run directory; checkpoint: the checkpoint file loaded; epoch: its
+            epoch (1-based, as the logs count); finished: whether summary.json exists.
+        recipe: the run's resolved :class:`~clusterkit.recipe.Recipe`.
+        info: the dataset's :class:`~clusterkit.data.DatasetInfo` (channels, mean, std).
+        image_size: the side the evaluation transform resizes to.
+        num_clusters: K.
+        trainer: the :class:`~clusterkit.trainer.Trainer` holding the rebuilt model and plugins.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, device: str | None = None):
+        from .recipe import load_recipe
+        from .trainer import Trainer
+
+        self.run_dir = Path(run_dir)
+        self.checkpoint, self.summary = _run_files(self.run_dir)
+        ckpt = load_checkpoint(self.checkpoint)
+        self.recipe = load_recipe(data=ckpt["recipe"])
+        dataset = self.recipe.data.dataset
+        if dataset not in DATASETS:
+            raise RunDirError(f"Run '{self.run_dir}' was trained on dataset '{dataset}', which this clusterkit "
+                              f"does not know (known: {', '.join(DATASETS)}).")
+        self.info = DATASETS[dataset]
+        self.image_size = self.recipe.data.image_size
+        self.num_clusters = self.recipe.e_step.k
+        self.epoch = ckpt["epoch"] + 1
+        self.finished = self.summary is not None
+        num_train = self.summary["num_train"] if self.summary else (
+            len(ckpt["pseudo_labels"]) if torch.is_tensor(ckpt.get("pseudo_labels")) else 0)
+        self.trainer = Trainer(self.recipe, self.run_dir)
+        self.trainer.build_for_inference(ckpt, self.info, num_train, device)
+        self.device = self.trainer.device
+
+    def __repr__(self) -> str:
+        state = "finished" if self.finished else "unfinished"
+        return (f"<ClusterModel {self.recipe.name!r} from '{self.run_dir}' (epoch {self.epoch}, {state}), "
+                f"K={self.num_clusters}, {self.info.channels}x{self.image_size}x{self.image_size} inputs>")
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def to_images(self, images: Any) -> list[torch.Tensor]:
+        """Any accepted input -> a list of raw images, each float (C, H, W) in [0, 1] with the
+        run's channel count (sizes may differ; the transform resizes them)."""
+        if isinstance(images, (str, os.PathLike)):
+            images = find_images([images])
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        if torch.is_tensor(images):
+            if images.dim() == 2:
+                images = images[None, None]
+            elif images.dim() == 3:
+                images = images[None]
+            if images.dim() != 4:
+                raise DataError(f"Images must be shaped (B, C, H, W), (C, H, W) or (H, W), got a tensor of shape "
+                                f"{tuple(images.shape)}.")
+            items = list(images)
+        else:
+            items = list(images)
+        out = []
+        for item in items:
+            if isinstance(item, (str, os.PathLike)) and self.recipe.data.dataset == "imagefolder":
+                item = read_image(item, self.info.channels, resize_to=self.image_size)  # as the dataset decodes
+            elif isinstance(item, (str, os.PathLike)):
+                item = read_image(item, self.info.channels)
+            elif hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
+                item = _pil_to_tensor(item, self.info.channels)
+            elif isinstance(item, np.ndarray):
+                item = torch.from_numpy(np.ascontiguousarray(item))
+            if not torch.is_tensor(item):
+                raise DataError(f"Cannot read an image from a {type(item).__name__}; pass tensors, numpy arrays, "
+                                "PIL images or image file paths.")
+            if item.dim() == 2:
+                item = item[None]
+            out.append(self._channels(_as_unit_float(item)))
+        if not out:
+            raise DataError("No images were given to embed or predict.")
+        return out
+
+    def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        want, have = self.info.channels, x.shape[0]
+        if have == want:
+            return x
+        if want == 1 and have in (3, 4):
+            return (x[:3] * torch.tensor(_LUMA, dtype=x.dtype)[:, None, None]).sum(0, keepdim=True)
+        if want == 3 and have == 1:
+            return x.expand(3, -1, -1)
+        if want == 3 and have == 4:
+            return x[:3]
+        raise DataError(f"Images with {have} channels cannot be used with this run, which takes {want}-channel "
+                        "images; pass grayscale (1 channel) or RGB (3 channels) images.")
+
+    def transform(self, images: Any) -> torch.Tensor:
+        """The evaluation transform: float (B, C, S, S), resized and normalised as in training."""
+        size, info = self.image_size, self.info
+        items = self.to_images(images)
+        if all(x.shape == items[0].shape for x in items):  # one batch
+            return eval_transform(torch.stack(items), size, info)
+        return torch.cat([eval_transform(x[None], size, info) for x in items])
+
+    # -- model -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, images: Any, batch_size: int | None = None) -> torch.Tensor:
+        """Features (B, D) of ``images`` (CPU float32): the ``embed`` hook in eval mode, in
+        batches of ``data.eval_batch_size`` as the run's evaluation."""
+        t = self.trainer
+        x = self.transform(images)
+        bs = batch_size or self.recipe.data.eval_batch_size
+        feats = []
+        for start in range(0, len(x), bs):
+            chunk = x[start:start + bs].to(t.device)
+            with torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.use_amp):
+                f = t.pm.hook.embed(state=t.state, images=chunk)
+                if f is None:
+                    f = t.state.model["backbone"](chunk)
+            feats.append(f.float().cpu())
+        return torch.cat(feats)
+
+    @torch.no_grad()
+    def predict(self, images: Any, batch_size: int | None = None) -> Prediction:
+        """Cluster and confidence of each image by the run's own prediction rule (``fit=False``:
+        assign to the final evaluation's k-means centres, or the cluster head's argmax).
+
+        Returns :class:`~clusterkit.state.Prediction` with ``labels`` (B,) int64 in
+        ``0..K-1`` and ``confidence`` (B,) float, on the CPU.
+        """
+        feats = self.embed(images, batch_size).to(self.device)
+        pred = self.trainer.predict(feats, fit=False)
+        return Prediction(pred.labels.long().cpu(), pred.confidence.float().cpu())
+
+
+def load(run_dir: str | os.PathLike, device: str | None = None) -> ClusterModel:
+    """Load a run's model from its last checkpoint (see :class:`ClusterModel`).
+
+    ``device``: "cpu", "cuda", ...; default: CUDA when present (unless the recipe's ``run.device``
+    is cpu), else the CPU, whatever device the run trained on.
+    Raises RunDirError when ``run_dir`` is not a run directory or holds no checkpoint.
+    """
+    return ClusterModel(run_dir, device)
+
+
+# -- reading image files ---------------------------------------------------------------------------
+
+def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (searched recursively, sorted) into image files.
+
+    Raises DataError for a path that does not exist, a file that is not an image, or a
+    folder without images."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise DataError(f"Folder '{path}' holds no image files (looked for {' '.join(IMAGE_EXTENSIONS)}, "
+                                "recursively). Pass image files or a folder that holds some.")
+            found += files
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise DataError(f"'{path}' is not an image file (expected one of {' '.join(IMAGE_EXTENSIONS)}). "
+                                "Pass PNG/JPEG image files or folders of them.")
+            found.append(path)
+        else:
+            raise DataError(f"Image path '{path}' does not exist. Check the path; folders are searched "
+                            "recursively for image files.")
+    if not found:
+        raise DataError("No image paths were given; pass image files or folders.")
+    return found
+
+
+def _pil_to_tensor(im, channels: int) -> torch.Tensor:
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    im = im.convert("L" if channels == 1 else "RGB")
+    array = np.array(im, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def read_image(path: str | os.PathLike, channels: int, resize_to: int | None = None) -> torch.Tensor:
+    """Decode an image file to uint8 (channels, H, W) (grayscale "L" or RGB); DataError if unreadable.
+
+    ``resize_to``: resize to a square of that side with PIL's bilinear filter first, as the
+    ``imagefolder`` dataset decodes its files."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if resize_to is not None and im.size != (resize_to, resize_to):
+                if im.mode == "P" and "transparency" in im.info:
+                    im = im.convert("RGBA")
+                im = im.convert("RGB").resize((resize_to, resize_to), Image.Resampling.BILINEAR)
+            return _pil_to_tensor(im, channels)
+    except FileNotFoundError:
+        raise DataError(f"Image file '{path}' does not exist.") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means an unreadable file
+        raise DataError(f"Cannot read image '{path}' ({type(exc).__name__}: {exc}). Remove or replace the "
+                        "file, or leave it out of --images.") from None
+
+
+def _as_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 or float 0..1 -> float32 in [0, 1]; DataError for normalised input."""
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32).div_(255.0)
+    if x.dtype == torch.bool or not (x.is_floating_point() or x.dtype in (torch.int16, torch.int32, torch.int64)):
+        raise DataError(f"Images must be uint8 (0..255) or float (0..1) tensors, got dtype {x.dtype}.")
+    if not x.is_floating_point():
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) > 255):
+            raise DataError("Integer images must hold values in 0..255.")
+        return x.to(torch.float32).div_(255.0)
+    x = x.to(torch.float32)
+    if x.numel() and (float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3):
+        raise DataError(f"Float images must hold raw pixel values in [0, 1], got values in "
+                        f"[{float(x.min()):.3g}, {float(x.max()):.3g}]. Pass the images before normalisation "
+                        "(uint8 0..255 or float 0..1): the run's own evaluation transform normalises them.")
+    return x

@@ -1,0 +1,272 @@
+"""Reading run directories: ``clusterkit show RUN_DIR``.
+
+A run directory holds ``recipe.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/``
+and, once finished, ``summary.json``.  :func:`show_run` prints
+
+1. the summary: final NMI/ACC/ARI (and k-means on the pixels), the protocol, time,
+   memory, parameters and warnings (or, for an unfinished run, how far it got);
+2. the recipe's differences from its base.  The base is clusterkit's defaults: the
+   schema's default for every core key and each plugin's ``Params`` defaults, so the
+   diff lists exactly the settings that make this recipe what it is (a recipe's
+   ``extends`` chain is not kept in the run, the resolved recipe is).  ``--base FILE``
+   diffs against another recipe file, ``--base RUN_DIR`` against another run;
+3. the per-epoch table from ``metrics.jsonl``: loss terms, NMI/ACC/ARI, lr, seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TextIO
+
+import attrs
+import yaml
+
+from .errors import RecipeError, RunDirError
+
+__all__ = ["show_run", "epoch_records", "step_records", "resolved_dict", "recipe_diff", "differing_keys",
+           "NOT_A_LOSS"]
+
+#: Keys of an epoch record in metrics.jsonl that are not loss terms.
+NOT_A_LOSS = frozenset({"epoch", "step", "lr", "stage", "nmi", "acc", "ari", "collapse_share", "feature_std",
+                        "seconds"})
+
+_ABSENT = "(absent)"
+
+
+# -- metrics.jsonl ---------------------------------------------------------------------------------
+
+def _records(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def epoch_records(run_dir: str | Path) -> list[dict]:
+    """The end-of-epoch records of ``metrics.jsonl`` (loss means, NMI/ACC/ARI when evaluated,
+    lr, seconds), one per epoch (the last record of an epoch wins after a resume)."""
+    by_epoch: dict[int, dict] = {}
+    for record in _records(Path(run_dir)):
+        if "seconds" in record and "epoch" in record:
+            by_epoch[int(record["epoch"])] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def step_records(run_dir: str | Path) -> list[dict]:
+    """The every-``run.log_every``-steps records of ``metrics.jsonl``."""
+    return [r for r in _records(Path(run_dir)) if "seconds" not in r and "step" in r]
+
+
+def loss_terms(records: list[dict]) -> list[str]:
+    """Names of the numeric series in epoch records that are loss terms or logged scalars
+    (``loss``, the total, first)."""
+    names: list[str] = []
+    for record in records:
+        for key, value in record.items():
+            if key not in NOT_A_LOSS and key not in names and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                names.append(key)
+    return sorted(names, key=lambda n: (n != "loss", names.index(n)))
+
+
+# -- recipes ---------------------------------------------------------------------------------------
+
+def resolved_dict(recipe) -> dict:
+    """``recipe.to_dict()`` with every plugin's parameters completed by its ``Params`` defaults
+    (a plugin that cannot be loaded, or whose parameters do not validate, keeps what the
+    recipe says)."""
+    from .plugin_manager import discover
+    from .schema import build, unstructure
+
+    data = recipe.to_dict()
+    try:
+        found = discover()
+    except Exception:  # noqa: BLE001 - a broken environment: compare raw values
+        found = {}
+    plugins = {}
+    for name, raw in data.get("plugins", {}).items():
+        try:
+            params_cls = getattr(found[name].load(), "Params", None)
+        except Exception:  # noqa: BLE001 - unknown or broken plugin: what the recipe says
+            plugins[name] = raw
+            continue
+        try:
+            plugins[name] = unstructure(build(params_cls, raw or {}, f"plugins.{name}")) if params_cls else {}
+        except Exception:  # noqa: BLE001 - invalid values: the recipe's over the defaults, unchecked
+            defaults = unstructure(params_cls()) if attrs.has(params_cls) else {}
+            plugins[name] = {**defaults, **(raw or {})}
+    data["plugins"] = plugins
+    return data
+
+
+def _default_dict(names: list[str]) -> dict:
+    """clusterkit's defaults, with the plugins ``names`` at their Params defaults."""
+    from .recipe import load_recipe
+
+    base = load_recipe(data={"plugins": {name: {} for name in names}})
+    return resolved_dict(base)
+
+
+def _flat(value) -> str:
+    if value is _ABSENT:
+        return value
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    return repr(value)
+
+
+def differing_keys(dicts: list[dict], ignore: tuple[str, ...] = ()) -> list[tuple[str, list]]:
+    """Dotted keys whose values differ between nested dicts: ``[(key, [value per dict])]``.
+
+    Mappings present in every dict are compared key by key; a key missing from some dict
+    shows ``"(absent)"`` for it.  ``ignore``: dotted keys to leave out."""
+    out: list[tuple[str, list]] = []
+
+    def walk(nodes: list, prefix: str) -> None:
+        keys: list = []
+        for node in nodes:
+            for k in node:
+                if k not in keys:
+                    keys.append(k)
+        for k in keys:
+            path = f"{prefix}{k}"
+            if path in ignore:
+                continue
+            values = [node.get(k, _ABSENT) for node in nodes]
+            if all(isinstance(v, dict) for v in values):
+                walk(values, path + ".")
+            elif any(v != values[0] for v in values[1:]):
+                out.append((path, values))
+
+    walk(list(dicts), "")
+    return out
+
+
+def recipe_diff(run_dir: Path, base: str | None = None) -> tuple[str, list[str]]:
+    """(what the base is, ["key: base -> run" lines]) for the run's resolved recipe."""
+    from .recipe import load_recipe
+
+    run = load_recipe(data=_read_recipe(run_dir))
+    mine = resolved_dict(run)
+    if base is None:
+        label = "clusterkit's defaults (core schema and each plugin's Params)"
+        theirs = _default_dict(list(run.plugins))
+    else:
+        path = Path(base)
+        if path.is_dir():
+            other = load_recipe(data=_read_recipe(path))
+            label = f"run '{path}'"
+        else:
+            other = load_recipe(path)
+            label = f"recipe '{path}'"
+        theirs = resolved_dict(other)
+    lines = [f"{key}: {_flat(a)} -> {_flat(b)}" for key, (a, b) in differing_keys([theirs, mine])]
+    return label, lines
+
+
+def _read_recipe(run_dir: Path) -> dict:
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.exists():
+        raise RunDirError(f"'{run_dir}' holds no recipe.yaml, so it is not a clusterkit run directory (a run "
+                          "writes recipe.yaml when it starts). Pass the folder a run wrote, e.g. "
+                          "runs/quickstart/<time>.")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise RecipeError(f"'{path}' does not hold a recipe mapping.")
+    return data
+
+
+# -- printing --------------------------------------------------------------------------------------
+
+def _num(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 10 ** -digits or abs(value) >= 1e5):
+            return f"{value:.2e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _summary_lines(run_dir: Path, summary: dict | None, records: list[dict], recipe: dict) -> list[str]:
+    name = recipe.get("name", "?")
+    if summary is None:
+        done = records[-1]["epoch"] if records else 0
+        total = recipe.get("schedule", {}).get("epochs", "?")
+        lines = [f"{name}  ({run_dir})  UNFINISHED: {done} of {total} epochs logged, no summary.json yet. "
+                 f"Continue it with: clusterkit run RECIPE --resume {run_dir}"]
+        last = next((r for r in reversed(records) if "nmi" in r), None)
+        if last:
+            lines.append(f"last evaluation (epoch {last['epoch']}): NMI {_num(last['nmi'])}  ACC {_num(last['acc'])}  "
+                         f"ARI {_num(last['ari'])}")
+        return lines
+    m, p = summary["metrics"], summary["protocol"]
+    lines = [f"{summary['name']}  ({run_dir})  finished, seed {summary['seed']}, recipe hash {summary['recipe_hash']}",
+             f"metrics (final epoch {summary['epochs']}):  NMI {_num(m.get('nmi'))}  ACC {_num(m.get('acc'))}  "
+             f"ARI {_num(m.get('ari'))}"]
+    if summary.get("pixel_kmeans"):
+        b = summary["pixel_kmeans"]
+        lines.append(f"k-means on the raw pixels:       NMI {_num(b['nmi'])}  ACC {_num(b['acc'])}  ARI {_num(b['ari'])}")
+    used = "yes" if p.get("test_data_used_for_training") else "no"
+    lines.append(f"protocol: {p['dataset']}, trained on '{p['train_split']}', evaluated on '{p['eval_split']}' "
+                 f"(test data used for training: {used}); prediction: {p['prediction']}; "
+                 f"model selection: {p['model_selection']}")
+    spe = summary.get("seconds_per_epoch")
+    lines.append(f"time: {summary['wall_time_s']:.1f} s ({_num(spe, 2)} s/epoch, {summary['epochs']} epochs, "
+                 f"{summary['steps']} steps, {summary['num_train']} training images) on {summary['device']}; "
+                 f"peak memory {summary['peak_memory_mb']:.0f} MB; {summary['num_params']:,} parameters")
+    warnings = summary.get("collapse_warnings") or []
+    if warnings:
+        kinds = sorted({w["kind"] for w in warnings})
+        lines.append(f"warnings: {len(warnings)} collapse warnings ({', '.join(kinds)}), last at epoch "
+                     f"{warnings[-1]['epoch']}")
+    if summary.get("skipped_steps"):
+        lines.append(f"skipped optimiser steps (non-finite loss): {summary['skipped_steps']}")
+    if summary.get("skipped_images"):
+        lines.append(f"skipped unreadable images: {len(summary['skipped_images'])}")
+    return lines
+
+
+def metrics_table(records: list[dict]) -> list[str]:
+    """The per-epoch table: epoch, [stage], loss terms, NMI, ACC, ARI, lr, seconds."""
+    if not records:
+        return ["(metrics.jsonl holds no epoch records yet)"]
+    cols = ["epoch"] + (["stage"] if any("stage" in r for r in records) else [])
+    cols += loss_terms(records) + ["nmi", "acc", "ari", "lr", "seconds"]
+    cells = [[_num(r.get(c)) if c not in ("epoch", "stage") else str(r.get(c, "-")) for c in cols]
+             for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return lines
+
+
+def show_run(run_dir: str | Path, base: str | None = None, out: TextIO | None = None) -> None:
+    """Print a run's summary, its recipe diff against ``base`` and its metrics table."""
+    import sys
+
+    out = out or sys.stdout
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"Run directory '{run_dir}' does not exist. Pass the folder a run wrote (it holds "
+                          "recipe.yaml, metrics.jsonl and checkpoints/).")
+    recipe = _read_recipe(run_dir)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    records = epoch_records(run_dir)
+    label, diff = recipe_diff(run_dir, base)
+    lines = _summary_lines(run_dir, summary, records, recipe)
+    lines += ["", f"recipe vs. {label}:"] + ([f"  {d}" for d in diff] or ["  (no differences)"])
+    lines += ["", "per epoch (metrics.jsonl; loss terms are epoch means, NMI/ACC/ARI where evaluated):"]
+    lines += metrics_table(records)
+    print("\n".join(lines), file=out)
