@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+import torch
 
 TINY = {
     "name": "tiny",
@@ -26,3 +27,14 @@ TINY = {
 def tiny_recipe_data():
     """A plain-dict recipe that trains ProPos on digits in a few seconds per epoch."""
     return copy.deepcopy(TINY)
+
+
+@pytest.fixture
+def restore_threads():
+    """The trainer sets process-wide torch settings: put them back for the other tests."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)

@@ -342,17 +342,6 @@ def test_cc_recipes_follow_the_paper_and_the_matched_twins_digpro(key):
 
 # -- end to end ----------------------------------------------------------------------------------------
 
-@pytest.fixture
-def restore_threads():
-    """The trainer sets process-wide torch settings: put them back for the other tests."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-
-
 def test_cc_trains_one_epoch_on_digits(tmp_path, tiny_recipe_data, restore_threads):
     from clusterkit.checkpoint import latest_checkpoint, load_checkpoint
     from clusterkit.trainer import Trainer, make_run_dir

@@ -293,17 +293,6 @@ def test_setup_without_byol_target_says_what_to_add():
 # end to end and the paper recipes
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def restore_threads():
-    """The trainer sets process-wide torch settings: put them back for the other tests."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-
-
 def test_hadis_trains_one_epoch_on_digits(tmp_path, tiny_recipe_data, restore_threads):
     from clusterkit.trainer import Trainer, make_run_dir
 

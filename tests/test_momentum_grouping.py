@@ -453,17 +453,6 @@ def _digpro_recipe(without: str | None):
     })
 
 
-@pytest.fixture
-def restore_threads():
-    """The trainer sets process-wide torch settings: put them back for the other tests."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-
-
 @pytest.mark.parametrize("without", [None, *DIGPRO_PLUGINS], ids=lambda w: f"without_{w}" if w else "digpro")
 def test_digpro_trains_one_epoch_on_digits_and_each_plugin_can_be_ablated(tmp_path, restore_threads, without):
     import json
