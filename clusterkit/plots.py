@@ -151,7 +151,9 @@ def plot_losses(records: list[dict], path: str | Path, title: str | None = None)
         ax.grid(alpha=0.3)
     for ax in axes[len(terms):]:
         ax.set_visible(False)
-    for ax in axes[-cols:]:
+    for col in range(cols):  # the lowest visible panel of each column carries the epoch axis
+        ax = axes[max(i for i in range(col, len(terms), cols))]
+        ax.tick_params(labelbottom=True)
         ax.set_xlabel("epoch")
     fig.suptitle(f"{title or 'Run'}: loss terms per epoch (epoch means, each plugin's weighted term)",
                  fontsize=11)
@@ -297,9 +299,9 @@ def plot_montage(images, labels, confidence, path: str | Path, targets=None,
     ax.set_xlabel("rank by confidence (1 = most confident)", fontsize=8)
     for side in ax.spines.values():
         side.set_visible(False)
-    more = f", the {len(clusters)} largest of {len(sizes)} clusters" if len(sizes) > len(clusters) else ""
-    framed = f"; red frame: true class differs ({wrong} of {sum(min(per_cluster, sizes[c]) for c in clusters)})" \
-        if t is not None else ""
+    more = f" (the {len(clusters)} largest of {len(sizes)} clusters)" if len(sizes) > len(clusters) else ""
+    framed = f"\nred frame: the true class differs from the cluster's matched class " \
+        f"({wrong} of {sum(min(per_cluster, sizes[c]) for c in clusters)} images)" if t is not None else ""
     fig.suptitle(f"{title or 'Run'}: the {per_cluster} most confident images per cluster{more}{framed}",
                  fontsize=10)
     return _save(fig, path)
