@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from .hookspecs import hookimpl  # noqa: E402
 from .plugin import Plugin  # noqa: E402
+from . import distributed  # noqa: E402,F401
 from .state import DIRECTIONS, ParamGroup, Prediction, StepCache, TrainState  # noqa: E402
 from .models import backbones as _backbones  # noqa: E402,F401  (registers resnet18_cifar & co in timm)
 

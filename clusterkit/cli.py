@@ -87,19 +87,49 @@ def _fmt(v) -> str:
 
 
 def cmd_run(args) -> int:
+    from . import distributed
     from .recipe import load_recipe
-    from .trainer import Trainer, make_run_dir
 
     recipe = load_recipe(args.recipe, args.overrides)
+    distributed.init_from_env(recipe.run.device)  # torchrun: join the process group (a no-op otherwise)
+    try:
+        return _run(args, recipe)
+    finally:
+        if distributed.is_distributed():
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _run(args, recipe) -> int:
+    from . import distributed
+    from .trainer import Trainer, make_run_dir
+
+    main = distributed.is_main()
     if args.resume:
         run_dir = Path(args.resume)
         if not run_dir.is_dir():
             raise RunDirError(f"Cannot resume '{run_dir}': no such directory. Pass the run directory that "
                               "holds recipe.yaml and checkpoints/ (printed when the run started).")
     else:
-        run_dir = make_run_dir(recipe, args.out, args.force)
-    print(f"clusterkit: {recipe.name} -> {run_dir}", file=sys.stderr)
+        # rank 0 makes the directory (its name may hold the time) and tells the others, or its error
+        made = None
+        if main:
+            try:
+                made = str(make_run_dir(recipe, args.out, args.force))
+            except RunDirError as exc:
+                made = exc
+        made = distributed.broadcast_object(made)
+        if isinstance(made, RunDirError):
+            raise made
+        run_dir = Path(made)
+    if main:
+        world = distributed.world_size()
+        procs = f" ({world} processes)" if world > 1 else ""
+        print(f"clusterkit: {recipe.name} -> {run_dir}{procs}", file=sys.stderr)
     summary = Trainer(recipe, run_dir, resume=bool(args.resume)).fit()
+    if not main:
+        return 0
     rows = [("clusterkit (" + recipe.name + ")", summary["metrics"])]
     if summary.get("pixel_kmeans"):
         rows.append(("k-means on pixels", summary["pixel_kmeans"]))

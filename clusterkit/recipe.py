@@ -55,6 +55,11 @@ class DataConfig:
     batch_size: int = field(default=256, validator=positive, metadata=_doc("images per step (per process)"))
     eval_batch_size: int = field(default=512, validator=positive)
     num_workers: int = field(default=0, validator=non_negative, metadata=_doc("DataLoader workers"))
+    pipeline: Literal["batched", "per_image"] = field(default="batched", metadata=_doc(
+        "how the two views are made. batched: the loader yields uint8 batches and the whole batch is "
+        "augmented at once on the training device (fast; the default). per_image: torchvision transforms.v2 "
+        "on one image at a time in the DataLoader workers (data.num_workers), the classic path for data too "
+        "big to cache (data.cache: false). Both draw from the same augmentation distribution"))
     drop_last: bool = True
     cache: bool = field(default=True, metadata=_doc("decode folder datasets once into a uint8 tensor"))
     skip_corrupt: bool = field(default=False, metadata=_doc("skip unreadable images and list them in the summary"))
@@ -81,6 +86,8 @@ class OptimConfig:
     momentum: float = field(default=0.9, validator=in_range(0, 1))
     weight_decay: float = field(default=5.0e-4, validator=non_negative)
     betas: tuple[float, float] = (0.9, 0.999)
+    fused: bool | None = field(default=None, metadata=_doc(
+        "torch's fused optimiser kernel; null: on CUDA (the same update, one kernel per step)"))
 
 
 @attrs.define
@@ -125,6 +132,20 @@ class RunConfig:
         "a NaN/inf loss term: stop the run (keeping the last checkpoint), or skip that optimiser step"))
     max_skipped_steps: int = field(default=10, validator=non_negative, metadata=_doc(
         "with nonfinite: skip, stop once more than this many steps were skipped"))
+    sync_every: int = field(default=50, validator=in_range(1, None), metadata=_doc(
+        "host-device syncs: the non-finite-loss check (nonfinite: stop) and the progress bar read the GPU "
+        "every N steps, not every step (nonfinite: skip must check every step)"))
+    channels_last: bool = field(default=False, metadata=_doc(
+        "channels_last memory format for the model and the views (faster convolutions on recent GPUs)"))
+    compile: bool = field(default=False, metadata=_doc("torch.compile the backbone (in place: checkpoints "
+                                                        "keep their keys)"))
+    compile_backend: str = field(default="inductor", metadata=_doc(
+        "torch.compile backend (inductor; eager or aot_eager to debug)"))
+    sync_bn: bool = field(default=False, metadata=_doc(
+        "under torchrun: SyncBatchNorm (batch statistics over all processes; torch runs it on GPUs only)"))
+    find_unused_parameters: bool | None = field(default=None, metadata=_doc(
+        "DDP's find_unused_parameters; null: true when the recipe has stages (a switched-off plugin's "
+        "parameters get no gradient)"))
 
 
 @attrs.define

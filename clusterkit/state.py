@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Callable
 
 import attrs
 import torch
 from torch import nn
+
+from . import distributed
 
 __all__ = ["TrainState", "StepCache", "ParamGroup", "Prediction", "DIRECTIONS"]
 
@@ -70,6 +73,16 @@ class TrainState:
         return self.recipe.schedule.epochs * self.steps_per_epoch
 
     @property
+    def rank(self) -> int:
+        """This process's rank (0 without torch.distributed)."""
+        return distributed.rank()
+
+    @property
+    def world_size(self) -> int:
+        """Number of training processes (1 without torch.distributed)."""
+        return distributed.world_size()
+
+    @property
     def in_warmup(self) -> bool:
         """True during the first ``schedule.warmup_epochs`` epochs (the losses' warm-up gate)."""
         return self.epoch < self.recipe.schedule.warmup_epochs
@@ -117,4 +130,48 @@ class StepCache:
 
     @property
     def batch_size(self) -> int:
+        """B, this process's batch (the global batch is ``world_size * B``)."""
         return self.views[0].shape[0]
+
+    # -- the global batch under DDP (identity in a single process) ------------------------------
+    def gather(self, name: str, view: int) -> torch.Tensor:
+        """Output ``name`` of ``view`` for the global batch: (world_size * B, ...) in rank order,
+        carrying gradients (:func:`clusterkit.distributed.gather_with_grad`); computed once per
+        step.  Every loss that contrasts samples across the batch reads its inputs this way and
+        computes the loss of the global batch, identically on every rank."""
+        key = ("gather:" + name, view)
+        if key not in self._values:
+            self._values[key] = distributed.gather_with_grad(self[name, view])
+        return self._values[key]
+
+    @property
+    def global_index(self) -> torch.Tensor:
+        """Dataset indices (world_size * B,) of the global batch, in the order of :meth:`gather`."""
+        if ("gather:index", -1) not in self._values:
+            self._values[("gather:index", -1)] = distributed.gather(self.index)
+        return self._values[("gather:index", -1)]
+
+    def generator(self, salt: str) -> torch.Generator:
+        """A generator on the views' device seeded by (run.seed, step, salt): the same on every rank."""
+        seed = zlib.crc32(f"{self.state.recipe.run.seed}:{self.state.step}:{salt}".encode())
+        return torch.Generator(device=self.views[0].device).manual_seed(seed)
+
+    def _draw(self, fn, shape, salt: str, dtype) -> torch.Tensor:
+        b, world, rank = self.batch_size, distributed.world_size(), distributed.rank()
+        full = fn((world * b, *shape), generator=self.generator(salt), device=self.views[0].device,
+                  dtype=dtype or torch.float32)
+        return full[rank * b:(rank + 1) * b]
+
+    def randn(self, *shape: int, salt: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Standard normal noise (B, *shape) for this process's samples.
+
+        Drawn for the whole global batch from a generator seeded by (run.seed, step, salt),
+        then this rank's rows are kept: a sample's noise does not depend on how the batch is
+        split across processes, and a resumed run draws the same noise.  ``salt`` names the
+        draw (e.g. "diffused_sampling/view0"); two draws in a step need different salts.
+        """
+        return self._draw(torch.randn, shape, salt, dtype)
+
+    def rand(self, *shape: int, salt: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Uniform [0, 1) noise (B, *shape), drawn as :meth:`randn` draws."""
+        return self._draw(torch.rand, shape, salt, dtype)

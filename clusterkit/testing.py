@@ -26,8 +26,9 @@ backbone is a narrow CIFAR ResNet-18, on the CPU.  A test runs in a second or tw
 With ``pytest_plugins = ["clusterkit.testing"]`` in a ``conftest.py``, the fixture
 ``plugin_tester`` gives the same helpers writing into the test's ``tmp_path``.
 
-The distributed equivalence check (one process vs. several with all-gathered batches) is
-not here yet: clusterkit has no distributed training yet (the scale issue, issue 6).
+:func:`check_distributed_equivalence` runs a plugin set in one process on a global batch and in
+two gloo processes under DDP on its shards, and checks that loss values, gradients and model
+state agree to 1e-5 (a contrastive loss on the local batch only fails it).
 
 (PYTEST_DONT_REWRITE: the helpers raise PluginCheckError themselves and use no ``assert``, so
 pytest need not rewrite this module, nor warn when it was imported before ``pytest_plugins``.)
@@ -36,6 +37,7 @@ pytest need not rewrite this module, nor warn when it was imported before ``pyte
 from __future__ import annotations
 
 import atexit
+import copy
 import contextlib
 import json
 import re
@@ -48,14 +50,15 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from .data import DatasetInfo, ImageDataset
+from .data import BatchedTwoView, DatasetInfo, ImageDataset
 from .plugin_manager import PluginInfo, autoload_disabled, discover, implemented_hooks
 from .recipe import deep_merge, load_recipe
 from .state import StepCache
 from .trainer import Trainer
 
 __all__ = ["PluginCheckError", "StepReport", "TINY_RECIPE", "SYNTHETIC_INFO", "synthetic_dataset", "tiny_recipe",
-           "make_trainer", "train_tiny", "check_losses", "check_checkpoint_roundtrip", "PluginTester"]
+           "make_trainer", "train_tiny", "check_losses", "check_checkpoint_roundtrip", "check_distributed_equivalence",
+           "PluginTester"]
 
 
 class PluginCheckError(AssertionError):
@@ -423,11 +426,194 @@ def check_checkpoint_roundtrip(plugin, params: dict | None = None, *, name: str 
             f"plugin '{name}': checkpoint round-trip failed: after resuming from the checkpoint of epoch "
             f"{epochs - 1}, these differ from the uninterrupted run: {'; '.join(problems)}. State that must "
             "survive a resume belongs in state.model (modules, register_buffer) or state.extra, not in plain "
-            "attributes of the plugin; random numbers must come from torch's global RNG (restored on resume).")
+            "attributes of the plugin; random numbers must come from torch's global RNG (restored on resume) "
+            "or from cache.randn / cache.rand.")
     if resumed["metrics"] != full["metrics"]:
         raise PluginCheckError(f"plugin '{name}': checkpoint round-trip failed: final metrics {resumed['metrics']} "
                                f"after the resume, {full['metrics']} without it.")
     return resumed
+
+
+# -- distributed equivalence -------------------------------------------------------------------------------
+
+def _plugin_set(plugin, params, name, with_plugins) -> tuple[dict[str, dict], dict[str, PluginInfo]]:
+    """(recipe plugins, available plugins) from the helpers' usual arguments, or from a dict
+    {installed name: params} given as ``plugin``."""
+    if isinstance(plugin, dict):
+        if params is not None or with_plugins:
+            raise ValueError("pass either a dict of plugins, or a plugin with params and with_plugins")
+        return {k: dict(v or {}) for k, v in plugin.items()}, discover()
+    name, available = _resolve(plugin, name)
+    return {**(with_plugins or {}), name: params or {}}, available
+
+
+def _freeze_batch_norm(model: torch.nn.Module) -> None:
+    """BatchNorm layers in eval mode: normalise by their running statistics, per sample."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _equivalence_batches(raw: dict, available, steps: int, global_batch: int, seed: int) -> list[tuple]:
+    """``steps`` global batches: (view0, view1, index), the same for every process count."""
+    trainer = TinyTrainer(load_recipe(data=raw), _scratch_dir(), available_plugins=available)
+    train, _ = trainer._load_data()
+    d = trainer.recipe.data
+    augment = BatchedTwoView(d.augment, d.image_size, train.info, second=d.augment_second)
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            index = torch.randperm(len(train), generator=gen)[:global_batch]
+            images, _, _ = train.__getitems__(index.tolist())
+            v0, v1 = augment(images)
+            batches.append((v0, v1, index))
+    return batches
+
+
+def _equivalence_run(raw: dict, available, batches: list[tuple], out: str) -> None:
+    """Train the recipe on this process's rows of ``batches`` and save, per step, the loss terms
+    (mean over the processes), every parameter's gradient and the model's state after the step."""
+    from . import distributed
+
+    trainer = TinyTrainer(load_recipe(data=raw), Path(out).parent, available_plugins=available)
+    trainer._build()
+    trainer._enter_epoch(0)
+    trainer._call("on_epoch_start")
+    trainer._call("e_step")
+    rank, world = distributed.rank(), distributed.world_size()
+    model = trainer.state.model
+    record = {"pseudo_labels": trainer.state.pseudo_labels, "steps": []}
+    for v0, v1, index in batches:
+        rows = slice(rank * (len(index) // world), (rank + 1) * (len(index) // world))
+        model.train()
+        _freeze_batch_norm(model)
+        trainer._set_lr(float(trainer.state.epoch))
+        terms = trainer._step([v0[rows], v1[rows]], index[rows])
+        if terms is None:
+            raise PluginCheckError("a loss term was not finite during the distributed equivalence check")
+        names = sorted(terms)
+        packed = distributed.all_reduce(torch.stack([terms[k].float() for k in names]), "mean")
+        record["steps"].append({
+            "terms": dict(zip(names, packed.tolist())),
+            "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        })
+    torch.save(record, out)
+
+
+def _equivalence_worker(rank: int, world: int, init_file: str, raw: dict, available, batches, out_dir: str) -> None:
+    import torch.distributed as torch_dist
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _equivalence_run(raw, available, batches, str(Path(out_dir) / f"rank{rank}.pt"))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def _compare(reference: dict, other: dict, who: str, atol: float, rtol: float) -> list[str]:
+    problems = []
+
+    def close(a, b, what):
+        if not torch.is_tensor(a):
+            a, b = torch.tensor(a), torch.tensor(b)
+        if a.shape != b.shape:
+            problems.append(f"{who}: {what}: shape {tuple(b.shape)} instead of {tuple(a.shape)}")
+        elif a.is_floating_point():
+            if not torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol):
+                err = (a.double() - b.double()).abs().max().item()
+                problems.append(f"{who}: {what} differs by up to {err:.2e} (|1 process| up to "
+                                f"{a.double().abs().max().item():.2e})")
+        elif not torch.equal(a, b):
+            problems.append(f"{who}: {what} differs ({int((a != b).sum())} of {a.numel()} entries)")
+
+    if reference["pseudo_labels"] is not None or other["pseudo_labels"] is not None:
+        close(reference["pseudo_labels"], other["pseudo_labels"], "E-step pseudo-labels")
+    for i, (ref, got) in enumerate(zip(reference["steps"], other["steps"])):
+        step = f"step {i + 1}"
+        for name in sorted(set(ref["terms"]) | set(got["terms"])):
+            if name not in ref["terms"] or name not in got["terms"]:
+                problems.append(f"{who}: {step}: loss term '{name}' present in one run only")
+            else:
+                close(ref["terms"][name], got["terms"][name], f"{step}: loss term '{name}'")
+        for name in sorted(set(ref["grads"]) | set(got["grads"])):
+            if name not in ref["grads"] or name not in got["grads"]:
+                problems.append(f"{who}: {step}: parameter {name} has a gradient in one run only")
+            else:
+                close(ref["grads"][name], got["grads"][name], f"{step}: gradient of {name}")
+        for name, value in ref["state"].items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            close(value, got["state"][name], f"{step}: state.model entry {name} after the step")
+    return problems
+
+
+def check_distributed_equivalence(plugin, params: dict | None = None, *, name: str | None = None,
+                                  with_plugins: dict[str, dict] | None = None, world_size: int = 2,
+                                  batch_size: int = 8, steps: int = 2, overrides: dict | None = None,
+                                  atol: float = 1e-5, rtol: float = 1e-5, seed: int = 0) -> dict:
+    """One process on the global batch vs ``world_size`` gloo processes on its shards (CPU).
+
+    ``steps`` global batches of ``world_size * batch_size`` two-view samples are fixed in
+    advance.  One process trains on them with the tiny recipe; then ``world_size`` processes
+    (torch.multiprocessing, gloo) train the same recipe under DDP, each on its rows.  After the
+    E-step and after every step the check compares, to ``atol``/``rtol``:
+
+    * the E-step's pseudo-labels (the features are embedded per shard and all-gathered, the
+      k-means sharded);
+    * every loss term (the mean over the processes: a loss of the global batch is the same on
+      every rank, a per-sample mean averages to the global mean);
+    * the gradient of every parameter (after DDP's averaging) -- the test that catches a
+      contrastive loss computed on the local batch only, or a gather that drops gradients;
+    * every tensor in ``state.model`` after the step (weights, EMA targets, banks, groups),
+      on every rank.
+
+    BatchNorm layers run in eval mode during the check (per-sample normalisation), because
+    batch statistics differ between one batch and its shards by design (``run.sync_bn`` is the
+    option for that on GPUs).  ``plugin`` is a plugin class, an installed plugin name (with
+    ``params`` and ``with_plugins`` as in the other helpers), or a dict {installed name: params}
+    of the whole plugin set.  ``overrides`` are deep-merged into the tiny recipe, except a
+    ``model`` section, which replaces the tiny ResNet's (e.g. a small ViT).  Keep the tiny
+    recipe's SGD: Adam divides by the gradient's running magnitude, so a parameter whose true
+    gradient is zero (e.g. attention key biases) turns rounding noise of 1e-9 into full steps
+    that differ between the runs.  Raises :class:`PluginCheckError` listing what differs; returns
+    ``{"terms": [per-step loss terms of the single process], "compared": number of values}``.
+    """
+    import torch.multiprocessing as mp
+
+    plugins, available = _plugin_set(plugin, params, name, with_plugins)
+    global_batch = world_size * batch_size
+    raw = tiny_recipe(plugins, overrides=deep_merge({"data": {"batch_size": global_batch}}, overrides or {}))
+    if overrides and "model" in overrides:  # another backbone: its kwargs, not the tiny ResNet's
+        raw["model"] = copy.deepcopy(overrides["model"])
+    raw["run"]["seed"] = seed
+    if not isinstance(plugin, (str, dict)) and (raw.get("allow_plugins") is not None or autoload_disabled()):
+        raw["allow_plugins"] = [*(raw.get("allow_plugins") or []), *plugins]
+    work = _scratch_dir()
+    batches = _equivalence_batches(raw, available, steps, global_batch, seed)
+    with _keep_threads():
+        torch.set_num_threads(1)
+        _equivalence_run(raw, available, batches, str(work / "single.pt"))
+    reference = torch.load(work / "single.pt", weights_only=False)
+    init_file = work / "dist_init"
+    mp.start_processes(_equivalence_worker, args=(world_size, str(init_file), raw, available, batches, str(work)),
+                       nprocs=world_size, start_method="spawn")
+    problems = []
+    for r in range(world_size):
+        got = torch.load(work / f"rank{r}.pt", weights_only=False)
+        problems += _compare(reference, got, f"rank {r} of {world_size}", atol, rtol)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise PluginCheckError(
+            f"plugins {', '.join(plugins)}: {world_size} processes on shards of the batch do not match one process "
+            f"on the whole batch: {shown}. A loss that contrasts samples across the batch must read its inputs "
+            "with cache.gather(name, view) (and labels via cache.global_index) and compute the loss of the global "
+            "batch; per-sample noise must come from cache.randn/cache.rand (see docs/writing-a-plugin.md).")
+    compared = sum(len(s["terms"]) + len(s["grads"]) + len(s["state"]) for s in reference["steps"])
+    return {"terms": [s["terms"] for s in reference["steps"]], "compared": compared * world_size}
 
 
 # -- pytest fixture ---------------------------------------------------------------------------------------

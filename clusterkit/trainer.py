@@ -18,14 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .cluster import cluster_metrics, kmeans
 from .cluster.kmeans import assign as kmeans_assign
-from .data import BatchedTwoView, collate_batched, eval_transform, load_dataset
+from .data import eval_transform, load_dataset
+from .data.pipeline import TrainPipeline, build_train_pipeline
 from .data.guides import guide_text, train_data_missing
 from .errors import DataError, PluginError, RecipeError, RunDirError
 from .guards import collapse_report
@@ -48,8 +50,51 @@ class DivergenceError(RecipeError):
 
 
 def _warn(text: str) -> None:
-    """A warning line on stderr that does not break a running progress bar."""
-    tqdm.write(f"clusterkit: warning: {text}", file=sys.stderr)
+    """A warning line on stderr that does not break a running progress bar (rank 0 only)."""
+    if distributed.is_main():
+        tqdm.write(f"clusterkit: warning: {text}", file=sys.stderr)
+
+
+class _StepLosses(nn.Module):
+    """The step's loss computation as one module, so that DDP can wrap it: its forward runs
+    the compute_losses hooks; its parameters are the whole model's."""
+
+    def __init__(self, trainer: "Trainer"):
+        super().__init__()
+        self.model = trainer.state.model
+        self._compute = trainer._compute_terms
+
+    def forward(self, cache: StepCache) -> dict[str, torch.Tensor]:
+        return self._compute(cache)
+
+
+class _NonfiniteWatch:
+    """Notes, on the device and without a host sync, the first step whose loss terms were not
+    all finite (its global step, term and value); read at the sync points."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.term = torch.zeros((), dtype=torch.long, device=device)
+        self.value = torch.zeros((), device=device)
+
+    def update(self, terms: list[torch.Tensor], step: int) -> None:
+        # a term's sum is non-finite when an element is (nan if one is nan, else +-inf)
+        values = torch.stack([t.detach().float().sum() for t in terms])
+        bad = ~torch.isfinite(values)
+        first = bad.int().argmax()
+        new = bad.any() & (self.step < 0)
+        self.step = torch.where(new, torch.full_like(self.step, step), self.step)
+        self.term = torch.where(new, first, self.term)
+        self.value = torch.where(new, values[first], self.value)
+
+    def read(self) -> tuple[int, int, float] | None:
+        """(step, term index, value) of the earliest bad step on any rank, or None (a host sync)."""
+        packed = torch.stack([self.step.double(), self.term.double(), self.value.double()])[None]
+        bad = [row for row in distributed.gather(packed).tolist() if row[0] >= 0]
+        if not bad:
+            return None
+        step, term, value = min(bad, key=lambda row: row[0])
+        return int(step), int(term), value
 
 
 def seed_everything(seed: int) -> None:
@@ -145,6 +190,8 @@ class Trainer:
                               "(CUDA when present, CPU otherwise) or cpu.")
         if want == "auto":
             want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want == "cuda" and distributed.is_distributed():  # torchrun: this process's GPU (LOCAL_RANK)
+            return torch.device("cuda", torch.cuda.current_device())
         return torch.device(want)
 
     def _load_data(self):
@@ -167,7 +214,35 @@ class Trainer:
             raise DataError(f"data.batch_size = {d.batch_size} is larger than the {len(train)} training images "
                             f"of '{d.dataset}' ({d.split} split), so no full batch exists. Lower data.batch_size "
                             f"to at most {len(train)}.")
+        world = distributed.world_size()
+        if d.batch_size % world:
+            raise RecipeError(f"data.batch_size = {d.batch_size} is the global batch, split evenly over the "
+                              f"{world} processes torchrun started, but {d.batch_size} is not a multiple of {world}. "
+                              f"Use a batch size divisible by {world} (e.g. {d.batch_size - d.batch_size % world}) "
+                              "or another --nproc_per_node.")
         return train, evald
+
+    def _make_pipeline(self) -> TrainPipeline:
+        """The training loader and augmentation (``data.pipeline``).  Each process loads
+        batch_size / world_size images per step: a DistributedSampler under torchrun
+        (reseeded each epoch by ``set_epoch``), shuffling with a seeded generator in a single
+        process."""
+        d = self.recipe.data
+        world = distributed.world_size()
+        sampler = None
+        if world > 1:
+            sampler = torch.utils.data.DistributedSampler(
+                self.train_ds, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=self.recipe.run.seed)
+        return build_train_pipeline(self.train_ds, d, batch_size=d.batch_size // world, device=self.device,
+                                    sampler=sampler, generator=torch.Generator())
+
+    def _seed_epoch(self, epoch: int) -> None:
+        """The data order of epoch ``epoch``: a function of (run.seed, epoch) only."""
+        sampler = self.loader.sampler
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            sampler.set_epoch(epoch)
+        else:
+            self.loader.generator.manual_seed(self.recipe.run.seed * 100_003 + epoch)
 
     def _build(self):
         r = self.recipe
@@ -185,10 +260,8 @@ class Trainer:
         info = self.train_ds.info
         require_local_weights(r.model)
         model = nn.ModuleDict({"backbone": create_backbone(r.model, in_chans=info.channels)})
-        self.loader = torch.utils.data.DataLoader(
-            self.train_ds, batch_size=r.data.batch_size, shuffle=True, drop_last=r.data.drop_last,
-            num_workers=r.data.num_workers, collate_fn=collate_batched,
-            generator=torch.Generator(), pin_memory=self.device.type == "cuda")
+        self.pipeline = self._make_pipeline()
+        self.loader, self.augment = self.pipeline.loader, self.pipeline.augment
         steps = len(self.loader)
         self.state = TrainState(recipe=r, device=self.device, model=model, num_train=len(self.train_ds),
                                 steps_per_epoch=steps, feature_fn=self._features)
@@ -206,13 +279,50 @@ class Trainer:
                                       "already provides. Remove one of them from the recipe.")
                 producers[name] = fn
         self.producers = producers
+        self._fast_paths(model)
         self.optimizer = self._optimizer(groups)
-        self.augment = BatchedTwoView(r.data.augment, r.data.image_size, info,
-                                      second=r.data.augment_second).to(self.device)
+        self.step_losses = self._wrap_ddp()
         self.use_amp = r.run.amp and self.device.type == "cuda"
+        if distributed.is_distributed():
+            # the model starts identical on every rank (same seed, and DDP broadcasts rank 0's);
+            # augmentations and the plugins' own random draws then differ per rank
+            seed_everything(r.run.seed + 7919 * distributed.rank())
+        self.nonfinite = _NonfiniteWatch(self.device)
         self._feature_memo: dict = {}
         self.skipped_steps = 0
         self.collapse_warnings: list[dict] = []
+
+    def _fast_paths(self, model: nn.ModuleDict) -> None:
+        """SyncBatchNorm (torchrun), channels_last and torch.compile, as the recipe asks."""
+        run = self.recipe.run
+        if run.sync_bn and distributed.is_distributed():
+            if self.device.type != "cuda":
+                raise RecipeError("run.sync_bn is true but this torchrun job trains on the CPU, and torch's "
+                                  "SyncBatchNorm runs on GPUs only. Set run.sync_bn: false for CPU runs (each "
+                                  "process then normalises over its own share of the batch).")
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if run.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if run.compile:
+            model["backbone"].compile(backend=run.compile_backend)
+
+    def _wrap_ddp(self) -> nn.Module:
+        """The loss computation, wrapped in DistributedDataParallel under torchrun."""
+        module = _StepLosses(self)
+        if not distributed.is_distributed():
+            return module
+        r = self.recipe
+        find_unused = bool(r.stages) if r.run.find_unused_parameters is None else r.run.find_unused_parameters
+        # no buffer broadcast at each forward: banks and groups are kept identical by the plugins
+        # themselves; BatchNorm running statistics are averaged over the ranks at each epoch's end
+        import inspect
+
+        no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.14; broadcast_buffers before
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
+        return DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=find_unused, **no_buffer_sync)
 
     def _backbone_output(self, cache: StepCache, view: int) -> torch.Tensor:
         """The default step output ``h``: pooled backbone features (B, D) of view ``view``."""
@@ -274,30 +384,38 @@ class Trainer:
         rest = [p for p in self.state.model.parameters() if p.requires_grad and id(p) not in seen]
         param_groups.insert(0, {"params": rest, "lr_scale": 1.0, "name": "default", "weight_decay": o.weight_decay})
         self.base_lr = o.lr * (self.recipe.data.batch_size / 256 if o.lr_scaling == "linear" else 1.0)
-        if o.name == "sgd":
-            return torch.optim.SGD(param_groups, lr=self.base_lr, momentum=o.momentum)
         cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-        return cls(param_groups, lr=self.base_lr, betas=o.betas)
+        fused = self.device.type == "cuda" if o.fused is None else o.fused
+        kwargs = {"fused": True} if fused else {}
+        if o.name == "sgd":
+            return torch.optim.SGD(param_groups, lr=self.base_lr, momentum=o.momentum, **kwargs)
+        return cls(param_groups, lr=self.base_lr, betas=o.betas, **kwargs)
 
     # -- features and evaluation -------------------------------------------------------------------
     @torch.no_grad()
     def _embed_dataset(self, ds) -> torch.Tensor:
+        """Features (N, D) of every image of ``ds`` in order.  Under torchrun each process embeds
+        its contiguous shard and the shards are all-gathered, so every rank holds all N rows."""
         model = self.state.model
         was_training = model.training
         model.eval()
         feats = []
         bs = self.recipe.data.eval_batch_size
         size = self.recipe.data.image_size
-        for start in range(0, len(ds), bs):
-            images, _, _ = ds.__getitems__(list(range(start, min(start + bs, len(ds)))))
+        first, last = distributed.shard_range(len(ds))
+        # an empty shard (more processes than images) embeds one image to learn the width
+        starts = range(first, last, bs) if last > first else [0]
+        for start in starts:
+            stop = min(start + bs, last) if last > first else 1
+            images, _, _ = ds.__getitems__(list(range(start, stop)))
             x = eval_transform(images.to(self.device, non_blocking=True), size, ds.info)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 f = self.pm.hook.embed(state=self.state, images=x)
                 if f is None:
                     f = model["backbone"](x)
-            feats.append(f.float())
+            feats.append(f.float()[: stop - start if last > first else 0])
         model.train(was_training)
-        return torch.cat(feats)
+        return distributed.gather_rows(torch.cat(feats), len(ds))
 
     def _features(self, split: str) -> torch.Tensor:
         ds = self.train_ds if split == "train" else self.eval_ds
@@ -394,6 +512,9 @@ class Trainer:
                       "features may have collapsed to a point.")
 
     def pixel_baseline(self) -> dict | None:
+        """k-means on the raw pixels of the eval data (summary.json's ``pixel_kmeans``; rank 0 only)."""
+        if not distributed.is_main():
+            return None
         mode = self.recipe.eval.pixel_baseline
         n = len(self.eval_ds)
         x = None
@@ -411,11 +532,18 @@ class Trainer:
             g["lr"] = lr * g["lr_scale"]
         return lr
 
-    def _train_step(self, images: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        state = self.state
+    def _model_format(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in the model's memory format (channels_last when the recipe asks for it)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.recipe.run.channels_last else x
+
+    def _train_step(self, images: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """One optimiser step on a batch of uint8 images (B, C, H, W): augment, then :meth:`_step`."""
         views = self.augment(images.to(self.device, non_blocking=True))
-        cache = StepCache(views, index.to(self.device), self.producers, state)
-        self._call("on_step_start", cache=cache)
+        return self._step(views, index.to(self.device, non_blocking=True))
+
+    def _compute_terms(self, cache: StepCache) -> dict[str, torch.Tensor]:
+        """The loss terms of the compute_losses hooks (float32 scalars); the forward of the
+        (DDP-wrapped) :class:`_StepLosses`."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             terms: dict[str, torch.Tensor] = {}
             for impl, result in self._call("compute_losses", cache=cache):
@@ -427,21 +555,54 @@ class Trainer:
         if not terms:
             raise RecipeError("No plugin in the recipe returns a loss (compute_losses); add at least one loss "
                               "plugin under plugins:, e.g. diffused_sampling.")
-        terms = {k: v.float() if torch.is_tensor(v) else torch.tensor(float(v), device=self.device)
-                 for k, v in terms.items()}
+        return {k: v.float() if torch.is_tensor(v) else torch.tensor(float(v), device=self.device)
+                for k, v in terms.items()}
+
+    def _step(self, views, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """One optimiser step on two augmented views (B, C, S, S) and their dataset indices (B,).
+
+        Returns the detached loss terms plus ``loss`` (their sum), or None when a non-finite
+        loss skipped the step (``run.nonfinite: skip``).  No host-device sync happens here
+        except with ``nonfinite: skip``; non-finite terms are noted on the device and checked
+        every ``run.sync_every`` steps (:meth:`_check_finite`).
+        """
+        state = self.state
+        cache = StepCache([self._model_format(v) for v in views], index, self.producers, state)
+        self._call("on_step_start", cache=cache)
+        terms = self.step_losses(cache)
         total = sum(terms.values())
-        bad = next((name for name, value in terms.items() if not torch.isfinite(value).all()), None)
-        if bad is not None:
-            self._nonfinite(bad, terms[bad])
-            return None
         self.optimizer.zero_grad(set_to_none=True)
         if total.requires_grad:
-            total.backward()
+            total.backward()  # under DDP every rank must run it, even for a step skipped below
+        if self.recipe.run.nonfinite == "skip":
+            finite = torch.stack([torch.isfinite(v).all() for v in terms.values()]).float()
+            if not bool(distributed.all_reduce(finite, "min").all()):  # a sync every step, on every rank alike
+                name = next(n for n, f in zip(terms, finite.tolist()) if not f)  # bad on some rank
+                self.optimizer.zero_grad(set_to_none=True)
+                self._nonfinite(name, terms[name].detach())
+                return None
+        else:
+            self.nonfinite.update(list(terms.values()), state.step)
+            self.term_names = list(terms)
         self.optimizer.step()
         state.step += 1
         self._call("after_step", cache=cache)
         terms["loss"] = total.detach()
         return {k: v.detach() for k, v in terms.items()}
+
+    def _check_finite(self) -> None:
+        """``run.nonfinite: stop``: raise DivergenceError if a step since the start noted a
+        non-finite term (a host sync; called every ``run.sync_every`` steps and before
+        evaluations and checkpoints, so no checkpoint holds a diverged model)."""
+        if self.recipe.run.nonfinite != "stop":
+            return
+        bad = self.nonfinite.read()
+        if bad is None:
+            return
+        step, term, value = bad
+        spe = self.state.steps_per_epoch
+        self.state.epoch, self.state.step_in_epoch, self.state.step = step // spe, step % spe, step
+        self._nonfinite(self.term_names[term], torch.tensor(value))
 
     def _nonfinite(self, name: str, value: torch.Tensor) -> None:
         """A NaN/inf loss term: stop (``run.nonfinite: stop``), or count a skipped step and warn."""
@@ -462,14 +623,25 @@ class Trainer:
               f"({self.skipped_steps} of at most run.max_skipped_steps = {run.max_skipped_steps}).")
 
     def _write_jsonl(self, record: dict) -> None:
+        if not distributed.is_main():
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def _checkpoint(self, epoch: int, history: list, wall: float) -> None:
+        """Rank 0 writes the checkpoint; under torchrun it holds every rank's RNG state."""
         s = self.state
+        rng = rng_state()
+        rng_ranks = None
+        if distributed.is_distributed():
+            rng_ranks = [None] * distributed.world_size()
+            torch.distributed.all_gather_object(rng_ranks, rng)
+        if not distributed.is_main():
+            return
         save_checkpoint({
             "epoch": epoch, "step": s.step, "model": s.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "rng": rng_state(), "pseudo_labels": s.pseudo_labels, "centers": s.centers, "extra": s.extra,
+            "rng": rng, "rng_ranks": rng_ranks, "world_size": distributed.world_size(),
+            "pseudo_labels": s.pseudo_labels, "centers": s.centers, "extra": s.extra,
             "history": history, "wall_time": wall, "recipe": self.recipe.to_dict(),
             "recipe_hash": self.recipe.hash(), "skipped_steps": self.skipped_steps,
             "collapse_warnings": self.collapse_warnings,
@@ -496,8 +668,15 @@ class Trainer:
         s.extra = ckpt["extra"]
         self.skipped_steps = ckpt.get("skipped_steps", 0)
         self.collapse_warnings = list(ckpt.get("collapse_warnings", []))
-        set_rng_state(ckpt["rng"])
-        self._trim_metrics_log(ckpt["epoch"] + 1, s.step)
+        world, saved_world = distributed.world_size(), ckpt.get("world_size", 1)
+        if world == saved_world:
+            set_rng_state(ckpt["rng_ranks"][distributed.rank()] if world > 1 else ckpt["rng"])
+        else:
+            seed_everything(self.recipe.run.seed + 7919 * distributed.rank() + 104_729 * s.epoch)
+            _warn(f"resuming a run of {saved_world} process(es) with {world}: the data order and random draws "
+                  "differ from an uninterrupted run from here on (the training itself is the same recipe).")
+        if distributed.is_main():
+            self._trim_metrics_log(ckpt["epoch"] + 1, s.step)
         return ckpt["epoch"] + 1, ckpt["history"], ckpt["wall_time"]
 
     @staticmethod
@@ -526,19 +705,31 @@ class Trainer:
                 keep.append(line)
         atomic_write_text(log, "".join(line + "\n" for line in keep))
 
+    def _epoch_means(self, sums: dict[str, torch.Tensor], done: int) -> dict[str, float]:
+        """Mean loss terms of the epoch, averaged over the processes (one host sync)."""
+        if not sums:
+            return {}
+        names = list(sums)
+        packed = torch.stack([torch.as_tensor(sums[k], device=self.device, dtype=torch.float32) / max(done, 1)
+                              for k in names])
+        return dict(zip(names, distributed.all_reduce(packed, "mean").tolist()))
+
     def fit(self) -> dict:
         r = self.recipe
         self._build()
-        atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(r))
+        main = distributed.is_main()
+        if main:
+            atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(r))
         state = self.state
         start_epoch, history, wall_before = (self._restore() if self.resume else (0, [], 0.0))
         baseline = self.pixel_baseline()
         t_start = time.perf_counter()
         eval_metrics = next((h for h in reversed(history) if "nmi" in h), {})
+        every = r.run.sync_every
         for epoch in range(start_epoch, r.schedule.epochs):
             self._enter_epoch(epoch)
             t_epoch = time.perf_counter()
-            self.loader.generator.manual_seed(r.run.seed * 100_003 + epoch)  # data order: f(seed, epoch)
+            self._seed_epoch(epoch)  # data order: f(seed, epoch)
             self._call("on_epoch_start")
             if epoch == 0 or epoch % r.e_step.every == 0:
                 self._call("e_step")
@@ -546,28 +737,37 @@ class Trainer:
             sums: dict[str, torch.Tensor] = {}
             seen = done = 0
             bar = tqdm(total=state.steps_per_epoch, desc=f"epoch {epoch + 1}/{r.schedule.epochs}", unit="step",
-                       disable=not r.run.progress, leave=False, dynamic_ncols=True, file=sys.stderr)
-            for i, (images, _, index) in enumerate(self.loader):
+                       disable=not (r.run.progress and main), leave=False, dynamic_ncols=True, file=sys.stderr)
+            for i, batch in enumerate(self.loader):
                 state.step_in_epoch = i
                 lr = self._set_lr(epoch + i / state.steps_per_epoch)
-                terms = self._train_step(images, index)
+                views, index = self.pipeline.views(batch)
+                terms = self._step(views, index)
+                bar.update(1)
                 if terms is None:  # a non-finite loss skipped (run.nonfinite: skip)
-                    bar.update(1)
                     continue
                 done += 1
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                seen += images.shape[0]
+                    sums[k] = sums[k] + v if k in sums else v.clone()
+                seen += index.shape[0] * distributed.world_size()
                 if state.step % r.run.log_every == 0:
-                    self._write_jsonl({"epoch": epoch + 1, "step": state.step, "lr": lr,
-                                       **{k: float(v) for k, v in terms.items()}, **state.scalars})
-                bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items()}
-                                | {"img/s": f"{seen / (time.perf_counter() - t_epoch):.0f}"}, refresh=False)
-                bar.update(1)
+                    self._check_finite()
+                    logged = self._epoch_means(terms, 1)
+                    self._write_jsonl({"epoch": epoch + 1, "step": state.step, "lr": lr, **logged, **state.scalars})
+                if done % every == 0:  # the only host syncs of the loop: every run.sync_every steps
+                    self._check_finite()
+                    if bar.disable is False:
+                        shown = {k: float(v) / done for k, v in sums.items()}
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}
+                                        | {"img/s": f"{seen / (time.perf_counter() - t_epoch):.0f}"}, refresh=False)
             bar.close()
-            n = max(done, 1)
-            metrics = {"epoch": epoch + 1, "step": state.step, "lr": lr,
-                       **{k: float(v) / n for k, v in sums.items()}, **state.scalars}
+            self._check_finite()  # before anything is evaluated or checkpointed
+            if distributed.is_distributed():
+                from timm.utils import distribute_bn
+
+                distribute_bn(state.model, distributed.world_size(), reduce=True)  # one BN state on every rank
+            metrics = {"epoch": epoch + 1, "step": state.step, "lr": lr, **self._epoch_means(sums, done),
+                       **state.scalars}
             if state.stage is not None:
                 metrics["stage"] = state.stage
             if (epoch + 1) % r.eval.every == 0 or epoch + 1 == r.schedule.epochs:
@@ -578,7 +778,7 @@ class Trainer:
             history.append(metrics)
             self._write_jsonl(metrics)
             self._checkpoint(epoch, history, wall_before + time.perf_counter() - t_start)
-            if r.run.progress:
+            if r.run.progress and main:
                 shown = " ".join(f"{k} {metrics[k]:.3f}" for k in ("loss", "nmi", "acc", "ari") if k in metrics)
                 tqdm.write(f"epoch {epoch + 1}/{r.schedule.epochs}  {shown}  ({metrics['seconds']:.1f}s)",
                            file=sys.stderr)
@@ -596,11 +796,14 @@ class Trainer:
             },
             "epochs": r.schedule.epochs, "steps": state.step, "num_train": len(self.train_ds),
             "wall_time_s": wall, "seconds_per_epoch": float(np.mean(epoch_secs)) if epoch_secs else None,
-            "peak_memory_mb": _peak_memory_mb(self.device), "device": str(self.device),
+            "peak_memory_mb": distributed.all_reduce(
+                torch.tensor(_peak_memory_mb(self.device), dtype=torch.float64, device=self.device), "max").item(),
+            "device": str(self.device), "world_size": distributed.world_size(),
             "num_params": sum(p.numel() for p in state.model.parameters()),
             "skipped_images": list(getattr(self.train_ds, "skipped", []) or []),
             "skipped_steps": self.skipped_steps, "collapse_warnings": self.collapse_warnings,
             "versions": _versions(),
         }
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        if main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary

@@ -255,12 +255,13 @@ def test_plugin_is_the_symmetric_mean_without_noise_during_warmup():
 def test_plugin_diffuses_q_after_warmup_and_is_not_gated():
     state, plugin, cache = make_state(warmup_epochs=1, epoch=1, sigma=0.5)
     assert plugin.sigma(state) == 0.5
-    q = [cache["q", v] for v in (0, 1)]  # computed first, so the noise is the only random draw
-    torch.manual_seed(5)
+    q = [cache["q", v] for v in (0, 1)]
     got = plugin.compute_losses(state, cache)[LOSS_NAME]
-    torch.manual_seed(5)
     pred = state.model["predictor"]
-    noisy = [pred(q[a] + 0.5 * torch.randn_like(q[a])) for a, _ in DIRECTIONS]
+    # eps: the step cache's seeded draw for each online view, under HSD's own salt (not DSA's)
+    eps = [cache.randn(q[0].shape[1], salt=f"{LOSS_NAME}/view{v}") for v in (0, 1)]
+    assert not torch.equal(eps[0], cache.randn(q[0].shape[1], salt="diffused_sampling/view0"))
+    noisy = [pred(q[a] + 0.5 * eps[a]) for a, _ in DIRECTIONS]
     expected = torch.stack([hardness_aware_distillation_loss(noisy[i], cache["k", b], TAU)
                             for i, (_, b) in enumerate(DIRECTIONS)]).mean()
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -263,8 +263,11 @@ def test_kmeans_init_uses_the_first_batch():
     assert bool(memory.initialized)
 
     state2, byol2, plugin2 = make_state(k=3, group_init="kmeans")
-    plugin2.compute_losses(state2, make_cache(state2, byol2, batch=8))  # initialises on its own
+    loss = plugin2.compute_losses(state2, make_cache(state2, byol2, batch=8))["momentum_grouping"]  # initialises
     assert bool(state2.model[MODULE_KEY].initialized)
+    # the init reads q first, but q (memoised for the step's losses) keeps its graph to the projector
+    loss.backward()
+    assert state2.model["projector"][0].weight.grad.abs().sum() > 0
 
 
 def test_regroup_sets_groups_to_kmeans_centres_of_the_bank():

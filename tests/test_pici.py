@@ -382,6 +382,11 @@ def test_masked_vit_outputs_and_embed_with_and_without_test_time_masking():
     cache = StepCache(views, torch.arange(4), outputs, state)
     assert cache["h", 1].shape == (4, 32) and torch.equal(cache["h", 1], cache["mae", 1].tokens[:, 0])
     assert cache["mae", 0].mask.sum().item() == 4 * 8
+    # the masking noise is the step cache's seeded draw of each view (independent of the global RNG)
+    for v in (0, 1):
+        want = encode(state.model["backbone"], views[v], 0.5, cache.rand(16, salt=f"masked_vit/view{v}"))
+        assert torch.equal(cache["mae", v].mask, want.mask) and torch.equal(cache["mae", v].tokens, want.tokens)
+    assert not torch.equal(cache["mae", 0].mask, cache["mae", 1].mask)
     state.model.eval()
     images = torch.randn(5, 1, 8, 8)
     with torch.no_grad():

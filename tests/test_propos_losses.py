@@ -95,12 +95,23 @@ def test_psa_does_not_backprop_into_target():
     assert k.grad is None and p.grad is not None
 
 
-def test_diffuse_adds_gaussian_noise_of_sigma():
-    torch.manual_seed(0)
-    q = torch.zeros(20000, 8)
-    noisy = diffuse(q, 0.5)
-    assert noisy.std().item() == pytest.approx(0.5, rel=0.02)
-    assert torch.equal(diffuse(q, 0.0), q)
+def test_diffuse_adds_sigma_times_the_noise():
+    q = torch.randn(6, 4)
+    eps = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(diffuse(q, 0.5, eps), q + 0.5 * eps)
+    assert diffuse(q, 0.0, eps) is q
+    assert diffuse(q.bfloat16(), 0.5, eps).dtype == torch.bfloat16       # q's dtype, also under AMP
+
+
+def test_diffusion_noise_is_standard_normal_per_view_from_the_step_cache():
+    from clusterkit_plugins.propos.diffused_sampling import diffusion_noise
+
+    cache = _cache(_state(epoch=2), batch=20000)[0]
+    eps0 = diffusion_noise(cache, 0, 8, "diffused_sampling")
+    assert eps0.shape == (20000, 8)
+    assert eps0.mean().item() == pytest.approx(0.0, abs=0.01) and eps0.std().item() == pytest.approx(1.0, rel=0.02)
+    assert torch.equal(eps0, cache.randn(8, salt="diffused_sampling/view0"))   # reproducible draw
+    assert not torch.equal(eps0, diffusion_noise(cache, 1, 8, "diffused_sampling"))  # views differ
 
 
 # -- the plugins' warm-up gates -----------------------------------------------------------------
@@ -111,6 +122,9 @@ class _Sched:
 
 class _Recipe:
     schedule = _Sched()
+
+    class run:  # noqa: N801
+        seed = 0
 
     class e_step:  # noqa: N801
         k = 3
@@ -126,14 +140,15 @@ def _state(epoch):
     return s
 
 
-def _cache(state):
+def _cache(state, batch=4):
     from clusterkit.state import StepCache
 
     g = torch.Generator().manual_seed(0)
-    q = [torch.randn(4, 5, generator=g) for _ in range(2)]
-    k = [torch.randn(4, 5, generator=g) for _ in range(2)]
+    q = [torch.randn(batch, 5, generator=g) for _ in range(2)]
+    k = [torch.randn(batch, 5, generator=g) for _ in range(2)]
     producers = {"q": lambda c, v: q[v], "k": lambda c, v: k[v]}
-    return StepCache([torch.zeros(4, 1), torch.zeros(4, 1)], torch.tensor([0, 2, 4, 5]), producers, state), q, k
+    index = torch.tensor([0, 2, 4, 5]) if batch == 4 else torch.arange(batch) % 8
+    return StepCache([torch.zeros(batch, 1), torch.zeros(batch, 1)], index, producers, state), q, k
 
 
 def test_prototype_aggregation_is_zero_during_warmup_then_weighted():
@@ -162,4 +177,9 @@ def test_diffused_sampling_has_no_noise_during_warmup():
     assert plugin.compute_losses(warm, cache)["diffused_sampling"].item() == pytest.approx(want.item())
     after = _state(epoch=2)
     cache2, _, _ = _cache(after)
-    assert plugin.compute_losses(after, cache2)["diffused_sampling"].item() != pytest.approx(want.item())
+    got = plugin.compute_losses(after, cache2)["diffused_sampling"].item()
+    assert got != pytest.approx(want.item())
+    # after warm-up: q + sigma * eps with eps the step cache's seeded draw of each view
+    eps = [cache2.randn(5, salt=f"diffused_sampling/view{v}") for v in (0, 1)]
+    noisy = (diffused_sampling_loss(q[0] + 0.5 * eps[0], k[1]) + diffused_sampling_loss(q[1] + 0.5 * eps[1], k[0])) / 2
+    assert got == pytest.approx(noisy.item())

@@ -36,6 +36,8 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as dist
+
 __all__ = ["KMeansResult", "assign", "kmeans", "pairwise_scores"]
 
 METRICS = ("euclidean", "cosine")
@@ -248,17 +250,24 @@ def _farthest_points(x: torch.Tensor, cost: torch.Tensor, m: int, metric: str) -
 
 
 def _update_centres(
-    xa: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, k: int, metric: str
+    xa: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, k: int, metric: str,
+    shard: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """New ``(R, K, D)`` centres from ``labels`` ``(R, N)``.
 
     Empty clusters are re-seeded with the points farthest from their current
-    centre (``cost`` ``(R, N)``), as in scikit-learn, never left NaN.
+    centre (``cost`` ``(R, N)``), as in scikit-learn, never left NaN.  With
+    ``shard = (start, stop)`` (torch.distributed), ``labels`` and ``cost`` are of
+    this rank's rows ``xa[start:stop]`` only: the per-cluster sums are all-reduced,
+    so every rank gets the same centres.
     """
     r, dim = labels.shape[0], xa.shape[1] - 2
+    local = xa if shard is None else xa[shard[0]:shard[1]]
     sums = torch.zeros(r, k, dim + 2, dtype=xa.dtype, device=xa.device)
     for i in range(r):
-        sums[i].index_add_(0, labels[i], xa)
+        sums[i].index_add_(0, labels[i], local)
+    if shard is not None:
+        dist.all_reduce(sums)
     counts = sums[..., -1]  # the ones column
     if metric == "euclidean":
         centres = sums[..., :dim] / counts.clamp(min=1)[..., None]
@@ -266,6 +275,8 @@ def _update_centres(
         centres = F.normalize(sums[..., :dim], dim=-1)
     empty = counts == 0
     if bool(empty.any()):
+        if shard is not None:
+            cost = dist.gather_rows(cost, xa.shape[0], dim=1)
         x = xa[:, :dim]
         for i in torch.nonzero(empty.any(dim=1)).flatten().tolist():
             slots = torch.nonzero(empty[i]).flatten()
@@ -305,7 +316,8 @@ def _fill_empty(
 
 
 def _lloyd(
-    xa: torch.Tensor, centres: torch.Tensor, metric: str, max_iter: int, tol: float, chunk_size: int
+    xa: torch.Tensor, centres: torch.Tensor, metric: str, max_iter: int, tol: float, chunk_size: int,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run Lloyd iterations for R restarts side by side.
 
@@ -318,20 +330,26 @@ def _lloyd(
         final ``centres`` ``(R, K, D)`` and ``n_iter`` ``(R,)`` (int64, CPU).
         A restart stops when its labels repeat (strict convergence) or its
         squared shift is ``<= tol``; finished restarts are no longer computed.
+        With ``shard = (start, stop)`` each rank assigns its rows only and the sums
+        and the convergence test are all-reduced: every rank follows the same path.
     """
     r, k, _ = centres.shape
     centres = centres.clone()
+    local = xa if shard is None else xa[shard[0]:shard[1]]
     active = torch.arange(r, device=xa.device)
-    labels_old = torch.full((r, xa.shape[0]), -1, dtype=torch.long, device=xa.device)
+    labels_old = torch.full((r, local.shape[0]), -1, dtype=torch.long, device=xa.device)
     n_iter = torch.full((r,), max_iter, dtype=torch.long)
     for it in range(max_iter):
         everyone = len(active) == r
         current = centres if everyone else centres[active]
-        labels, cost = _best_centre(xa, current, metric, chunk_size)
-        new = _update_centres(xa, labels, cost, k, metric)
+        labels, cost = _best_centre(local, current, metric, chunk_size)
+        new = _update_centres(xa, labels, cost, k, metric, shard)
         shift = ((new - current) ** 2).sum(dim=(1, 2))
         old = labels_old if everyone else labels_old[active]
-        done = (labels == old).all(dim=1) | (shift <= tol)
+        same = (labels == old).all(dim=1)
+        if shard is not None:  # converged only when the labels repeat on every rank
+            same = dist.all_reduce(same.to(torch.int32), "min").bool()
+        done = same | (shift <= tol)
         centres[active] = new
         labels_old[active] = labels
         if bool(done.any()):
@@ -359,6 +377,7 @@ def kmeans(
     seed: int = 0,
     chunk_size: int = 8192,
     init: str = "k-means++",
+    distributed: bool = False,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` into ``k`` groups; keep the best of ``n_init`` restarts.
 
@@ -376,10 +395,16 @@ def kmeans(
         chunk_size: rows of ``x`` scored against all centres at a time.
         init: ``"k-means++"`` (greedy, ``2 + int(log k)`` trials) or ``"random"``
             (k distinct points).
+        distributed: under torch.distributed, every rank passes the same ``x`` and the
+            Lloyd iterations are sharded: each rank assigns its contiguous share of the
+            rows and the per-cluster sums are all-reduced (the initialisation runs on
+            every rank alike).  The result is identical on every rank.  Every rank must
+            make the call.  Without a process group it is the plain call.
 
     Returns:
         :class:`KMeansResult` with ``labels`` ``(N,)`` and ``centers`` ``(K, D)``.
         Every cluster is non-empty whenever ``x`` has at least ``k`` distinct rows.
+        Clusters are numbered in the order of their first point (row 0 is in cluster 0).
 
     Raises:
         ValueError: for non-2-D or non-finite ``x``, ``k`` outside ``[1, N]``,
@@ -420,10 +445,15 @@ def kmeans(
         centres = _init_random(x, k, n_init, gen)
     else:
         centres = _init_kmeans_pp(xa, k, n_init, metric, chunk_size, gen)
-    centres, n_iter = _lloyd(xa, centres, metric, max_iter, tol_abs, chunk_size)
+    shard = dist.shard_range(n) if distributed and dist.is_distributed() else None
+    centres, n_iter = _lloyd(xa, centres, metric, max_iter, tol_abs, chunk_size, shard)
 
     # Final assignment so that the labels match the returned centres.
-    labels, cost = _best_centre(xa, centres, metric, chunk_size)
+    if shard is None:
+        labels, cost = _best_centre(xa, centres, metric, chunk_size)
+    else:
+        labels, cost = _best_centre(xa[shard[0]:shard[1]], centres, metric, chunk_size)
+        labels, cost = dist.gather_rows(labels, n, dim=1), dist.gather_rows(cost, n, dim=1)
     inertia = cost.sum(dim=1, dtype=torch.float64)
     counts = torch.zeros(n_init, k, dtype=torch.long, device=x.device)
     counts.scatter_add_(1, labels, torch.ones_like(labels))
@@ -432,9 +462,19 @@ def kmeans(
         inertia[i] = _exact_cost(x, centres[i][labels[i]], metric).sum(dtype=torch.float64)
 
     best = int(inertia.argmin())
-    out_centres = centres[best] + mean if metric == "euclidean" else centres[best]
+    # Number the clusters by their first point, so that restarts (or ranks) that reach the same
+    # partition give the same labels: near-tied restarts whose inertias differ by rounding only
+    # (as with sums all-reduced in another order) cannot renumber the result.
+    best_labels = labels[best]
+    first = torch.full((k,), n, dtype=torch.long, device=x.device)
+    first.scatter_reduce_(0, best_labels, torch.arange(n, device=x.device), reduce="amin")
+    order = torch.argsort(first, stable=True)                      # old ids in order of first point
+    renumber = torch.empty_like(order)
+    renumber[order] = torch.arange(k, device=x.device)
+    best_centres = centres[best][order]
+    out_centres = best_centres + mean if metric == "euclidean" else best_centres
     return KMeansResult(
-        labels=labels[best].clone(),
+        labels=renumber[best_labels],
         centers=out_centres.clone(),
         inertia=float(inertia[best]),
         n_iter=int(n_iter[best]),

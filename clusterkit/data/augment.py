@@ -486,38 +486,51 @@ class PerImageTwoView:
 
     Built from ``torchvision.transforms.v2``; call it on a uint8 ``(C, H, W)``
     tensor (e.g. in a DataLoader worker) to get two float32 normalised
-    ``(C, S, S)`` views.  ``self.transform`` is the single-view pipeline.
+    ``(C, S, S)`` views.  ``self.transform`` is the first view's pipeline and
+    ``self.second_transform`` the second's: built from ``second`` when given
+    (weak/strong views, as :class:`BatchedTwoView`'s ``second``), else the same
+    object as ``self.transform``.  Instances pickle (for worker processes).
     """
 
-    def __init__(self, params: AugmentParams, image_size: int, info: DatasetInfo):
-        from torchvision.transforms import v2
-
+    def __init__(self, params: AugmentParams, image_size: int, info: DatasetInfo,
+                 second: AugmentParams | None = None):
         self.params = params
         self.image_size = int(image_size)
         self.info = info
-        colour = info.channels == 3
-        brightness, contrast, saturation, hue = params.jitter
-        steps: list[Any] = [
-            v2.ToDtype(torch.float32, scale=True),
-            v2.RandomResizedCrop(
-                self.image_size, scale=params.crop_scale, ratio=params.crop_ratio, antialias=True
-            ),
-        ]
-        if params.resolved_hflip(info):
-            steps.append(v2.RandomHorizontalFlip())
-        jitter = v2.ColorJitter(brightness, contrast, saturation if colour else 0.0, hue if colour else 0.0)
-        steps.append(v2.RandomApply([jitter], p=params.jitter_p))
-        if colour:
-            steps.append(v2.RandomGrayscale(p=params.grayscale_p))
-        if params.blur_p > 0:
-            blur = v2.GaussianBlur(blur_kernel_size(self.image_size), sigma=params.blur_sigma)
-            steps.append(v2.RandomApply([blur], p=params.blur_p))
-        steps.append(v2.Normalize(list(info.mean), list(info.std)))
-        self.transform = v2.Compose(steps)
+        self.second = second
+        self.transform = _per_image_pipeline(params, self.image_size, info)
+        self.second_transform = (
+            self.transform if second is None else _per_image_pipeline(second, self.image_size, info)
+        )
 
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 ``(C, H, W)`` -> two float32 views ``(C, S, S)``."""
-        return self.transform(image), self.transform(image)
+        return self.transform(image), self.second_transform(image)
 
     def __repr__(self) -> str:
-        return f"PerImageTwoView({self.transform})"
+        if self.second is None:
+            return f"PerImageTwoView({self.transform})"
+        return f"PerImageTwoView({self.transform}, second={self.second_transform})"
+
+
+def _per_image_pipeline(params: AugmentParams, image_size: int, info: DatasetInfo) -> Any:
+    """One view's ``transforms.v2`` pipeline: uint8 ``(C, H, W)`` -> float32 ``(C, S, S)``."""
+    from torchvision.transforms import v2
+
+    colour = info.channels == 3
+    brightness, contrast, saturation, hue = params.jitter
+    steps: list[Any] = [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomResizedCrop(image_size, scale=params.crop_scale, ratio=params.crop_ratio, antialias=True),
+    ]
+    if params.resolved_hflip(info):
+        steps.append(v2.RandomHorizontalFlip())
+    jitter = v2.ColorJitter(brightness, contrast, saturation if colour else 0.0, hue if colour else 0.0)
+    steps.append(v2.RandomApply([jitter], p=params.jitter_p))
+    if colour:
+        steps.append(v2.RandomGrayscale(p=params.grayscale_p))
+    if params.blur_p > 0:
+        blur = v2.GaussianBlur(blur_kernel_size(image_size), sigma=params.blur_sigma)
+        steps.append(v2.RandomApply([blur], p=params.blur_p))
+    steps.append(v2.Normalize(list(info.mean), list(info.std)))
+    return v2.Compose(steps)

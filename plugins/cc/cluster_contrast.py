@@ -27,6 +27,10 @@ we use 0 log 0 = 0 (the official code would give NaN there).
 
 The contrast and the entropy are returned as two loss terms, ``cluster_contrast`` and
 ``cluster_entropy``, so both are logged.
+
+Under DDP the columns and the masses P are those of the global batch: every process
+gathers Y^a, Y^b with gradients (``cache.gather``; B = world_size x the per-process
+batch) and computes the same loss.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 from clusterkit import Plugin, hookimpl
 from clusterkit.schema import non_negative, positive
 
-from .instance_contrast import COSINE_EPS, gather_with_grad, instance_contrastive_loss
+from .instance_contrast import COSINE_EPS, instance_contrastive_loss
 
 
 def cluster_contrastive_loss(c_a: torch.Tensor, c_b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -93,8 +97,8 @@ class ClusterContrast(Plugin):
     @hookimpl
     def compute_losses(self, state, cache):
         p = self.params
-        c_a = gather_with_grad(cache["c", 0].float())
-        c_b = gather_with_grad(cache["c", 1].float())
+        c_a = cache.gather("c", 0).float()    # (world_size * B, K): the global batch
+        c_b = cache.gather("c", 1).float()
         with torch.autocast(state.device.type, enabled=False):   # similarities in float32, also under AMP
             contrast = cluster_contrastive_loss(c_a, c_b, p.temperature)
             entropy = cluster_entropy_loss(c_a, p.entropy_offset) + cluster_entropy_loss(c_b, p.entropy_offset)

@@ -11,15 +11,15 @@ the negatives:
     L_ins   = 1/(2B) sum_i (l^a_i + l^b_i)                                  (Eq. 3), tau_I = 0.5
 
 As the official code: cross-entropy summed over the 2B anchors, divided by 2B.  Under
-torch.distributed the z of every process are gathered first (with gradients), so the
-negatives are the global batch.
+DDP B is the global batch (world_size x the per-process batch): the z of every process
+are gathered first, with gradients (``cache.gather``), so the negatives are the global
+batch and every process computes the same loss.
 """
 
 from __future__ import annotations
 
 import attrs
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from clusterkit import Plugin, hookimpl
@@ -51,16 +51,6 @@ def instance_contrastive_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature:
     return F.cross_entropy(logits, positives, reduction="sum") / (2 * batch)
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x (B, ...) over the processes of a torch.distributed run, keeping the
-    gradient to every process's part; identity without torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()))
-
-
 class InstanceContrast(Plugin):
     """Instance-level contrast of the two views' instance projections z (CC Eq. 3)."""
 
@@ -72,8 +62,8 @@ class InstanceContrast(Plugin):
 
     @hookimpl
     def compute_losses(self, state, cache):
-        z_a = gather_with_grad(cache["z", 0].float())
-        z_b = gather_with_grad(cache["z", 1].float())
+        z_a = cache.gather("z", 0).float()    # (world_size * B, D): the global batch
+        z_b = cache.gather("z", 1).float()
         with torch.autocast(state.device.type, enabled=False):   # similarities in float32, also under AMP
             loss = instance_contrastive_loss(z_a, z_b, self.params.temperature)
         return {"instance_contrast": self.params.weight * loss}

@@ -11,18 +11,24 @@ p(.) the predictor:
     s_ic   = norm(p(q_i)) . norm(G'_c) / tau_g                          (Eq. 5: group logits)
     L      = mean_i CE(s_i, mu_i) = mean_i [ logsumexp_c s_ic - s_i,mu_i ]   (Eq. 6)
 
+The index i runs over the GLOBAL batch (N = world_size * B samples): under DDP q, k and
+p(q) are gathered from every process (``cache.gather``, with gradients), so every process
+assigns, updates and contrasts the same samples and keeps the same groups G; with one
+process N = B.
+
 G' is NOT detached inside the loss: the gradient reaches q both through the predictor
 and through the groups (the 1 - beta share of q in G').  After the loss, G'.detach()
 replaces G, so the second direction starts from the first one's groups (G is updated
 twice per iteration).  beta = 0.99, tau_g = 0.1; weight lambda = 1.0 (0.3 ImageNet-10,
 0.5 ImageNet-Dogs and UC-Merced, 0.1 Tiny-ImageNet); no warm-up gate.
 
-Regrouping: a memory bank keeps the latest norm(q) of both views (2560 entries =
-5 iterations at batch 256).  Every ``regroup_every`` iterations (official: every K
-iterations, the iteration counter starting at 1) spherical k-means on the bank resets
-G to its normalised centres.  The official code ran unseeded scikit-learn on the CPU;
-here it is clusterkit's seeded torch k-means on the bank's device (seed + iteration),
-so a run is reproducible.
+Regrouping: a memory bank keeps the latest norm(q) of both views of the global batch
+(2560 entries = 5 iterations at a global batch of 256; the same bank on every process).
+Every ``regroup_every`` iterations (official: every K iterations, the iteration counter
+starting at 1) spherical k-means on the bank resets G to its normalised centres.  The
+official code ran unseeded scikit-learn on the CPU; here it is clusterkit's seeded torch
+k-means on the bank's device (seed + iteration), so a run is reproducible and every
+process regroups identically.
 
 The groups, the bank, its fill pointer and count and the iteration counter are
 buffers of the module ``state.model["momentum_grouping"]``, so they are checkpointed
@@ -39,7 +45,6 @@ from typing import Literal
 
 import attrs
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -57,7 +62,7 @@ MODULE_KEY = "momentum_grouping"
 # ---------------------------------------------------------------------------------------------
 
 def assign_groups(k: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Eq. 3: mu_i = argmax_c cos(k_i, G_c).  k: (B, D), groups: (l, D) -> (B,) int64."""
+    """Eq. 3: mu_i = argmax_c cos(k_i, G_c).  k: (N, D), groups: (l, D) -> (N,) int64."""
     return (F.normalize(k, dim=1) @ F.normalize(groups, dim=1).t()).argmax(dim=1)
 
 
@@ -65,13 +70,13 @@ def momentum_update(groups: torch.Tensor, q: torch.Tensor, assignments: torch.Te
                     beta: float) -> torch.Tensor:
     """Eq. 4: G'_c = beta * G_c + (1 - beta) * mean of the q_i assigned to c.
 
-    groups: (l, D), q: (B, D) raw projector outputs, assignments: (B,) in [0, l).
+    groups: (l, D), q: (N, D) raw projector outputs, assignments: (N,) in [0, l).
     Returns (l, D); rows of groups that received no sample are returned unchanged.
     Differentiable in ``q`` (and in ``groups`` if it requires grad): nothing is detached.
     """
     num_groups = groups.shape[0]
     q = q.to(groups.dtype)
-    onehot = F.one_hot(assignments, num_groups).to(q.dtype)               # (B, l)
+    onehot = F.one_hot(assignments, num_groups).to(q.dtype)               # (N, l)
     counts = onehot.sum(dim=0)                                            # (l,)
     means = onehot.t() @ q / counts.clamp(min=1).unsqueeze(1)             # (l, D)
     updated = beta * groups + (1.0 - beta) * means
@@ -79,7 +84,7 @@ def momentum_update(groups: torch.Tensor, q: torch.Tensor, assignments: torch.Te
 
 
 def group_logits(pred: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Eq. 5: s = norm(p(q)) @ norm(G')^T / tau_g.  pred: (B, D), groups: (l, D) -> (B, l)."""
+    """Eq. 5: s = norm(p(q)) @ norm(G')^T / tau_g.  pred: (N, D), groups: (l, D) -> (N, l)."""
     return F.normalize(pred, dim=1) @ F.normalize(groups, dim=1).t() / temperature
 
 
@@ -93,9 +98,10 @@ def grouping_direction(q_a: torch.Tensor, k_b: torch.Tensor, pred_a: torch.Tenso
                        beta: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One direction (online view a, target view b) of dynamic grouping, Eq. 3-6.
 
-    q_a: (B, D) raw online projector output of view a (with grad); k_b: (B, D) target
-    output of view b; pred_a: (B, D) = p(q_a); groups: (l, D) the current G (a buffer).
-    Returns (loss scalar, G' (l, D) still attached to q_a's graph, assignments (B,)).
+    q_a: (N, D) raw online projector output of view a (with grad); k_b: (N, D) target
+    output of view b; pred_a: (N, D) = p(q_a); groups: (l, D) the current G (a buffer).
+    N is the global batch (the gathered tensors under DDP).
+    Returns (loss scalar, G' (l, D) still attached to q_a's graph, assignments (N,)).
     """
     groups = groups.detach()
     mu = assign_groups(k_b.detach(), groups)
@@ -111,8 +117,13 @@ def random_groups(num_groups: int, dim: int, seed: int) -> torch.Tensor:
 
 def regroup(bank: torch.Tensor, num_groups: int, *, seed: int, n_init: int, max_iter: int,
             tol: float) -> torch.Tensor:
-    """Spherical k-means of the bank (N, D) into l groups: the normalised centres (l, D)."""
-    result = kmeans(bank, num_groups, metric="cosine", n_init=n_init, max_iter=max_iter, tol=tol, seed=seed)
+    """Spherical k-means of the bank (M, D) into l groups: the normalised centres (l, D).
+
+    The bank is the same on every process and so are the seed and the result.
+    """
+    # every rank holds the same bank: the Lloyd sums are sharded over the ranks (identical result)
+    result = kmeans(bank, num_groups, metric="cosine", n_init=n_init, max_iter=max_iter, tol=tol, seed=seed,
+                    distributed=True)
     return F.normalize(result.centers, dim=1)
 
 
@@ -166,15 +177,6 @@ class GroupMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={tuple(self.groups.shape)}, bank_size={self.bank_size}"
-
-
-def _all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x over the processes of a DDP run (identity without torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 def projection_dim(projector: nn.Module) -> int:
@@ -239,10 +241,24 @@ class MomentumGrouping(Plugin):
 
     @staticmethod
     def prediction(state, cache, view: int) -> torch.Tensor:
-        """p(q) of a view (no noise), computed once per step and kept in the cache as ("p", view)."""
+        """p(q) (B, D) of a view (no noise) for this process's samples, computed once per step
+        and kept in the cache as ("p", view)."""
         if ("p", view) not in cache:
             cache.put("p", view, state.model["predictor"](cache["q", view]))
         return cache["p", view]
+
+    @classmethod
+    def gathered_prediction(cls, state, cache, view: int) -> torch.Tensor:
+        """p(q) (N, D) of a view for the global batch: computed locally, then gathered with
+        gradients (``cache.gather``, memoised per step)."""
+        cls.prediction(state, cache, view)
+        return cache.gather("p", view)
+
+    @staticmethod
+    def normalized_q(cache) -> torch.Tensor:
+        """norm(q) of both views of the global batch, (2N, D) float32 without gradient: view 0's
+        N rows, then view 1's (the order of one process on the whole batch)."""
+        return torch.cat([F.normalize(cache.gather("q", v).detach().float(), dim=1) for v in (0, 1)])
 
     def is_regroup_iteration(self, state, iteration: int) -> bool:
         """Iterations are numbered from 1 (official counter); regroup when iteration % every == 0."""
@@ -274,20 +290,23 @@ class MomentumGrouping(Plugin):
             ema_update(m["target_backbone"], m["backbone"], p.extra_ema_momentum)
             ema_update(m["target_projector"], m["projector"], p.extra_ema_momentum)
 
-    @torch.no_grad()
     def init_groups_by_kmeans(self, state, cache) -> None:
-        """group_init="kmeans": spherical k-means of the first batch's norm(q) of both views."""
+        """group_init="kmeans": spherical k-means of the first global batch's norm(q) of both views.
+
+        Not under torch.no_grad: q and its gather are memoised in the cache for the losses of
+        this step, so they must be computed with their graph (``normalized_q`` detaches a copy).
+        """
         memory = self.memory(state)
-        feats = torch.cat([F.normalize(cache["q", v].detach().float(), dim=1) for v in (0, 1)])
-        feats = _all_gather(feats)
+        feats = self.normalized_q(cache)
         if feats.shape[0] < memory.groups.shape[0]:
             raise PluginError(f"momentum_grouping: group_init 'kmeans' needs at least {memory.groups.shape[0]} "
                               f"samples in the first batch (2 views), got {feats.shape[0]}; use group_init "
                               "'random' or a larger batch.")
         p = self.params
-        memory.groups.copy_(regroup(feats, memory.groups.shape[0], seed=self.seed(state), n_init=p.kmeans_n_init,
-                                    max_iter=p.kmeans_max_iter, tol=p.kmeans_tol))
-        memory.initialized.fill_(True)
+        with torch.no_grad():
+            memory.groups.copy_(regroup(feats, memory.groups.shape[0], seed=self.seed(state),
+                                        n_init=p.kmeans_n_init, max_iter=p.kmeans_max_iter, tol=p.kmeans_tol))
+            memory.initialized.fill_(True)
 
     @hookimpl
     def compute_losses(self, state, cache):
@@ -296,8 +315,9 @@ class MomentumGrouping(Plugin):
         if not bool(memory.initialized):
             self.init_groups_by_kmeans(state, cache)
         losses = []
-        for a, b in DIRECTIONS:
-            loss, new_groups, _ = grouping_direction(cache["q", a], cache["k", b], self.prediction(state, cache, a),
+        for a, b in DIRECTIONS:   # over the global batch: the same G' on every process
+            loss, new_groups, _ = grouping_direction(cache.gather("q", a), cache.gather("k", b),
+                                                     self.gathered_prediction(state, cache, a),
                                                      memory.groups, p.beta, p.temperature)
             memory.groups.copy_(new_groups.detach())  # the next direction / step starts from G'
             losses.append(loss)
@@ -307,8 +327,7 @@ class MomentumGrouping(Plugin):
     def after_step(self, state, cache):
         memory = self.memory(state)
         with torch.no_grad():
-            feats = torch.cat([F.normalize(cache["q", v].detach().float(), dim=1) for v in (0, 1)])
-            memory.push(_all_gather(feats))
+            memory.push(self.normalized_q(cache))   # the gathered q of compute_losses, no new collective
             memory.iteration += 1
         iteration = int(memory.iteration)
         if self.is_regroup_iteration(state, iteration):

@@ -3,7 +3,7 @@
 HSD distils the target (teacher) embedding space into the online (student) one and
 spends its effort on the hardest pairs of the batch.  For a direction (online view a,
 target view b), with q = q_a the RAW online projector output, k = k_b the target output
-and p(.) the predictor:
+and p(.) the predictor, over the N samples of the global batch (N = world_size * B):
 
     t_i = norm(k_i)                                     teacher (no gradient)
     s_j = norm(p(q_j + sigma * eps_j)),  eps ~ N(0, I)  student: the diffused sample of DSA
@@ -31,7 +31,7 @@ teacher on those pairs:
 as the paper writes it.  The one in w_n does: the hardest negative may already be farther
 from the anchor in the student than in the teacher, and then it is not pushed.)
 
-    L_HSD = mean_i softplus( (w_p * D[i, p_i] - w_n * D[i, n_i]) / tau ),   tau = 0.5
+    L_HSD = mean_i softplus( (w_p * D[i, p_i] - w_n * D[i, n_i]) / tau ),   tau = 0.5   (i = 1..N)
 
 An anchor without negatives (every D_t[i, j] <= D[i, i], e.g. a batch of identical
 images or a student that sits exactly on its teacher) has no negative term: its loss
@@ -42,8 +42,13 @@ HSD is symmetric like the other BYOL-style losses: both views play student and t
 (``clusterkit.state.DIRECTIONS``) and the two directions are averaged.  Its weight is 1
 with no warm-up gate; only the diffusion noise follows DSA (sigma = 0.001, and 0 during
 the warm-up epochs when ``warmup_gate`` is on).  The noise eps is drawn here, apart
-from diffused_sampling's own draw (sigma is 0.001, so the two students differ by ~1e-3).
-Mining is within each process's batch (no all-gather under DDP).
+from diffused_sampling's own draw (sigma is 0.001, so the two students differ by ~1e-3),
+by ``cache.randn`` with the salt "hardness_aware_distillation/view<a>".
+
+Mining contrasts every sample with every other one, so under DDP it runs over the
+global batch: each process computes its students p(q + sigma*eps) (B, D), gathers them
+with gradients and the teachers (``cache.gather("k", b)``) into (N, D), and computes the
+same loss of the N anchors; with one process N = B.
 """
 
 from __future__ import annotations
@@ -53,9 +58,10 @@ import torch
 import torch.nn.functional as F
 
 from clusterkit import DIRECTIONS, Plugin, hookimpl
+from clusterkit.distributed import gather_with_grad
 from clusterkit.errors import PluginError
 from clusterkit.schema import non_negative, positive
-from clusterkit_plugins.propos.diffused_sampling import diffuse
+from clusterkit_plugins.propos.diffused_sampling import diffuse, diffusion_noise
 
 LOSS_NAME = "hardness_aware_distillation"
 
@@ -65,7 +71,7 @@ LOSS_NAME = "hardness_aware_distillation"
 # ---------------------------------------------------------------------------------------------
 
 def pairwise_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances ||x_i - y_j||: x (B, D), y (M, D) -> (B, M).
+    """Euclidean distances ||x_i - y_j||: x (N, D), y (M, D) -> (N, M).
 
     Computed from the differences (not from |x|^2 + |y|^2 - 2 x.y), so that equal rows give
     exactly 0 and near-ties between distances are decided exactly.
@@ -75,21 +81,21 @@ def pairwise_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mine_hardest(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Hardness-aware mining for every anchor i.  student, teacher: (B, D), L2-normalised.
+    """Hardness-aware mining for every anchor i.  student, teacher: (N, D), L2-normalised.
 
     Returns (all without gradient)::
 
-        positive  (B,) int64  p_i = argmax over positives of D[i, .]
-        negative  (B,) int64  n_i = argmin over negatives of D[i, .] (0 when there is none)
-        has_negative (B,) bool
-        w_p, w_n  (B,) float  hardness weights; w_n = 0 where there is no negative
-        negatives (B, B) bool negatives[i, j] = D_t[i, j] > D[i, i]
+        positive  (N,) int64  p_i = argmax over positives of D[i, .]
+        negative  (N,) int64  n_i = argmin over negatives of D[i, .] (0 when there is none)
+        has_negative (N,) bool
+        w_p, w_n  (N,) float  hardness weights; w_n = 0 where there is no negative
+        negatives (N, N) bool negatives[i, j] = D_t[i, j] > D[i, i]
 
     Ties are broken towards the lowest index (torch's argmin / argmax).
     """
     d_t = pairwise_distances(teacher, teacher)                       # D_t[i, j] = ||t_i - t_j||
     d = pairwise_distances(teacher, student)                         # D[i, j]   = ||t_i - s_j||
-    negatives = d_t > d.diagonal().unsqueeze(1)                      # (B, B); never j = i
+    negatives = d_t > d.diagonal().unsqueeze(1)                      # (N, N); never j = i
     has_negative = negatives.any(dim=1)
     positive = d.masked_fill(negatives, float("-inf")).argmax(dim=1)   # hardest positive
     negative = d.masked_fill(~negatives, float("inf")).argmin(dim=1)   # hardest negative
@@ -104,8 +110,9 @@ def hardness_aware_distillation_loss(student: torch.Tensor, teacher: torch.Tenso
                                      temperature: float) -> torch.Tensor:
     """HSD for one direction (HaDis, hardness-aware self-distillation).
 
-    student: (B, D) the predictor output of the diffused online sample, p(q + sigma*eps), raw;
-    teacher: (B, D) the target projector output k, raw (detached here).  Both are
+    student: (N, D) the predictor output of the diffused online sample, p(q + sigma*eps), raw;
+    teacher: (N, D) the target projector output k, raw (detached here); N the global batch
+    (under DDP both gathered, the student with gradients).  Both are
     L2-normalised here to s and t, in float32 at least (bf16 under autocast is too coarse to
     tell distances apart).  Returns a scalar::
 
@@ -154,11 +161,17 @@ class HardnessAwareDistillation(Plugin):
                               "step outputs 'q' and 'k', which byol_target provides. Add byol_target to the "
                               "recipe's plugins.")
 
+    def student(self, state, cache, view: int) -> torch.Tensor:
+        """p(q + sigma * eps) of ``view`` for this process's samples (B, D), with gradient."""
+        q, sigma = cache["q", view], self.sigma(state)
+        if sigma > 0:
+            q = diffuse(q, sigma, diffusion_noise(cache, view, q.shape[1], LOSS_NAME))
+        return state.model["predictor"](q)
+
     @hookimpl
     def compute_losses(self, state, cache):
-        predictor = state.model["predictor"]
-        sigma = self.sigma(state)
-        losses = [hardness_aware_distillation_loss(predictor(diffuse(cache["q", a], sigma)), cache["k", b],
-                                                   self.params.temperature)
-                  for a, b in DIRECTIONS]  # online view a -> student, target view b -> teacher
+        # online view a -> student, target view b -> teacher; both over the global batch (N, D)
+        losses = [hardness_aware_distillation_loss(gather_with_grad(self.student(state, cache, a)),
+                                                   cache.gather("k", b), self.params.temperature)
+                  for a, b in DIRECTIONS]
         return {LOSS_NAME: self.params.weight * torch.stack(losses).mean()}

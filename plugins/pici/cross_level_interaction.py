@@ -2,11 +2,12 @@
 
 CC's two heads live in two subspaces: the instance projections z (B, 128) and the
 cluster probabilities c (B, K) of ``contrastive_heads``.  CLI makes them agree.  For each
-view v of a batch:
+view v of the global batch of N samples (N = world_size * B under DDP, where every process
+gathers z and c, the latter with gradients, and computes the same loss; N = B otherwise):
 
     y^v    = k-means labels of the instance features (K clusters, n_init 100; official:
-             sklearn KMeans on MinMax-scaled z)                                (B,) in [0, K)
-    a^v    = argmax_k c^v                                                       (B,)
+             sklearn KMeans on MinMax-scaled z)                                (N,) in [0, K)
+    a^v    = argmax_k c^v                                                       (N,)
     W[a, b] = #{i : y^v_i = a, a^v_i = b}                                       (K, K) counts
     pi     = argmax over permutations of sum_a W[a, pi(a)]   (Hungarian, linear_sum_assignment)
     t^v_i  = pi(y^v_i)                                        k-means labels renamed to head labels
@@ -26,8 +27,8 @@ Where the labels y come from (``pseudo_labels``):
   batch of 96); here z comes from the evaluation features (``embed``: resized images, the
   unmasked encoder unless ``test_time_masking``), one label set for both views, scaled
   over the whole set.
-* ``batch``: k-means of each view's z of every batch (min(K, B, distinct rows) clusters),
-  recomputed every step.
+* ``batch``: k-means of each view's z of every global batch (min(K, N, distinct rows)
+  clusters), recomputed every step; seeded by (seed + step), so the same on every process.
 
 Official quirk (``double_softmax``, off by default): the official code passes the cluster
 head's *softmax outputs* to ``torch.nn.CrossEntropyLoss``, which applies a second
@@ -82,13 +83,14 @@ def kmeans_labels(z: torch.Tensor, num_clusters: int, *, scaling: str = "minmax"
     k = min(num_clusters, torch.unique(x, dim=0).shape[0])
     if k == 1:
         return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    return kmeans(x, k, metric="euclidean", n_init=n_init, max_iter=max_iter, seed=seed).labels
+    # every rank passes the same x: the Lloyd sums are sharded over the ranks (identical result)
+    return kmeans(x, k, metric="euclidean", n_init=n_init, max_iter=max_iter, seed=seed, distributed=True).labels
 
 
 def label_matching(pseudo: torch.Tensor, head: torch.Tensor, num_clusters: int) -> torch.Tensor:
     """The renaming pi (K,) of pseudo-labels onto head labels with the most agreement.
 
-    pseudo, head: (B,) labels in [0, K).  W[a, b] counts the samples with pseudo-label a
+    pseudo, head: (N,) labels in [0, K) of the global batch.  W[a, b] counts the samples with pseudo-label a
     and head label b; pi maximises sum_a W[a, pi(a)] over all permutations (Hungarian
     matching on the full K x K table, so every label, present in the batch or not, gets a
     distinct target).  Returns int64 on the device of ``pseudo``.
@@ -102,14 +104,14 @@ def label_matching(pseudo: torch.Tensor, head: torch.Tensor, num_clusters: int) 
 
 
 def matched_targets(pseudo: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """t_i = pi(y_i): the pseudo-labels (B,) renamed onto the argmax of the cluster head probs (B, K)."""
+    """t_i = pi(y_i): the pseudo-labels (N,) renamed onto the argmax of the cluster head probs (N, K)."""
     head = probs.detach().argmax(dim=1)
     return label_matching(pseudo, head, probs.shape[1])[pseudo]
 
 
 def cli_cross_entropy(probs: torch.Tensor, targets: torch.Tensor, double_softmax: bool = False,
                       eps: float = 1e-8) -> torch.Tensor:
-    """Cross-entropy of the cluster probabilities probs (B, K) against targets (B,) -> scalar.
+    """Cross-entropy of the cluster probabilities probs (N, K) against targets (N,) -> scalar.
 
     Default: mean_i -log(max(probs[i, t_i], eps)).  ``double_softmax`` (official quirk):
     ``F.cross_entropy(probs, t)``, i.e. probs treated as logits and softmaxed again.
@@ -123,7 +125,10 @@ def cli_cross_entropy(probs: torch.Tensor, targets: torch.Tensor, double_softmax
 
 def cross_level_interaction_loss(probs: torch.Tensor, pseudo: torch.Tensor, double_softmax: bool = False,
                                  eps: float = 1e-8) -> torch.Tensor:
-    """L^v for one view: match the pseudo-labels (B,) onto argmax probs (B, K), then the cross-entropy."""
+    """L^v for one view: match the pseudo-labels (N,) onto argmax probs (N, K), then the cross-entropy.
+
+    N is the global batch: under DDP pass the gathered probabilities and their labels.
+    """
     return cli_cross_entropy(probs, matched_targets(pseudo, probs), double_softmax, eps)
 
 
@@ -201,13 +206,14 @@ class CrossLevelInteraction(Plugin):
             bank.ready.fill_(True)
 
     def pseudo_labels_of(self, state, cache, v: int) -> torch.Tensor:
+        """The k-means labels y^v (N,) of view v's global batch (the same on every process)."""
         p = self.params
         if p.pseudo_labels == "stage":
             bank = state.model[MODULE_KEY]
             if not bool(bank.ready):  # e.g. called outside the trainer's epoch loop
                 self.on_epoch_start(state)
-            return bank.labels[cache.index]
-        return kmeans_labels(cache["z", v], state.num_clusters, scaling=p.feature_scaling, n_init=p.n_init,
+            return bank.labels[cache.global_index]
+        return kmeans_labels(cache.gather("z", v), state.num_clusters, scaling=p.feature_scaling, n_init=p.n_init,
                              max_iter=p.max_iter, seed=self.seed(state) + state.step)
 
     @hookimpl
@@ -216,7 +222,7 @@ class CrossLevelInteraction(Plugin):
         losses = []
         for v in (0, 1):
             try:
-                probs = cache["c", v]
+                probs = cache.gather("c", v)          # (N, K) of the global batch, with gradients
             except KeyError:
                 raise PluginError("cross_level_interaction trains CC's cluster head, but no plugin produces the "
                                   "step outputs 'z' and 'c'. Add contrastive_heads to the recipe's plugins.") from None

@@ -5,7 +5,7 @@ feeds every augmented view x^v through a ViT encoder that keeps a random half of
 patches, MAE-style:
 
     tokens  = PatchEmbed(x^v) + pos            (B, L, D), fixed 2-D sin-cos positions
-    noise   ~ U(0, 1)^(B x L)                  from torch's global RNG (reproducible by seed)
+    noise   ~ U(0, 1)^(B x L)                  cache.rand(L, salt="masked_vit/view<v>")
     shuffle = argsort(noise, dim=1)            per sample; small noise = kept
     keep    = shuffle[:, :len_keep],  len_keep = int(L * (1 - mask_ratio))     (mask_ratio 0.5)
     ids_restore = argsort(shuffle, dim=1)      undoes the shuffle (the decoder needs it)
@@ -18,6 +18,10 @@ patches, MAE-style:
 of the *masked* views (the paper's PICD) without knowing about masks.  The full encoding
 is the step output ``mae`` (:class:`MaskedEncoding`) for the decoder of
 ``partial_self_discrimination`` (PISD).
+
+The masking noise of a training view is drawn by ``cache.rand`` for the whole global
+batch from (run.seed, step, view), so under DDP a sample is masked the same way however
+the batch is split across processes (and a resumed run masks as the uninterrupted one).
 
 Evaluation (``embed``): the [CLS] feature of the UNMASKED encoder on the test images.
 The official code also masks at test time (its ``forward_cluster`` calls the MAE forward,
@@ -109,9 +113,12 @@ def check_maskable(backbone) -> None:
                           f"(global_pool map/prr). {fix}")
 
 
-def encode(vit: VisionTransformer, images: torch.Tensor, mask_ratio: float) -> MaskedEncoding:
+def encode(vit: VisionTransformer, images: torch.Tensor, mask_ratio: float,
+           noise: torch.Tensor | None = None) -> MaskedEncoding:
     """Run the ViT on the visible patches of ``images`` (B, C, S, S).
 
+    ``noise`` (B, L) decides which patches are kept (see :func:`random_masking`; default
+    U(0, 1) from torch's global RNG).
     Position embeddings are added before masking (the kept tokens keep their positions);
     the prefix tokens ([CLS], registers) are never masked.  ``mask_ratio`` 0 encodes the
     whole image in patch order (mask all 0, ids_restore = identity).
@@ -122,7 +129,7 @@ def encode(vit: VisionTransformer, images: torch.Tensor, mask_ratio: float) -> M
     prefix, patches = x[:, :prefix_len], x[:, prefix_len:]
     batch, length = patches.shape[:2]
     if mask_ratio > 0:
-        patches, mask, ids_restore = random_masking(patches, mask_ratio)
+        patches, mask, ids_restore = random_masking(patches, mask_ratio, noise)
     else:
         mask = torch.zeros(batch, length, device=x.device)
         ids_restore = torch.arange(length, device=x.device).expand(batch, -1)
@@ -168,7 +175,9 @@ class MaskedViT(Plugin):
         model = state.model
 
         def mae(cache, v):
-            return encode(model["backbone"], cache.views[v], self.params.mask_ratio)
+            backbone, ratio = model["backbone"], self.params.mask_ratio
+            noise = cache.rand(backbone.patch_embed.num_patches, salt=f"masked_vit/view{v}") if ratio > 0 else None
+            return encode(backbone, cache.views[v], ratio, noise)
 
         def h(cache, v):
             return cache["mae", v].cls

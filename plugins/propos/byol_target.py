@@ -10,6 +10,11 @@ Step outputs it provides, for view v of the step:
     ``q``  (B, 256) raw online projector output  q = g(f(x_v))
     ``k``  (B, 256) raw target projector output  k = g'(f'(x_v)), no gradient
 Evaluation features (``embed``): norm(k) of the target branch, as the official code.
+
+Under torchrun, ``shuffle_bn: true`` is MoCo's shuffling BN for the target branch: the
+target sees a random share of the global batch (the same permutation on every rank), so its
+BatchNorm statistics do not come from the sample's own process, and the outputs are put
+back in order.  In a single process it changes nothing (BN is permutation-invariant).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clusterkit import ParamGroup, Plugin, hookimpl
+from clusterkit import ParamGroup, Plugin, distributed, hookimpl
 from clusterkit.models import MLPHead
 from clusterkit.schema import in_range, positive
 
@@ -54,12 +59,28 @@ class BYOLTarget(Plugin):
             "doc": "predictor lr multiplier (official: 10)"})
         predictor_init_std: float = attrs.field(default=0.01, validator=positive, metadata={
             "doc": "std of the predictor's initial weights"})
+        shuffle_bn: bool = attrs.field(default=False, metadata={
+            "doc": "under torchrun: MoCo's shuffling BN for the target branch (no effect in one process)"})
 
     def online(self, model: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
         return model["projector"](model["backbone"](x))
 
     def target(self, model: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
         return model["target_projector"](model["target_backbone"](x))
+
+    @torch.no_grad()
+    def shuffled_target(self, model: nn.ModuleDict, cache, v: int) -> torch.Tensor:
+        """k of view v with shuffling BN: gather the global batch, run a permuted share of it
+        through the target on this rank, gather the outputs and undo the permutation."""
+        x = cache.views[v]
+        if not distributed.is_distributed():
+            return self.target(model, x)
+        full = distributed.gather(x)                                        # (W*B, C, S, S)
+        perm = torch.randperm(full.shape[0], generator=cache.generator(f"shuffle_bn/view{v}"), device=x.device)
+        out = distributed.gather(self.target(model, distributed.local_rows(full[perm])))  # permuted order
+        restored = torch.empty_like(out)
+        restored[perm] = out
+        return distributed.local_rows(restored)
 
     @hookimpl
     def setup(self, state):
@@ -81,6 +102,8 @@ class BYOLTarget(Plugin):
             return self.online(model, cache.views[v])
 
         def k(cache, v):
+            if self.params.shuffle_bn:
+                return self.shuffled_target(model, cache, v)
             with torch.no_grad():
                 return self.target(model, cache.views[v])
 

@@ -7,6 +7,11 @@ For a direction (online view a, target view b) with q = q_a raw and k = k_b:
 Gaussian noise is added to the RAW projector output before the predictor; sigma = 0
 during the warm-up epochs.  The loss is the batch mean, averaged over both
 directions.  (2 - 2 cos has the same gradient; we keep the paper's -2 cos.)
+
+The loss is per sample, so under DDP each process averages its own batch (DDP's
+gradient mean is then the global mean).  The noise eps of view a comes from
+``cache.randn(D, salt="diffused_sampling/view<a>")``: drawn for the global batch from
+(run.seed, step), so a sample's noise does not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -24,9 +29,15 @@ def diffused_sampling_loss(pred: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return -2.0 * F.cosine_similarity(pred, k.detach(), dim=1).mean()
 
 
-def diffuse(q: torch.Tensor, sigma: float) -> torch.Tensor:
-    """q + sigma * eps with eps ~ N(0, I) from torch's global RNG.  (B, D) -> (B, D)."""
-    return q + sigma * torch.randn_like(q) if sigma > 0 else q
+def diffuse(q: torch.Tensor, sigma: float, eps: torch.Tensor) -> torch.Tensor:
+    """q + sigma * eps.  q, eps: (B, D) with eps ~ N(0, I) -> (B, D) in q's dtype; q itself when sigma = 0."""
+    return q + sigma * eps.to(q.dtype) if sigma > 0 else q
+
+
+def diffusion_noise(cache, view: int, dim: int, salt: str) -> torch.Tensor:
+    """eps (B, dim) ~ N(0, I) for this process's samples of ``view``, from ``cache.randn`` with the salt
+    ``"<salt>/view<view>"`` (the same for a sample however the global batch is split)."""
+    return cache.randn(dim, salt=f"{salt}/view{view}")
 
 
 class DiffusedSampling(Plugin):
@@ -43,10 +54,16 @@ class DiffusedSampling(Plugin):
     def sigma(self, state) -> float:
         return 0.0 if (self.params.warmup_gate and state.in_warmup) else self.params.sigma
 
+    def diffused(self, state, cache, view: int) -> torch.Tensor:
+        """q + sigma * eps of ``view`` (B, D); no draw while sigma is 0."""
+        q, sigma = cache["q", view], self.sigma(state)
+        if sigma == 0:
+            return q
+        return diffuse(q, sigma, diffusion_noise(cache, view, q.shape[1], "diffused_sampling"))
+
     @hookimpl
     def compute_losses(self, state, cache):
         predictor = state.model["predictor"]
-        sigma = self.sigma(state)
-        losses = [diffused_sampling_loss(predictor(diffuse(cache["q", a], sigma)), cache["k", b])
+        losses = [diffused_sampling_loss(predictor(self.diffused(state, cache, a)), cache["k", b])
                   for a, b in DIRECTIONS]
         return {"diffused_sampling": self.params.weight * torch.stack(losses).mean()}

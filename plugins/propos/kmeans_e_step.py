@@ -48,8 +48,9 @@ class KMeansEStep(Plugin):
             return self._memo[1]
         p = self.params
         seed = state.recipe.run.seed if p.seed is None else p.seed
+        # every rank holds all features: the Lloyd sums are sharded over the ranks (identical result)
         result = kmeans(features, state.num_clusters, metric=p.metric, n_init=p.n_init, max_iter=p.max_iter,
-                        tol=p.tol, seed=seed)
+                        tol=p.tol, seed=seed, distributed=True)
         self._memo = (features, result)
         return result
 

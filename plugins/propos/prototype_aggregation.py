@@ -1,9 +1,9 @@
 """Prototype aggregation (DigPro Eq. 7-9 = ProPos PSL = HaDis PCL).
 
 For a direction (online view a, target view b) and the batch's hard pseudo-labels
-y (B,) in {0..K-1}:
+y (N,) in {0..K-1}, N = world_size * B the global batch:
 
-    nu_a = norm( W norm(q_a) ),  nu_b = norm( W norm(k_b) )     W = onehot(y)^T, rows L1-normalised (K, B)
+    nu_a = norm( W norm(q_a) ),  nu_b = norm( W norm(k_b) )     W = onehot(y)^T, rows L1-normalised (K, N)
     logits[c, c] = nu_a[c] . nu_b[c] / tau                       (positive: same cluster, other view)
     logits[c, j] = nu_a[c] . nu_a[j] / tau   (j != c)            (negatives: other online prototypes)
     L_c = -logits[c, c] + logsumexp_j logits[c, j]
@@ -11,6 +11,11 @@ y (B,) in {0..K-1}:
 Clusters absent from the batch: their columns are set to -10 (official code, not
 -inf) and their rows give no loss; the loss is the mean over present clusters,
 averaged over both directions.  Weight gamma = 0.1, and 0 until warm-up ends.
+
+The prototypes are means over the GLOBAL batch: under DDP q and k are gathered from
+every process (``cache.gather``, with gradients) with the pseudo-labels of the gathered
+indices, and every process computes the same loss (official: centres of the gathered
+batch).  In a single process the global batch is the batch.
 """
 
 from __future__ import annotations
@@ -28,16 +33,19 @@ ABSENT_LOGIT = -10.0
 
 
 def batch_prototypes(x: torch.Tensor, labels: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of the rows of ``x`` (B, D) per cluster, L2-normalised: (K, D); and presence (K,) bool."""
-    onehot = F.one_hot(labels, num_clusters).to(x.dtype)           # (B, K)
+    """Mean of the rows of ``x`` (N, D) per cluster, L2-normalised: (K, D); and presence (K,) bool."""
+    onehot = F.one_hot(labels, num_clusters).to(x.dtype)           # (N, K)
     counts = onehot.sum(0)                                        # (K,)
-    weights = onehot.t() / counts.clamp(min=1).unsqueeze(1)       # (K, B), rows sum to 1 (or 0)
+    weights = onehot.t() / counts.clamp(min=1).unsqueeze(1)       # (K, N), rows sum to 1 (or 0)
     return F.normalize(weights @ x, dim=1), counts > 0
 
 
 def prototype_aggregation_loss(q_a: torch.Tensor, k_b: torch.Tensor, labels: torch.Tensor, num_clusters: int,
                                temperature: float) -> torch.Tensor:
-    """PSL for one direction.  q_a, k_b: (B, D) raw (normalised here); labels (B,) -> scalar."""
+    """PSL for one direction.  q_a, k_b: (N, D) raw (normalised here); labels (N,) -> scalar.
+
+    N is the global batch (world_size * B): pass the gathered q_a, k_b and their labels.
+    """
     nu_a, present = batch_prototypes(F.normalize(q_a, dim=1), labels, num_clusters)
     nu_b, _ = batch_prototypes(F.normalize(k_b, dim=1), labels, num_clusters)
     logits = nu_a @ nu_a.t() / temperature                        # (K, K): online vs online
@@ -67,7 +75,7 @@ class PrototypeAggregation(Plugin):
                               "Add kmeans_e_step (or another E-step plugin) to the recipe's plugins.")
         if self.params.warmup_gate and state.in_warmup:
             return {"prototype_aggregation": torch.zeros((), device=state.device)}
-        labels = state.pseudo_labels[cache.index]
-        losses = [prototype_aggregation_loss(cache["q", a], cache["k", b], labels, state.num_clusters,
-                                             self.params.temperature) for a, b in DIRECTIONS]
+        labels = state.pseudo_labels[cache.global_index]          # (N,) of the global batch
+        losses = [prototype_aggregation_loss(cache.gather("q", a), cache.gather("k", b), labels,
+                                             state.num_clusters, self.params.temperature) for a, b in DIRECTIONS]
         return {"prototype_aggregation": self.params.weight * torch.stack(losses).mean()}

@@ -11,7 +11,8 @@ alpha = 2 and t = 2.  Here, for the step's two augmented views of a batch of B i
 
     z_v       = norm(g(h_v))                     h_v = cache["h", v], g: this plugin's projector
     L_align   = mean_i ||z_0i - z_1i||^alpha     the two views of image i are the positive pair
-    L_uniform = log mean_{i != j} exp(-t ||z_vi - z_vj||^2), averaged over the two views
+    L_uniform = log mean_{i != j} exp(-t ||z_vi - z_vj||^2), averaged over the two views, over the
+                global batch (cache.gather: every process's samples under torchrun)
     loss      = align_weight * L_align + uniform_weight * L_uniform
 
 Both terms are logged separately (``au_align``, ``au_uniform``).  The clusters come from the
@@ -93,7 +94,7 @@ class AlignUniform(Plugin):
     @hookimpl
     def compute_losses(self, state, cache):
         p = self.params
-        z0, z1 = cache[OUTPUT, 0], cache[OUTPUT, 1]
-        uniform = (uniform_loss(z0, p.t) + uniform_loss(z1, p.t)) / 2
+        z0, z1 = cache[OUTPUT, 0], cache[OUTPUT, 1]  # per-sample alignment: the local batch suffices
+        uniform = (uniform_loss(cache.gather(OUTPUT, 0), p.t) + uniform_loss(cache.gather(OUTPUT, 1), p.t)) / 2
         return {"au_align": p.align_weight * align_loss(z0, z1, p.alpha),
                 "au_uniform": p.uniform_weight * uniform}

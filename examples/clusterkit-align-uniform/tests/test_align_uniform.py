@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from clusterkit.plugin_manager import discover, load_plugins
 from clusterkit.recipe import load_recipe
-from clusterkit.testing import check_checkpoint_roundtrip, check_losses, train_tiny
+from clusterkit.testing import check_checkpoint_roundtrip, check_distributed_equivalence, check_losses, train_tiny
 from clusterkit_align_uniform import AlignUniform, align_loss, uniform_loss
 
 HERE = Path(__file__).resolve().parent.parent
@@ -107,3 +107,8 @@ def test_its_recipe_loads_and_allows_only_its_package():
     assert recipe.allow_plugins == ["clusterkit-align-uniform"]
     _, plugins = load_plugins(recipe.plugins, allow=recipe.allow_plugins)
     assert plugins["align_uniform"].params.t == 2.0 and "kmeans_e_step" in plugins
+
+
+def test_two_processes_match_one_process_on_the_whole_batch():
+    # uniformity contrasts every pair of the batch, so under torchrun it must see the global batch
+    check_distributed_equivalence("align_uniform", with_plugins={"kmeans_e_step": {"n_init": 1}})

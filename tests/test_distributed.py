@@ -1,0 +1,123 @@
+"""torchrun DDP in the trainer (rank-0 files, resume, errors), shuffling BN, and the GPU
+fast paths' CPU equivalence (channels_last, fused optimiser, torch.compile).
+
+The per-plugin loss equivalence (1 vs 2 processes) is tests/test_distributed_losses.py.
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from clusterkit.errors import RecipeError
+from clusterkit.recipe import load_recipe
+from clusterkit.testing import check_distributed_equivalence, train_tiny
+from clusterkit.trainer import Trainer
+
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=N -m clusterkit ARGS`` on the CPU (gloo), one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "clusterkit", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _tiny_yaml(tmp_path: Path, **changes) -> Path:
+    raw = copy.deepcopy(TINY)
+    raw["run"].update({"threads": 1, "keep_last": 5, "device": "cpu"})
+    raw["eval"] = {"pixel_baseline": "never"}
+    for key, value in changes.items():
+        section, field = key.split("__")
+        raw[section][field] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_torchrun_trains_writes_on_rank_0_only_and_resumes_exactly(tmp_path):
+    recipe = _tiny_yaml(tmp_path, schedule__epochs=3)
+    full = _torchrun(["run", str(recipe), "--out", "full"], tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "(2 processes)" in full.stderr and full.stdout.count("NMI") == 1  # one report, from rank 0
+    run = tmp_path / "full"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 3
+    # 1,797 digits over 2 ranks of batch 128: ceil(1797 / 2) = 899 images -> 7 full steps per epoch
+    assert summary["steps"] == 3 * 7
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "seconds" in r] == [1, 2, 3]  # written once, not once per rank
+    ckpt = torch.load(run / "checkpoints" / "epoch_0002.pt", weights_only=False)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2
+    assert not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"])  # ranks draw apart
+
+    # a crash during the last epoch, then --resume with 2 processes: the same end as without the crash
+    (run / "checkpoints" / "epoch_0002.pt").unlink()
+    (run / "summary.json").unlink()
+    resumed = _torchrun(["run", str(recipe), "--resume", "full"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((run / "summary.json").read_text())
+    assert again["metrics"] == summary["metrics"]
+    ckpt2 = torch.load(run / "checkpoints" / "epoch_0002.pt", weights_only=False)
+    for name, value in ckpt["model"].items():
+        assert torch.equal(value, ckpt2["model"][name]), name
+
+
+def test_torchrun_batch_not_divisible_by_processes_is_a_clear_error(tmp_path):
+    recipe = _tiny_yaml(tmp_path, data__batch_size=255)
+    proc = _torchrun(["run", str(recipe), "--out", "bad"], tmp_path)
+    assert proc.returncode != 0
+    assert "data.batch_size = 255 is the global batch" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("data.batch_size = 255")[0][-2000:]
+
+
+def test_shuffling_bn_gives_the_target_outputs_back_in_order():
+    # BatchNorm runs per sample in the check, so shuffled and plain targets must agree exactly:
+    # this proves the permutation and its inverse across the two processes
+    check_distributed_equivalence({"byol_target": {"hidden_dim": 32, "out_dim": 16, "shuffle_bn": True},
+                                   "diffused_sampling": {}}, steps=1)
+
+
+def test_sync_bn_on_a_cpu_torchrun_job_is_a_clear_error(monkeypatch, tmp_path, restore_threads):
+    raw = copy.deepcopy(TINY)
+    raw["run"].update({"sync_bn": True, "device": "cpu", "threads": 1})
+    trainer = Trainer(load_recipe(data=raw), tmp_path)
+    trainer._build()
+    monkeypatch.setattr("clusterkit.distributed.is_distributed", lambda: True)
+    with pytest.raises(RecipeError, match="SyncBatchNorm runs on GPUs only"):
+        trainer._fast_paths(trainer.state.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# fast paths: the same training on the CPU
+# ---------------------------------------------------------------------------------------------
+
+def _final(summary: dict) -> dict:
+    return {k: v for k, v in summary["history"][-1].items() if k not in ("seconds",)}
+
+
+@pytest.mark.parametrize("overrides", [
+    {"run": {"channels_last": True}},
+    {"optim": {"fused": True}},
+    {"run": {"compile": True, "compile_backend": "eager"}},
+], ids=["channels_last", "fused_sgd", "compile_eager"])
+def test_fast_paths_train_like_the_default_path(overrides, restore_threads):
+    base = {"run": {"deterministic": False}}
+    plugins = {"byol_target": {"hidden_dim": 32, "out_dim": 16}, "diffused_sampling": {},
+               "prototype_aggregation": {"warmup_gate": False}}
+    ref = train_tiny("kmeans_e_step", {"n_init": 1}, with_plugins=plugins, epochs=2, overrides=base)
+    fast = train_tiny("kmeans_e_step", {"n_init": 1}, with_plugins=plugins, epochs=2,
+                      overrides={**base, **{k: {**base.get(k, {}), **v} for k, v in overrides.items()}})
+    a, b = _final(ref), _final(fast)
+    for term in ("diffused_sampling", "prototype_aggregation", "loss"):
+        assert b[term] == pytest.approx(a[term], rel=1e-3, abs=1e-4), term
