@@ -139,7 +139,14 @@ class GroupMemory(nn.Module):
     bank_size), ``iteration`` (training iterations done), ``initialized`` (False only
     while ``group_init="kmeans"`` waits for its first batch).  All 0-d scalars are int64
     (``initialized`` bool).
+
+    The training loop decides on the host (where to write, whether to regroup), so the four
+    counters are mirrored in Python (:meth:`counter` / :meth:`set_counter`): read from the
+    buffers once (after construction or a ``load_state_dict``), then kept in step with them
+    by ``fill_``, which does not wait for the GPU.  No per-step host-device sync.
     """
+
+    COUNTERS = ("bank_ptr", "bank_count", "iteration", "initialized")
 
     def __init__(self, num_groups: int, dim: int, bank_size: int):
         super().__init__()
@@ -149,6 +156,22 @@ class GroupMemory(nn.Module):
         self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._host: dict | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host = None  # the buffers changed under the mirror: read them again
+
+    def counter(self, name: str) -> int:
+        """The counter ``name`` (one of COUNTERS) as a Python int, without a device sync."""
+        if self._host is None:
+            self._host = {c: int(getattr(self, c)) for c in self.COUNTERS}
+        return self._host[name]
+
+    def set_counter(self, name: str, value: int) -> None:
+        self.counter(name)
+        self._host[name] = int(value)
+        getattr(self, name).fill_(value)
 
     @property
     def bank_size(self) -> int:
@@ -164,16 +187,16 @@ class GroupMemory(nn.Module):
         n_total = x.shape[0]
         x = x[-size:].to(self.bank.dtype)
         skipped = n_total - x.shape[0]
-        start = (int(self.bank_ptr) + skipped) % size
+        start = (self.counter("bank_ptr") + skipped) % size
         idx = (start + torch.arange(x.shape[0], device=self.bank.device)) % size
         self.bank[idx] = x
-        self.bank_ptr.fill_((start + x.shape[0]) % size)
-        self.bank_count.fill_(min(int(self.bank_count) + n_total, size))
+        self.set_counter("bank_ptr", (start + x.shape[0]) % size)
+        self.set_counter("bank_count", min(self.counter("bank_count") + n_total, size))
 
     def filled(self) -> torch.Tensor:
         """The filled rows of the bank (bank_count, D).  Rows are written from 0 on, so
         until the bank is full they are its first bank_count rows."""
-        return self.bank[: int(self.bank_count)]
+        return self.bank[: self.counter("bank_count")]
 
     def extra_repr(self) -> str:
         return f"groups={tuple(self.groups.shape)}, bank_size={self.bank_size}"
@@ -276,7 +299,7 @@ class MomentumGrouping(Plugin):
         memory = GroupMemory(self.num_groups(state), dim, self.params.bank_size)
         if self.params.group_init == "random":
             memory.groups.copy_(random_groups(memory.groups.shape[0], dim, self.seed(state)))
-            memory.initialized.fill_(True)
+            memory.set_counter("initialized", True)
         model[MODULE_KEY] = memory.to(next(model["projector"].parameters()).device)
 
     @hookimpl
@@ -284,7 +307,7 @@ class MomentumGrouping(Plugin):
         p = self.params
         if not p.extra_ema:
             return
-        iteration = int(self.memory(state).iteration) + 1  # the iteration about to run
+        iteration = self.memory(state).counter("iteration") + 1  # the iteration about to run
         if not self.is_regroup_iteration(state, iteration):
             m = state.model
             ema_update(m["target_backbone"], m["backbone"], p.extra_ema_momentum)
@@ -306,13 +329,13 @@ class MomentumGrouping(Plugin):
         with torch.no_grad():
             memory.groups.copy_(regroup(feats, memory.groups.shape[0], seed=self.seed(state),
                                         n_init=p.kmeans_n_init, max_iter=p.kmeans_max_iter, tol=p.kmeans_tol))
-            memory.initialized.fill_(True)
+            memory.set_counter("initialized", True)
 
     @hookimpl
     def compute_losses(self, state, cache):
         p = self.params
         memory = self.memory(state)
-        if not bool(memory.initialized):
+        if not memory.counter("initialized"):
             self.init_groups_by_kmeans(state, cache)
         losses = []
         for a, b in DIRECTIONS:   # over the global batch: the same G' on every process
@@ -328,8 +351,8 @@ class MomentumGrouping(Plugin):
         memory = self.memory(state)
         with torch.no_grad():
             memory.push(self.normalized_q(cache))   # the gathered q of compute_losses, no new collective
-            memory.iteration += 1
-        iteration = int(memory.iteration)
+            memory.set_counter("iteration", memory.counter("iteration") + 1)
+        iteration = memory.counter("iteration")
         if self.is_regroup_iteration(state, iteration):
             bank = memory.filled()
             if bank.shape[0] >= memory.groups.shape[0]:  # too few entries for l groups: keep G

@@ -53,9 +53,9 @@ def prototype_aggregation_loss(q_a: torch.Tensor, k_b: torch.Tensor, labels: tor
     logits = logits.clone()
     diag = torch.arange(num_clusters, device=logits.device)
     logits[diag, diag] = positive
-    logits[:, ~present] = ABSENT_LOGIT
-    per_cluster = torch.logsumexp(logits, dim=1) - positive       # (K,)
-    return per_cluster[present].mean()
+    logits = logits.masked_fill(~present.unsqueeze(0), ABSENT_LOGIT)  # masks, not boolean indexing:
+    per_cluster = torch.logsumexp(logits, dim=1) - positive       # (K,)   no host sync on a GPU
+    return (per_cluster * present).sum() / present.sum()
 
 
 class PrototypeAggregation(Plugin):
