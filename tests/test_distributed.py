@@ -121,3 +121,39 @@ def test_fast_paths_train_like_the_default_path(overrides, restore_threads):
     a, b = _final(ref), _final(fast)
     for term in ("diffused_sampling", "prototype_aggregation", "loss"):
         assert b[term] == pytest.approx(a[term], rel=1e-3, abs=1e-4), term
+
+
+# ---------------------------------------------------------------------------------------------
+# no host-device sync inside a training step
+# ---------------------------------------------------------------------------------------------
+
+def test_a_digpro_step_reads_no_tensor_value_on_the_host(monkeypatch, restore_threads):
+    """On a GPU, reading a tensor's value on the host (.item(), bool(), int(), float(),
+    .tolist()) waits for the device; the step must do none (run.nonfinite: stop checks every
+    run.sync_every steps instead).  A regrouping step runs k-means on the host by design, so
+    regrouping is pushed past the steps checked here.  (This catches reads from Python; a sync
+    inside a torch op, such as boolean-mask indexing, shows only on a GPU.)"""
+    from clusterkit.testing import make_trainer
+
+    plugins = {"byol_target": {"hidden_dim": 32, "out_dim": 16}, "diffused_sampling": {},
+               "prototype_aggregation": {"warmup_gate": False}, "kmeans_e_step": {"n_init": 1}}
+    trainer = make_trainer("momentum_grouping", {"regroup_every": 1000, "bank_size": 64}, with_plugins=plugins)
+    trainer._build()
+    trainer._enter_epoch(0)
+    trainer._call("e_step")
+    batches = iter(trainer.loader)
+    views, index = trainer.pipeline.views(next(batches))
+    trainer._step(views, index)  # the first step reads the counters' buffers once
+    views, index = trainer.pipeline.views(next(batches))
+
+    def forbidden(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name} called inside the training step (a host-device sync)")
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    terms = trainer._step(views, index)
+    monkeypatch.undo()
+    assert set(terms) >= {"momentum_grouping", "prototype_aggregation", "diffused_sampling", "loss"}
+    assert trainer.state.step == 2
