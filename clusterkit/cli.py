@@ -117,10 +117,10 @@ def _run(args, recipe) -> int:
         if main:
             try:
                 made = str(make_run_dir(recipe, args.out, args.force))
-            except RunDirError as exc:
+            except Exception as exc:  # every rank raises it, none waits for a directory
                 made = exc
         made = distributed.broadcast_object(made)
-        if isinstance(made, RunDirError):
+        if isinstance(made, Exception):
             raise made
         run_dir = Path(made)
     if main:
