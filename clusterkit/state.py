@@ -157,10 +157,9 @@ class StepCache:
         return torch.Generator(device=self.views[0].device).manual_seed(seed)
 
     def _draw(self, fn, shape, salt: str, dtype) -> torch.Tensor:
-        b, world, rank = self.batch_size, distributed.world_size(), distributed.rank()
-        full = fn((world * b, *shape), generator=self.generator(salt), device=self.views[0].device,
-                  dtype=dtype or torch.float32)
-        return full[rank * b:(rank + 1) * b]
+        full = fn((distributed.world_size() * self.batch_size, *shape), generator=self.generator(salt),
+                  device=self.views[0].device, dtype=dtype or torch.float32)
+        return distributed.local_rows(full)
 
     def randn(self, *shape: int, salt: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Standard normal noise (B, *shape) for this process's samples.

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from timm.utils import distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -763,8 +764,6 @@ class Trainer:
             bar.close()
             self._check_finite()  # before anything is evaluated or checkpointed
             if distributed.is_distributed():
-                from timm.utils import distribute_bn
-
                 distribute_bn(state.model, distributed.world_size(), reduce=True)  # one BN state on every rank
             metrics = {"epoch": epoch + 1, "step": state.step, "lr": lr, **self._epoch_means(sums, done),
                        **state.scalars}
