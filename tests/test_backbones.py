@@ -53,3 +53,91 @@ def test_pretrained_missing_local_file_says_nothing_is_downloaded(tmp_path):
     cfg = ModelConfig(backbone="resnet18", pretrained=True, pretrained_file=str(tmp_path / "missing.pth"))
     with pytest.raises(RecipeError, match="cannot download anything"):
         create_backbone(cfg)
+
+
+# -- initialisation as the official code (torchvision's ResNet) ----------------------------------
+
+def _official_cifar_resnet18() -> nn.Module:
+    """The official ProPos/DigPro "BigResNet-18", built here from torchvision: ResNet-18 with the
+    stem replaced by a fresh 3x3 stride-1 Conv2d (PyTorch's default init) and no max-pool."""
+    import torchvision
+
+    m = torchvision.models.resnet18()
+    m.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    m.maxpool = nn.Identity()
+    m.fc = nn.Identity()
+    return m
+
+
+def _init_stats(model: nn.Module) -> list[tuple[str, float, float]]:
+    """(kind, std, mean) of every conv and BatchNorm weight, in module order."""
+    out = []
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            out.append(("conv", mod.weight.std().item(), mod.weight.mean().item()))
+        elif isinstance(mod, nn.BatchNorm2d):
+            out.append(("bn", mod.weight.std().item(), mod.weight.mean().item()))
+    return out
+
+
+def test_cifar_resnet18_initialises_like_torchvisions_resnet18_with_a_fresh_stem():
+    torch.manual_seed(0)
+    ours = _init_stats(timm.create_model("resnet18_cifar", num_classes=0))
+    theirs = _init_stats(_official_cifar_resnet18())
+    assert [kind for kind, _, _ in ours] == [kind for kind, _, _ in theirs]
+    for i, ((kind, s_ours, m_ours), (_, s_theirs, m_theirs)) in enumerate(zip(ours, theirs)):
+        if kind == "bn":  # weight 1 everywhere: no zero-initialised last BN per block
+            assert (s_ours, m_ours) == (s_theirs, m_theirs) == (0.0, 1.0), i
+        else:  # same init distribution: std within sampling error (the smallest conv has 1,728 weights)
+            assert s_ours == pytest.approx(s_theirs, rel=0.08), i
+    # the stem is PyTorch's default Conv2d init (kaiming-uniform a=sqrt(5): std = 1/sqrt(3 fan_in)),
+    # not kaiming-normal fan_out (std = sqrt(2 / (64 * 9)) = 0.059)
+    stem_std = ours[0][1]
+    assert stem_std == pytest.approx(1 / (3 * 27) ** 0.5, rel=0.08) and stem_std > 0.08
+
+
+def test_standard_resnet_with_zero_init_last_false_matches_torchvision():
+    import torchvision
+
+    torch.manual_seed(0)
+    ours = _init_stats(create_backbone(ModelConfig(backbone="resnet18", backbone_kwargs={"zero_init_last": False})))
+    theirs = _init_stats(torchvision.models.resnet18())
+    for (kind, s_ours, m_ours), (_, s_theirs, m_theirs) in zip(ours, theirs):
+        if kind == "bn":
+            assert (s_ours, m_ours) == (s_theirs, m_theirs)
+        else:
+            assert s_ours == pytest.approx(s_theirs, rel=0.08)
+
+
+def _untrained_kmeans_largest_share(backbone: str, backbone_kwargs: dict) -> float:
+    """Largest cluster share of the E-step's k-means (K=10, cosine) on the eval-mode evaluation
+    features norm(projector(backbone(x))) of an untrained network on the 1,797 digits
+    (upsampled to 32x32, one channel)."""
+    from sklearn.datasets import load_digits
+
+    from clusterkit.cluster import kmeans
+    from clusterkit.models import MLPHead
+
+    torch.manual_seed(0)
+    x = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0
+    x = (nn.functional.interpolate(x, size=32, mode="bilinear", align_corners=False) - 0.3) / 0.4
+    m = create_backbone(ModelConfig(backbone=backbone, backbone_kwargs=backbone_kwargs), in_chans=1)
+    net = nn.Sequential(m, MLPHead(m.num_features, 4096, 256)).eval()
+    with torch.no_grad():
+        feats = torch.cat([net(chunk) for chunk in x.split(512)])
+    labels = kmeans(feats, 10, metric="cosine", n_init=3, seed=0).labels
+    return torch.bincount(labels, minlength=10).max().item() / len(labels)
+
+
+def test_untrained_network_features_are_not_collapsed():
+    """With torchvision's init (the official code's) no k-means cluster of the untrained network's
+    evaluation features holds half the digits.  The negative control, timm's default
+    zero-initialised last BN of every block, piles several times more of them into one cluster."""
+    share = _untrained_kmeans_largest_share("resnet18", {"zero_init_last": False})
+    assert share < 0.5
+    assert _untrained_kmeans_largest_share("resnet18", {"zero_init_last": True}) > 2 * share
+
+
+def test_untrained_cifar_resnet_features_are_not_collapsed():
+    """The quickstart's narrow CIFAR-stem ResNet-18 with its (official) default init."""
+    assert _untrained_kmeans_largest_share("resnet18_cifar", {"channels": [16, 32, 64, 128]}) < 0.5

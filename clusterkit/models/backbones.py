@@ -2,7 +2,14 @@
 
 ``resnet18_cifar`` / ``resnet34_cifar`` are the "BigResNet" of ProPos and DigPro:
 timm's ResNet with the stem replaced by a 3x3 stride-1 convolution and no max-pool,
-so a 32x32 input keeps 32x32 feature maps in the first stage.  timm's ResNet
+so a 32x32 input keeps 32x32 feature maps in the first stage.  They initialise as the
+official code's torchvision ResNet does: kaiming-normal (fan_out) convolutions, BatchNorm
+weight 1 / bias 0, and NO zero-initialised last BatchNorm per block (torchvision's
+``zero_init_residual`` is False; timm's ``zero_init_last`` defaults to True, which makes the
+untrained network's eval-mode features collapse to one point); the replaced 3x3 stem is a
+fresh ``nn.Conv2d`` with PyTorch's default init, as the official code builds it.  Paper
+recipes on timm's standard ResNets set ``model.backbone_kwargs: {zero_init_last: false}``
+for the same reason.  timm's ResNet
 arguments pass through ``model.backbone_kwargs`` (e.g. ``channels: [32, 64, 128, 256]``
 for a narrower network; timm keeps the single-conv stem 64 wide).  They are registered
 on import of this module, so ``timm.create_model("resnet18_cifar")`` works after
@@ -37,9 +44,10 @@ def _cifar_resnet(layers, pretrained: bool = False, in_chans: int = 3, **kwargs)
     kwargs.pop("pretrained_cfg", None)
     kwargs.pop("pretrained_cfg_overlay", None)
     kwargs.pop("cache_dir", None)
+    kwargs.setdefault("zero_init_last", False)  # torchvision's zero_init_residual=False (official)
     model = ResNet(block=BasicBlock, layers=layers, in_chans=in_chans, **kwargs)
+    # the official stem: a fresh Conv2d, PyTorch's default (kaiming-uniform, a=sqrt(5)) init
     model.conv1 = nn.Conv2d(in_chans, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
     return model
 
