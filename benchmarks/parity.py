@@ -1,0 +1,821 @@
+"""End-to-end parity benchmark: the official ProPos / DigPro code against clusterkit (issue 13, item 5).
+
+Trains the released ProPos (Hzzone/ProPos) and DigPro (Regan-Zhang/DigPro) code and clusterkit's
+recipes ``benchmarks/parity/propos_fmnist.yaml`` / ``digpro_fmnist.yaml`` side by side on the CPU,
+in the same setting, and records for every system, epoch 0 (the untrained network) and epochs
+1..N of a 30-epoch schedule:
+
+* NMI, ACC and ARI of the E-step k-means labels of the training images (the papers' protocol:
+  the k-means the method itself runs on its target-branch features, train = evaluation data);
+* the largest cluster's share of those labels;
+* the feature std, ``mean_j std_i(norm(f)_ij)`` (the official ``global_std``:
+  ``torch.std(normalised features, dim=0).mean()``, unbiased std);
+* the mean loss terms of the epoch, as added to the total loss (``psa`` = L_base / PSA,
+  ``psl`` = gamma x PSL, zero during warm-up, ``grp`` = lambda x grouping CE) and their sum;
+* seconds per epoch: wall time from one E-step's end to the next (training, the feature
+  pass and k-means of the E-step, and the system's own per-epoch bookkeeping).
+
+The metrics are computed by this script (:func:`epoch_record`) from the features, E-step labels
+and ground truth each system produced, with the same code for both systems.
+
+Setting (issue 13): the first 5,000 Fashion-MNIST test images (``--limit`` for fewer), written
+once as 28x28 PNGs in class folders and read as an image folder by both systems (RGB, ImageNet
+normalisation: the official code's default for a dataset it does not know); standard-stem
+ResNet-18 with torchvision's init, 32 px, batch 256, lr 0.05 (x batch/256), wd 5e-4, EMA 0.996,
+30-epoch cosine schedule with 5 warm-up epochs, K = 10, PSL weight 0.1 at temperature 0.5,
+latent std 0.001, symmetric loss; DigPro as released (group loss weight 0.3, extra EMA 0.99 on
+non-regroup iterations).  2 torch threads per run; the official code uses 2 loader workers.
+
+Each (method, system, seed) runs in its own subprocess, one at a time:
+
+* ``official``: the official ``main.py`` run unmodified (``runpy``) in the official code's own
+  virtual environment (``--official-python``), from a local checkout (``--official-root``), with
+  runtime shims only (:func:`_install_official_shims`): a ``torch._six`` module, ``.cuda()`` as a
+  no-op, a one-process gloo group for ``nccl``, DDP without ``device_ids``.  Nothing of the
+  official code is copied here and the checkouts are not modified.  Its E-step is observed by
+  wrapping ``TrainTask.psedo_labeling`` and its loss terms by wrapping ``BYOLWrapper.forward``.
+* ``clusterkit``: :class:`clusterkit.trainer.Trainer` on the recipe, plus a probe plugin that
+  only this script registers (``parity_probe``, :func:`_probe_class`): after every E-step it
+  records the features and pseudo-labels the E-step used, and it stops the run after N epochs.
+
+A finished run whose record has at least N epochs for the same settings is reused (the schedule
+is always ``--schedule-epochs`` long, so the first N epochs of a longer run are the same run),
+so an interrupted benchmark continues where it stopped; ``--rerun`` forces new runs.
+
+Usage (from the repo root, in clusterkit's environment)::
+
+    python benchmarks/parity.py --methods propos digpro --systems official clusterkit \\
+        --seeds 0 1 --epochs 6 --schedule-epochs 30 --out benchmarks/results/parity.md
+
+    # a quick check of the harness (a few minutes):
+    python benchmarks/parity.py --limit 512 --epochs 1 --batch-size 128 --seeds 0 \\
+        --out /tmp/parity_smoke.md
+
+Writes ``--out`` (markdown: settings, one per-epoch table per method, system and seed, and a
+summary against issue 13's criteria) and the raw per-epoch records as JSON next to it (``.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RECIPES = {m: HERE / "parity" / f"{m}_fmnist.yaml" for m in ("propos", "digpro")}
+OFFICIAL_REPOS = {"propos": "ProPos", "digpro": "DigPro"}
+OFFICIAL_NAMES = {"ProPos": "Hzzone/ProPos", "DigPro": "Regan-Zhang/DigPro",
+                  "torch_clustering": "Hzzone/torch_clustering"}
+LABELS = {"propos": "ProPos", "digpro": "DigPro", "official": "official", "clusterkit": "clusterkit"}
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_WORK = Path("/tmp/clusterkit-parity")
+DEFAULT_OUT = HERE / "results" / "parity.md"
+
+#: The shared setting (issue 13).  Both systems get exactly these values.
+SETTING = {
+    "image_size": 32, "k": 10, "lr": 0.05, "weight_decay": 5e-4, "ema": 0.996, "warmup_epochs": 5,
+    "psl_weight": 0.1, "psl_temperature": 0.5, "latent_std": 0.001, "group_weight": 0.3,
+    "loader_workers": 2,
+}
+#: Issue 13's acceptance thresholds.
+NMI_TOL = 0.05
+SHARE_TOL = 0.10
+
+
+def log(msg: str) -> None:
+    """Print a progress line at once."""
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- metrics (both systems)
+
+
+def _contingency(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Counts table (classes x clusters) of two integer labelings."""
+    _, t = np.unique(gt, return_inverse=True)
+    _, p = np.unique(pred, return_inverse=True)
+    table = np.zeros((t.max() + 1, p.max() + 1), dtype=np.int64)
+    np.add.at(table, (t, p), 1)
+    return table
+
+
+def clustering_scores(gt, pred) -> dict[str, float]:
+    """NMI (arithmetic normalisation), ACC (Hungarian matching) and ARI of ``pred`` against ``gt``.
+
+    Implemented on the contingency table with numpy/scipy only, so that the official code's
+    environment and clusterkit's compute them identically.  ACC counts every image: with more
+    clusters than classes the unmatched clusters count as wrong.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    gt = np.asarray(gt).reshape(-1)
+    pred = np.asarray(pred).reshape(-1)
+    n = gt.size
+    table = _contingency(gt, pred)
+    pij = table / n
+    pi, pj = pij.sum(1), pij.sum(0)
+    nz = pij > 0
+    mi = float((pij[nz] * np.log(pij[nz] / np.outer(pi, pj)[nz])).sum())
+    h_t = float(-(pi[pi > 0] * np.log(pi[pi > 0])).sum())
+    h_p = float(-(pj[pj > 0] * np.log(pj[pj > 0])).sum())
+    nmi = 1.0 if h_t == 0 and h_p == 0 else (0.0 if h_t + h_p == 0 else 2 * mi / (h_t + h_p))
+    rows, cols = linear_sum_assignment(-table)
+    acc = float(table[rows, cols].sum() / n)
+
+    def pairs(x):
+        return (x * (x - 1) / 2).sum()
+
+    sum_ij, sum_i, sum_j, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), n * (n - 1) / 2
+    expected = sum_i * sum_j / total if total else 0.0
+    denom = 0.5 * (sum_i + sum_j) - expected
+    ari = 1.0 if denom == 0 else float((sum_ij - expected) / denom)
+    return {"nmi": float(max(nmi, 0.0)), "acc": acc, "ari": ari}
+
+
+def epoch_record(features, pred, gt, k: int) -> dict[str, float]:
+    """The per-epoch quality record of one E-step, the same for both systems.
+
+    Args:
+        features: (N, D) target-branch features the E-step clustered (normalised or not).
+        pred: (N,) the E-step's k-means labels.
+        gt: (N,) ground-truth classes (evaluation only).
+        k: number of clusters.
+    Returns:
+        ``nmi``, ``acc``, ``ari``, ``largest_share`` (share of the largest cluster),
+        ``clusters`` (non-empty clusters) and ``feature_std``
+        (``std(normalise(features), dim=0, unbiased).mean()``, the official ``global_std``).
+    """
+    f = np.asarray(features, dtype=np.float64)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    pred = np.asarray(pred).reshape(-1).astype(np.int64)
+    counts = np.bincount(pred, minlength=k)
+    return {
+        **clustering_scores(gt, pred),
+        "largest_share": float(counts.max() / pred.size),
+        "clusters": int((counts > 0).sum()),
+        "feature_std": float(f.std(axis=0, ddof=1).mean()),
+    }
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line (the per-run record file)."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+class StopParity(Exception):
+    """Raised inside a run after its N-th epoch was recorded: the run stops there."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzip) as a numpy array."""
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def prepare_images(work: Path, limit: int) -> tuple[Path, str]:
+    """Write the first ``limit`` Fashion-MNIST test images once as 28x28 grayscale PNGs.
+
+    Layout ``WORK/data/<name>/<class>/<index:05d>.png`` with classes ``0``..``9``: the image-folder
+    layout both torchvision's ``ImageFolder`` (official) and clusterkit's ``imagefolder`` read, in
+    the same (sorted) order.  Returns ``(WORK/data, name)``.
+    """
+    from PIL import Image
+
+    name = f"fmnist_test_first{limit}"
+    root = work / "data"
+    folder = root / name
+    done = folder / ".complete"
+    if done.exists():
+        return root, name
+    images = _read_idx(FMNIST_DIR / "t10k-images-idx3-ubyte.gz")[:limit]
+    labels = _read_idx(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz")[:limit]
+    for c in range(10):
+        (folder / str(c)).mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        Image.fromarray(image, mode="L").save(folder / str(int(label)) / f"{i:05d}.png")
+    done.write_text(f"{limit} images, first of t10k-images-idx3-ubyte.gz\n")
+    log(f"wrote {limit} PNGs to {folder}")
+    return root, name
+
+
+# --------------------------------------------------------------------------- the official code (child)
+
+
+def _install_official_shims(threads: int) -> None:
+    """Runtime shims that let the official GPU/DDP code run unmodified in one CPU process.
+
+    * ``torch._six`` (removed from torch): ``string_classes``, ``int_classes``, ``inf``;
+    * ``Tensor.cuda`` / ``Module.cuda`` return the object itself (everything stays on the CPU);
+      ``torch.cuda.set_device`` / ``empty_cache`` do nothing, ``current_device`` returns 0;
+    * ``dist.init_process_group`` uses gloo instead of nccl (world size 1, rank 0, env://), so
+      ``barrier`` / ``broadcast`` / ``all_gather`` / ``all_reduce`` and DDP work;
+    * ``DistributedDataParallel`` drops ``device_ids`` / ``output_device`` (CPU modules);
+    * ``torch.cuda.amp.GradScaler`` is constructed disabled (amp is off in every config);
+    * ``torchvision.transforms.functional_pil`` (removed from torchvision; DigPro's test transform
+      calls its ``resize``, bilinear by default): a module with that one function.
+    """
+    import math
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    six = types.ModuleType("torch._six")
+    six.string_classes = (str, bytes)
+    six.int_classes = int
+    six.inf = math.inf
+    sys.modules["torch._six"] = six
+    torch._six = six
+
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda *a, **k: None
+    torch.cuda.current_device = lambda: 0
+
+    original_init = dist.init_process_group
+
+    def init_process_group(*args, **kwargs):
+        kwargs.pop("backend", None)
+        args = args[1:]
+        return original_init("gloo", *args, **kwargs)
+
+    dist.init_process_group = init_process_group
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"})
+
+    base = torch.nn.parallel.DistributedDataParallel
+
+    class CpuDDP(base):
+        """DDP of a CPU module: ``device_ids`` / ``output_device`` must be None."""
+
+        def __init__(self, module, *args, device_ids=None, output_device=None, **kwargs):
+            super().__init__(module, *args, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = CpuDDP
+
+    from PIL import Image
+
+    fpil = types.ModuleType("torchvision.transforms.functional_pil")
+
+    def pil_resize(img, size, interpolation=Image.BILINEAR):
+        """PIL resize to (h, w) = ``size``: the old public torchvision helper DigPro's test transform calls."""
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return img.resize((w, h), interpolation)
+
+    fpil.resize = pil_resize
+    sys.modules["torchvision.transforms.functional_pil"] = fpil
+    try:
+        scaler = torch.cuda.amp.GradScaler
+
+        class CpuScaler(scaler):
+            """GradScaler, disabled (the official configs never enable amp)."""
+
+            def __init__(self, *args, **kwargs):
+                kwargs["enabled"] = False
+                super().__init__(*args, **kwargs)
+
+        torch.cuda.amp.GradScaler = CpuScaler
+    except AttributeError:
+        pass
+
+
+def _official_config(args, data_root: Path, dataset: str) -> dict:
+    """The official config (ProPos's / DigPro's CIFAR-style yml) for the parity setting."""
+    return {
+        "model_name": "propos", "encoder_name": "resnet18", "dataset": dataset, "data_folder": str(data_root),
+        "whole_dataset": True, "img_size": SETTING["image_size"], "num_cluster": SETTING["k"],
+        "batch_size": args.batch_size, "num_devices": -1, "dist": True, "num_workers": SETTING["loader_workers"],
+        "epochs": args.schedule_epochs, "warmup_epochs": SETTING["warmup_epochs"],
+        "learning_rate": SETTING["lr"], "learning_eta_min": 0.0, "weight_decay": SETTING["weight_decay"],
+        "momentum_base": SETTING["ema"], "momentum_increase": False, "lambda_predictor_lr": 10,
+        "feat_dim": 256, "hidden_size": 4096, "symmetric": True, "shuffling_bn": True,
+        "temperature": SETTING["psl_temperature"], "cluster_loss_weight": SETTING["psl_weight"],
+        "latent_std": SETTING["latent_std"], "use_gaussian_blur": False, "reassign": 1,
+        "eval_metric": ["nmi", "acc", "ari"], "save_checkpoints": False, "save_freq": 100000,
+        "test_freq": 100000, "wandb": False, "seed": args.seed,
+    }
+
+
+def run_official_child(args) -> None:
+    """Child process: run the official ``main.py`` (ProPos or DigPro) and record every E-step."""
+    import runpy
+
+    import yaml
+
+    _install_official_shims(args.threads)
+    repo = Path(args.official_root) / OFFICIAL_REPOS[args.method]
+    sys.path.insert(0, str(repo))
+    if args.method == "propos":  # DigPro vendors its own torch_clustering
+        sys.path.insert(1, str(Path(args.official_root) / "torch_clustering"))
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "parity.yml"
+    config_path.write_text(yaml.safe_dump(_official_config(args, Path(args.data_root), args.dataset)))
+    record_path = Path(args.record)
+
+    import models.basic_template as basic_template  # noqa: E402  (after the shims and sys.path)
+    import models.propos.byol_wrapper as byol_wrapper  # noqa: E402
+
+    losses: list[list[float]] = []
+    clock = {"t": time.perf_counter()}
+    group_term = args.method == "digpro"
+
+    original_forward = byol_wrapper.BYOLWrapper.forward
+
+    def forward(self, *a, **k):
+        out = original_forward(self, *a, **k)
+        row = [float(out[0]), float(out[1])]
+        if group_term:
+            row.append(float(out[3]))
+        losses.append(row)
+        return out
+
+    original_labeling = basic_template.TrainTask.psedo_labeling
+
+    def psedo_labeling(self, n_iter):
+        original_labeling(self, n_iter)
+        epoch = self.cur_epoch - 1 if n_iter == 1 else self.cur_epoch
+        now = time.perf_counter()
+        record = {"epoch": epoch, "n_iter": int(n_iter),
+                  **epoch_record(self.mem_data["features"].numpy(), self.psedo_labels.numpy(),
+                                 self.mem_data["labels"].numpy(), self.num_cluster)}
+        if epoch > 0:
+            mean = np.mean(np.asarray(losses), axis=0) if losses else [float("nan")] * 3
+            gate = float(epoch > self.opt.warmup_epochs)
+            record["psa"] = float(mean[0])
+            record["psl_raw"] = float(mean[1])
+            record["psl"] = float(mean[1]) * self.opt.cluster_loss_weight * gate
+            record["grp"] = float(mean[2]) * SETTING["group_weight"] if group_term else 0.0
+            if group_term:
+                record["grp_raw"] = float(mean[2])
+            record["loss"] = record["psa"] + record["psl"] + record["grp"]
+            record["steps"] = len(losses)
+            record["seconds"] = now - clock["t"]
+            record["lr_last"] = float(next(g["lr"] for g in self.optimizer.param_groups
+                                           if "predictor" not in g.get("name", "")))
+        losses.clear()
+        _append_jsonl(record_path, record)
+        log(f"official {args.method} seed {args.seed} epoch {epoch}: NMI {record['nmi']:.3f} "
+            f"largest {record['largest_share']:.2f} std {record['feature_std']:.4f}")
+        clock["t"] = time.perf_counter()
+        if epoch >= args.epochs:
+            raise StopParity
+
+    byol_wrapper.BYOLWrapper.forward = forward
+    basic_template.TrainTask.psedo_labeling = psedo_labeling
+    os.chdir(run_dir)  # the official logger writes ./ckpt/<run name>/
+    sys.argv = [str(repo / "main.py"), str(config_path)]
+    try:
+        runpy.run_path(str(repo / "main.py"), run_name="__main__")
+    except StopParity:
+        pass
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- clusterkit (child)
+
+
+def _probe_class():
+    """The ``parity_probe`` plugin class (built lazily: clusterkit is imported only here)."""
+    import attrs
+
+    from clusterkit import Plugin, hookimpl
+    from clusterkit.cluster import kmeans
+
+    class ParityProbe(Plugin):
+        """Benchmark-only plugin: records every E-step (features and pseudo-labels) and stops the
+        run after ``stop_after`` epochs.  Registered by benchmarks/parity.py only."""
+
+        @attrs.define
+        class Params:
+            record: str = ""
+            stop_after: int = 1
+
+        def __init__(self, params=None):
+            super().__init__(params)
+            self.t = time.perf_counter()
+            self.epoch_metrics: dict[int, dict] = {}
+
+        def _record(self, state, epoch: int, labels) -> None:
+            feats = state.features("train")
+            targets = self.targets
+            record = {"epoch": epoch, "step": int(state.step),
+                      **epoch_record(feats.float().cpu().numpy(), labels.cpu().numpy(), targets,
+                                     state.num_clusters)}
+            now = time.perf_counter()
+            if epoch > 0:
+                m = self.epoch_metrics.get(epoch, {})
+                record["psa"] = float(m.get("diffused_sampling", float("nan")))
+                record["psl"] = float(m.get("prototype_aggregation", 0.0))
+                record["grp"] = float(m.get("momentum_grouping", 0.0))
+                record["loss"] = float(m.get("loss", float("nan")))
+                record["seconds"] = now - self.t
+                record["lr_last"] = float(m.get("lr", float("nan")))
+                record["own_eval"] = {k: m[k] for k in ("nmi", "acc", "ari", "collapse_share", "feature_std")
+                                      if k in m}
+            _append_jsonl(Path(self.params.record), record)
+            log(f"clusterkit seed {state.recipe.run.seed} epoch {epoch}: NMI {record['nmi']:.3f} "
+                f"largest {record['largest_share']:.2f} std {record['feature_std']:.4f}")
+            self.t = time.perf_counter()
+
+        @hookimpl(trylast=True)
+        def e_step(self, state):
+            # after kmeans_e_step: state.pseudo_labels are the k-means labels of the network
+            # trained for state.epoch epochs, from the features state.features("train") holds
+            self._record(state, state.epoch, state.pseudo_labels)
+            if state.epoch >= self.params.stop_after:
+                raise StopParity
+
+        @hookimpl
+        def on_epoch_end(self, state, metrics):
+            self.epoch_metrics[state.epoch + 1] = dict(metrics)
+            if state.epoch + 1 == state.epochs and state.epochs <= self.params.stop_after:
+                # the schedule's last epoch has no E-step after it: run the E-step's k-means here
+                p = state.recipe.plugins.get("kmeans_e_step") or {}
+                result = kmeans(state.features("train"), state.num_clusters, metric=p.get("metric", "cosine"),
+                                n_init=p.get("n_init", 10), max_iter=p.get("max_iter", 300),
+                                tol=p.get("tol", 1e-4), seed=p.get("seed", state.recipe.run.seed))
+                self._record(state, state.epoch + 1, result.labels)
+
+    return ParityProbe
+
+
+def run_clusterkit_child(args) -> None:
+    """Child process: clusterkit's Trainer on the parity recipe plus the probe plugin."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from clusterkit.data import load_dataset
+    from clusterkit.plugin_manager import PluginInfo, autoload_disabled, discover
+    from clusterkit.recipe import apply_overrides, load_raw, load_recipe
+    from clusterkit.trainer import Trainer
+
+    torch.set_num_threads(args.threads)
+    raw = load_raw(RECIPES[args.method])
+    overrides = [f"data.root={Path(args.data_root) / args.dataset}", f"run.seed={args.seed}",
+                 f"schedule.epochs={args.schedule_epochs}", f"data.batch_size={args.batch_size}",
+                 f"run.threads={args.threads}", "run.progress=false", *args.extra_set]
+    raw = apply_overrides(raw, overrides)
+    raw["plugins"]["parity_probe"] = {"record": str(args.record), "stop_after": args.epochs}
+    if raw.get("allow_plugins") is not None or autoload_disabled():
+        raw["allow_plugins"] = [*(raw.get("allow_plugins") or []), "parity_probe"]
+    recipe = load_recipe(data=raw)
+    cls = _probe_class()
+    available = {**discover(), "parity_probe": PluginInfo("parity_probe", "benchmarks/parity.py:ParityProbe",
+                                                          "(benchmark)", "0", _cls=cls)}
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # the probe scores against the ground truth of the training images: the same folder, listed
+    # lazily (no decoding) in the order the trainer loads it
+    d = recipe.data
+    cls.targets = load_dataset(d.dataset, d.root, d.split, d.image_size, cache=False).targets.numpy()
+    trainer = Trainer(recipe, run_dir, available_plugins=available)
+    try:
+        trainer.fit()
+    except StopParity:
+        pass
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _git_commit(path: Path) -> str:
+    """HEAD of a checkout, or '?'."""
+    try:
+        return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def _source_digest() -> str:
+    """A hash of clusterkit's source (clusterkit/ and plugins/, committed or not), so that a
+    recorded run is reused only with the code that made it."""
+    h = hashlib.sha1()
+    for folder in ("clusterkit", "plugins"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            h.update(str(path.relative_to(REPO)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _run_key(args, method: str, system: str, seed: int) -> dict:
+    """What makes two runs the same run (everything but how many epochs are run)."""
+    key = {"method": method, "system": system, "seed": seed, "limit": args.limit, "batch_size": args.batch_size,
+           "schedule_epochs": args.schedule_epochs, "threads": args.threads, "setting": SETTING}
+    if system == "clusterkit":
+        key["recipe"] = RECIPES[method].read_text()
+        key["extra_set"] = list(args.extra_set)
+        key["source"] = _source_digest()
+    else:
+        key["official_commit"] = _git_commit(Path(args.official_root) / OFFICIAL_REPOS[method])
+    return key
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The epoch records of a run file (header line skipped), in epoch order."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted((r for r in rows if "epoch" in r), key=lambda r: r["epoch"])
+
+
+def _header(path: Path) -> dict | None:
+    """The run file's first line (its run key), or None."""
+    if not path.exists():
+        return None
+    first = path.read_text().split("\n", 1)[0]
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return None
+    return row.get("key") if isinstance(row, dict) else None
+
+
+def run_one(args, method: str, system: str, seed: int, data_root: Path, dataset: str) -> list[dict]:
+    """Run (or reuse) one (method, system, seed) in its own subprocess; returns its records."""
+    key = _run_key(args, method, system, seed)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    name = f"{method}_{system}_s{seed}_{digest}"
+    record = args.work / "records" / f"{name}.jsonl"
+    records = _read_records(record)
+    if not args.rerun and _header(record) == key and len(records) >= args.epochs + 1 and \
+            [r["epoch"] for r in records[: args.epochs + 1]] == list(range(args.epochs + 1)):
+        log(f"[{name}] reusing {len(records) - 1} recorded epochs")
+        return records[: args.epochs + 1]
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"key": key}) + "\n")
+    run_dir = args.work / "runs" / name
+    logs = args.work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    python = args.official_python if system == "official" else sys.executable
+    cmd = [str(python), str(Path(__file__).resolve()), "--child", system, "--method", method, "--seed", str(seed),
+           "--epochs", str(args.epochs), "--schedule-epochs", str(args.schedule_epochs),
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--record", str(record),
+           "--run-dir", str(run_dir), "--data-root", str(data_root), "--dataset", dataset,
+           "--official-root", str(args.official_root)]
+    for item in args.extra_set:
+        cmd += ["--extra-set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "PYTHONPATH": "", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    log(f"[{name}] {system} {method} seed {seed}: {args.epochs} of {args.schedule_epochs} epochs "
+        f"(log: {logs / (name + '.log')})")
+    t0 = time.perf_counter()
+    with open(logs / f"{name}.log", "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    records = _read_records(record)
+    if proc.returncode != 0 or len(records) < args.epochs + 1:
+        tail = (logs / f"{name}.log").read_text().splitlines()[-30:]
+        raise SystemExit(f"[{name}] failed (exit {proc.returncode}, {len(records)} epochs recorded):\n"
+                         + "\n".join(tail))
+    log(f"[{name}] done in {time.perf_counter() - t0:.0f} s")
+    return records[: args.epochs + 1]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(x, digits=3) -> str:
+    """A number for the tables ('' for missing)."""
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return ""
+    return f"{x:.{digits}f}"
+
+
+def per_epoch_table(records: list[dict]) -> list[str]:
+    """Markdown rows of one run's per-epoch records."""
+    lines = ["| epoch | NMI | ACC | ARI | largest cluster | feature std | L_psa | γ·L_psl | λ·L_grp | loss "
+             "| s/epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append("| " + " | ".join([
+            str(r["epoch"]), _fmt(r["nmi"]), _fmt(r["acc"]), _fmt(r["ari"]), f"{r['largest_share']:.1%}",
+            _fmt(r["feature_std"], 4), _fmt(r.get("psa")), _fmt(r.get("psl"), 4), _fmt(r.get("grp"), 4),
+            _fmt(r.get("loss")), _fmt(r.get("seconds"), 1)]) + " |")
+    return lines
+
+
+def compare(results: dict, method: str, epochs: int) -> tuple[list[str], dict]:
+    """The criteria of issue 13 for one method: per epoch, clusterkit's NMI of each seed within the
+    official spread over seeds or within ±0.05 of the official mean, and its largest-cluster share
+    within ±0.10 of the official mean.  Returns markdown rows and the verdict."""
+    off = results.get((method, "official"), {})
+    ck = results.get((method, "clusterkit"), {})
+    lines = ["| epoch | official NMI (seeds) | official mean | clusterkit NMI (seeds) | NMI ok | "
+             "official largest (mean) | clusterkit largest (seeds) | share ok | official / clusterkit s/epoch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    verdict = {"nmi_ok": 0, "share_ok": 0, "checked": 0}
+    for e in range(epochs + 1):
+        o = [recs[e] for recs in off.values() if len(recs) > e]
+        c = [recs[e] for recs in ck.values() if len(recs) > e]
+        if not o or not c:
+            continue
+        onmi = [r["nmi"] for r in o]
+        lo, hi, mean = min(onmi), max(onmi), float(np.mean(onmi))
+        oshare = float(np.mean([r["largest_share"] for r in o]))
+        nmi_ok = [lo <= r["nmi"] <= hi or abs(r["nmi"] - mean) <= NMI_TOL for r in c]
+        share_ok = [abs(r["largest_share"] - oshare) <= SHARE_TOL for r in c]
+        verdict["checked"] += len(c)
+        verdict["nmi_ok"] += sum(nmi_ok)
+        verdict["share_ok"] += sum(share_ok)
+        osec = [r["seconds"] for r in o if r.get("seconds")]
+        csec = [r["seconds"] for r in c if r.get("seconds")]
+        speed = f"{np.mean(osec):.1f} / {np.mean(csec):.1f}" if osec and csec else ""
+        lines.append("| " + " | ".join([
+            str(e), " ".join(_fmt(x) for x in onmi), _fmt(mean), " ".join(_fmt(r["nmi"]) for r in c),
+            "yes" if all(nmi_ok) else "**no**", f"{oshare:.1%}",
+            " ".join(f"{r['largest_share']:.1%}" for r in c), "yes" if all(share_ok) else "**no**", speed]) + " |")
+    return lines, verdict
+
+
+def command_line(args) -> str:
+    """The benchmark's command, with repo-relative paths only (machine paths are left out)."""
+    parts = ["python", "benchmarks/parity.py", "--methods", *args.methods, "--systems", *args.systems,
+             "--seeds", *map(str, args.seeds), "--epochs", str(args.epochs), "--schedule-epochs",
+             str(args.schedule_epochs)]
+    if args.limit != 5000:
+        parts += ["--limit", str(args.limit)]
+    if args.batch_size != 256:
+        parts += ["--batch-size", str(args.batch_size)]
+    if args.threads != 2:
+        parts += ["--threads", str(args.threads)]
+    for item in args.extra_set:
+        parts += ["--extra-set", item]
+    out = Path(args.out).resolve()
+    parts += ["--out", str(out.relative_to(REPO)) if out.is_relative_to(REPO) else out.name]
+    return shlex.join(parts)
+
+
+def write_report(args, results: dict) -> None:
+    """Write the markdown report and the raw JSON next to it."""
+    import torch
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    commits = {OFFICIAL_NAMES[d]: _git_commit(Path(args.official_root) / d)[:12]
+               for d in ("ProPos", "DigPro", "torch_clustering")}
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# End-to-end parity: official ProPos / DigPro code vs clusterkit",
+        "",
+        f"Generated {now} by `{command_line(args)}` "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, {args.threads} torch "
+        f"threads per run, one run at a time; clusterkit's torch {torch.__version__}).",
+        "",
+        "Official code: " + ", ".join(f"{k}@{v}" for k, v in commits.items()) + ", run unmodified with runtime "
+        "shims only (`torch._six`, `.cuda()` as a no-op, a one-process gloo group for nccl, DDP without "
+        "device_ids), in its own environment (lightly 1.4.24, scikit-learn).",
+        f"clusterkit: `benchmarks/parity/{{propos,digpro}}_fmnist.yaml` (git {_git_commit(REPO)[:12]}, "
+        f"source digest {_source_digest()} of clusterkit/ and plugins/ including uncommitted changes)."
+        + (f" Extra overrides of the clusterkit runs: `{' '.join(args.extra_set)}`." if args.extra_set else ""),
+        "",
+        f"Setting (issue 13): the first {args.limit} Fashion-MNIST test images written as 28x28 PNGs and read "
+        "as an image folder by both (RGB, ImageNet normalisation), standard-stem ResNet-18 with torchvision's "
+        f"init, 32 px, batch {args.batch_size}, {args.epochs} epochs of a {args.schedule_epochs}-epoch cosine "
+        "schedule with 5 warm-up epochs, K = 10, lr 0.05, wd 5e-4, EMA 0.996, PSL weight 0.1 at temperature "
+        "0.5, latent std 0.001, symmetric; DigPro as released (group loss weight 0.3, extra EMA 0.99).",
+        "",
+        "Every number is computed by the harness from what each system produced at its E-step: NMI / ACC / "
+        "ARI of the E-step's k-means labels of all training images (train = evaluation data), the largest "
+        "cluster's share, the feature std `std(norm(f), dim=0).mean()` of the target-branch features, the "
+        "epoch's mean loss terms as added to the loss (L_psa; γ·L_psl, 0 during warm-up; λ·L_grp) and the "
+        "wall time from one E-step's end to the next. Epoch 0 is the untrained network.",
+        "",
+        "What the harness cannot make identical (inherent to the two code bases, not to be confused with "
+        "training differences):",
+        "- clusterkit's `imagefolder` decodes the 28 px PNGs resized to 32 px (PIL bilinear) once at load, so its "
+        "random crops are cut from the upsampled image; the official RandomResizedCrop cuts the native 28 px "
+        "image and resizes the crop to 32 px. The E-step images: official ProPos `PIL.Image.resize` (bicubic, "
+        "Pillow's default), official DigPro bilinear, clusterkit bilinear.",
+        "- The official data order comes from a DistributedSampler with its default seed 0, so both official "
+        "seeds see the same order (the seed changes the init, the augmentation draws and the noise); "
+        "clusterkit's order depends on the run's seed.",
+        "- s/epoch: clusterkit's includes writing its per-epoch checkpoint; the official runs have checkpoints "
+        "off (they would keep one file per epoch) but include the official logger's per-iteration work. Runs "
+        "are one at a time, but the machine may be shared with other work.",
+        "",
+    ]
+    overall = {}
+    for method in args.methods:
+        lines += [f"## {LABELS[method]}", ""]
+        if "official" in args.systems and "clusterkit" in args.systems:
+            rows, verdict = compare(results, method, args.epochs)
+            overall[method] = verdict
+            lines += [f"### Summary against issue 13's criteria ({LABELS[method]})", "",
+                      "Per epoch, each clusterkit seed's NMI must lie within the official code's spread over "
+                      f"the seeds or within ±{NMI_TOL} of the official mean, and its largest-cluster share "
+                      f"within ±{SHARE_TOL:.2f} of the official mean.", "", *rows, "",
+                      f"NMI criterion met in {verdict['nmi_ok']} of {verdict['checked']} (epoch, seed) cells; "
+                      f"largest-cluster criterion in {verdict['share_ok']} of {verdict['checked']}.", ""]
+        for system in args.systems:
+            for seed, records in sorted(results.get((method, system), {}).items()):
+                lines += [f"### {LABELS[method]}, {system}, seed {seed}", "", *per_epoch_table(records), ""]
+    out.write_text("\n".join(lines))
+    raw = {
+        "command": command_line(args), "generated": now, "setting": {**SETTING, "limit": args.limit,
+                                                                     "batch_size": args.batch_size,
+                                                                     "epochs": args.epochs,
+                                                                     "schedule_epochs": args.schedule_epochs},
+        "official_commits": commits, "criteria": {"nmi_tol": NMI_TOL, "share_tol": SHARE_TOL}, "verdict": overall,
+        "runs": [{"method": m, "system": s, "seed": seed, "epochs": recs}
+                 for (m, s), by_seed in results.items() for seed, recs in sorted(by_seed.items())],
+    }
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    log(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None):
+    """Command-line options (the orchestrator's and the children's)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", choices=("propos", "digpro"), default=["propos", "digpro"])
+    p.add_argument("--systems", nargs="+", choices=("official", "clusterkit"), default=["official", "clusterkit"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--epochs", type=int, default=6, help="epochs to run (of the schedule)")
+    p.add_argument("--schedule-epochs", type=int, default=30, help="length of the lr schedule")
+    p.add_argument("--limit", type=int, default=5000, help="use the first N test images (quick checks)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                   help="PNG cache, per-run records, logs and run folders (outside the repo)")
+    p.add_argument("--official-root", type=Path, default=Path("/work/official"),
+                   help="folder holding the ProPos, DigPro and torch_clustering checkouts")
+    p.add_argument("--official-python", type=Path, default=Path("/work/official-venv/bin/python"),
+                   help="python of the official code's environment (torch, torchvision, lightly 1.4.24, "
+                        "scikit-learn, munkres, pyyaml, tqdm, matplotlib)")
+    p.add_argument("--extra-set", action="append", default=[],
+                   help="a --set override for the clusterkit runs (e.g. data.pipeline=per_image); repeatable")
+    p.add_argument("--rerun", action="store_true", help="do not reuse recorded runs")
+    # children
+    p.add_argument("--child", choices=("official", "clusterkit"), help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--record", help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+    p.add_argument("--data-root", help=argparse.SUPPRESS)
+    p.add_argument("--dataset", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.epochs > args.schedule_epochs:
+        p.error("--epochs must be between 1 and --schedule-epochs")
+    if args.limit < args.batch_size or args.limit > 10000:
+        p.error("--limit must be at least --batch-size and at most 10000")
+    return args
+
+
+def main(argv=None) -> None:
+    """Run the benchmark (or, with the hidden --child option, one run of it)."""
+    args = parse_args(argv)
+    if args.child == "official":
+        run_official_child(args)
+        return
+    if args.child == "clusterkit":
+        run_clusterkit_child(args)
+        return
+    args.work = args.work.resolve()
+    if "official" in args.systems and not Path(args.official_python).exists():
+        raise SystemExit(f"The official code's python '{args.official_python}' does not exist; create that "
+                         "environment (see --help) or pass --official-python.")
+    data_root, dataset = prepare_images(args.work, args.limit)
+    results: dict = {}
+    for method in args.methods:
+        for system in args.systems:
+            for seed in args.seeds:
+                records = run_one(args, method, system, seed, data_root, dataset)
+                results.setdefault((method, system), {})[seed] = records
+                write_report(args, results)  # a partial report after every run
+
+
+if __name__ == "__main__":
+    main()
