@@ -64,6 +64,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -574,6 +575,7 @@ def run_one(args, method: str, system: str, seed: int, data_root: Path, dataset:
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"key": key}) + "\n")
     run_dir = args.work / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run folder: no files of an earlier attempt
     logs = args.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     python = args.official_python if system == "official" else sys.executable
