@@ -108,7 +108,7 @@ def build_trainer(recipe_path: str, overrides: list[str], threads: int, device: 
     trainer._enter_epoch(epoch)
     trainer._call("on_epoch_start")
     trainer._call("e_step")
-    trainer._set_lr(float(epoch))
+    trainer._set_lr(epoch * trainer.state.steps_per_epoch)
     return trainer
 
 

@@ -12,9 +12,12 @@ The loop (``clusterkit/trainer.py``)::
         on_epoch_start
         e_step               every e_step.every epochs (and before the first)
         for batch:
-            on_step_start    before the forward (e.g. an extra EMA)
-            compute_losses   return {term name: weighted loss}; the core sums and steps
-            after_step       after the optimiser step (EMA, memory banks, regrouping)
+            on_step_start    before the forward (e.g. an extra EMA, a regroup)
+            compute_losses   return {term name: weighted loss}; no side effects
+            (backward)
+            before_optimizer_step  gradients ready, weights not yet changed (official EMA timing)
+            (optimiser step)
+            after_step       after the optimiser step (EMA, memory banks, state updates)
         evaluate:  embed -> predict -> NMI/ACC/ARI
         on_epoch_end
         checkpoint
@@ -100,13 +103,26 @@ def compute_losses(state, cache):
     Apply your own weight (and warm-up gate) before returning: the core sums every
     term of every plugin, logs each one, and runs backward and the optimiser step.
     Term names must be unique across plugins.
+
+    No side effects: a step whose loss is not finite may be skipped
+    (``run.nonfinite: skip``), so state changes computed here (updated group features,
+    queue entries) go into the step cache (``cache.put``) and are applied in
+    ``after_step``, which runs only after a real optimiser step.
     """
+
+
+@hookspec
+def before_optimizer_step(state, cache):
+    """Called after backward and just before the optimiser step, only for a step that is
+    applied: the parameters are still those the losses saw.  The official ProPos/DigPro
+    code updates its EMA target here (inside the forward, from the pre-step weights)."""
 
 
 @hookspec
 def after_step(state, cache):
     """Called after the optimiser step (gradients are applied): EMA updates,
-    memory banks, periodic regrouping."""
+    memory banks, periodic regrouping, and the state changes ``compute_losses`` left in
+    the step cache.  Skipped steps (``run.nonfinite: skip``) get no call."""
 
 
 @hookspec(firstresult=True)

@@ -98,6 +98,9 @@ class ScheduleConfig:
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     cosine_denominator: Literal["total", "after_warmup"] = field(default="total", metadata=_doc(
         "official ProPos/DigPro quirk: the cosine divides by the total epochs, so the last lr is not 0"))
+    lr_clock: Literal["official", "zero_based"] = field(default="official", metadata=_doc(
+        "official: iteration n (counted from 1) trains with the lr of epoch n / steps_per_epoch, so the "
+        "first step's lr is above 0 (ProPos/DigPro code); zero_based: the first step has lr 0"))
 
 
 @attrs.define

@@ -290,7 +290,7 @@ def _check_step(trainer: TinyTrainer, backbone: bool) -> StepReport:
     trainer._enter_epoch(0)
     trainer._call("on_epoch_start")
     trainer._call("e_step")
-    trainer._set_lr(0.0)
+    trainer._set_lr(0)
     images, _, index = next(iter(trainer.loader))
     views = trainer.augment(images.to(trainer.device))
     cache = StepCache(views, index.to(trainer.device), trainer.producers, state)
@@ -489,7 +489,7 @@ def _equivalence_run(raw: dict, available, batches: list[tuple], out: str) -> No
         rows = slice(rank * (len(index) // world), (rank + 1) * (len(index) // world))
         model.train()
         _freeze_batch_norm(model)
-        trainer._set_lr(float(trainer.state.epoch))
+        trainer._set_lr(trainer.state.epoch * trainer.state.steps_per_epoch)
         terms = trainer._step([v0[rows], v1[rows]], index[rows])
         if terms is None:
             raise PluginCheckError("a loss term was not finite during the distributed equivalence check")

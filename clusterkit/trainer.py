@@ -38,12 +38,12 @@ from .plugin_manager import load_plugins
 from .recipe import Recipe, check_stages, dump_recipe, load_recipe
 from .state import ParamGroup, Prediction, StepCache, TrainState
 
-__all__ = ["Trainer", "make_run_dir", "lr_at", "DivergenceError", "STAGED_HOOKS"]
+__all__ = ["Trainer", "make_run_dir", "lr_at", "lr_for_step", "DivergenceError", "STAGED_HOOKS"]
 
 #: Hooks that a plugin switched off by the recipe's ``stages`` does not receive.  setup,
 #: register_outputs, embed and predict always run, so modules and outputs exist throughout.
-STAGED_HOOKS = frozenset({"on_epoch_start", "e_step", "on_step_start", "compute_losses", "after_step",
-                          "on_epoch_end"})
+STAGED_HOOKS = frozenset({"on_epoch_start", "e_step", "on_step_start", "compute_losses",
+                          "before_optimizer_step", "after_step", "on_epoch_end"})
 
 
 class DivergenceError(RecipeError):
@@ -118,6 +118,17 @@ def lr_at(t: float, sched, base_lr: float) -> float:
         return base_lr
     span = sched.epochs if sched.cosine_denominator == "total" else max(sched.epochs - warm, 1)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * (t - warm) / span))
+
+
+def lr_for_step(step: int, steps_per_epoch: int, sched, base_lr: float) -> float:
+    """Learning rate of the training iteration after ``step`` iterations (0-based).
+
+    ``schedule.lr_clock: official`` reads the schedule at fractional epoch
+    ``(step + 1) / steps_per_epoch``, as the official code's ``n_iter`` counted from 1 (its
+    first step trains with a small positive lr); ``zero_based`` at ``step / steps_per_epoch``.
+    """
+    tick = step + 1 if sched.lr_clock == "official" else step
+    return lr_at(tick / steps_per_epoch, sched, base_lr)
 
 
 def make_run_dir(recipe: Recipe, out: str | None, force: bool) -> Path:
@@ -527,8 +538,9 @@ class Trainer:
         return cluster_metrics(self.eval_ds.targets, res.labels.cpu())
 
     # -- the loop ----------------------------------------------------------------------------------
-    def _set_lr(self, t: float) -> float:
-        lr = lr_at(t, self.recipe.schedule, self.base_lr)
+    def _set_lr(self, iteration: int) -> float:
+        """Set every parameter group's lr for training iteration ``iteration`` (0-based)."""
+        lr = lr_for_step(iteration, self.state.steps_per_epoch, self.recipe.schedule, self.base_lr)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
         return lr
@@ -585,6 +597,7 @@ class Trainer:
         else:
             self.nonfinite.update(list(terms.values()), state.step)
             self.term_names = list(terms)
+        self._call("before_optimizer_step", cache=cache)
         self.optimizer.step()
         state.step += 1
         self._call("after_step", cache=cache)
@@ -741,7 +754,7 @@ class Trainer:
                        disable=not (r.run.progress and main), leave=False, dynamic_ncols=True, file=sys.stderr)
             for i, batch in enumerate(self.loader):
                 state.step_in_epoch = i
-                lr = self._set_lr(epoch + i / state.steps_per_epoch)
+                lr = self._set_lr(epoch * state.steps_per_epoch + i)
                 views, index = self.pipeline.views(batch)
                 terms = self._step(views, index)
                 bar.update(1)

@@ -135,6 +135,12 @@ class Recorder(Plugin):
         return {"rec_loss": (z0 - z1).pow(2).mean(), "rec_const": torch.tensor(0.25)}
 
     @hookimpl
+    def before_optimizer_step(self, state, cache):
+        head = state.model["recorder_head"]
+        self.log("before_optimizer_step", state, weight=head.weight.detach().clone(),
+                 has_grad=head.weight.grad is not None)
+
+    @hookimpl
     def after_step(self, state, cache):
         self.log("after_step", state, weight=state.model["recorder_head"].weight.detach().clone())
 
@@ -223,11 +229,23 @@ def test_hook_compute_losses(recorded):
         assert record["loss"] == pytest.approx(record["rec_loss"] + 0.25)  # and summed into the loss
 
 
+def test_hook_before_optimizer_step(recorded):
+    befores, starts = _events(recorded, "before_optimizer_step"), _events(recorded, "on_step_start")
+    afters = _events(recorded, "after_step")
+    assert [e[2] for e in befores] == list(range(12))  # state.step does not count the step yet
+    assert all(e[3]["has_grad"] for e in befores)  # after backward
+    # before the optimiser step: the weights are still those the losses saw, and they move after it
+    assert all(torch.equal(b[3]["weight"], s[3]["weight"]) for b, s in zip(befores, starts))
+    # (the last of the 12 iterations trains at lr 0: the official clock reads the cosine at its end)
+    assert all(not torch.equal(b[3]["weight"], a[3]["weight"]) for b, a in zip(befores[:-1], afters[:-1]))
+
+
 def test_hook_after_step(recorded):
     afters, starts = _events(recorded, "after_step"), _events(recorded, "on_step_start")
     assert [e[2] for e in afters] == list(range(1, 13))  # state.step counts the step just taken
-    # after the optimiser step: the trainable head has moved since the step started
-    assert all(not torch.equal(a[3]["weight"], s[3]["weight"]) for a, s in zip(afters, starts))
+    # after the optimiser step: the trainable head has moved since the step started (but in the
+    # last iteration, which trains at lr 0: the official clock reads the cosine at its end)
+    assert all(not torch.equal(a[3]["weight"], s[3]["weight"]) for a, s in zip(afters[:-1], starts[:-1]))
 
 
 def test_hook_predict(recorded):

@@ -6,7 +6,7 @@ import yaml
 from clusterkit.errors import RecipeError
 from clusterkit.plugin_manager import load_plugins
 from clusterkit.recipe import load_recipe
-from clusterkit.trainer import lr_at
+from clusterkit.trainer import lr_at, lr_for_step
 
 
 def write(path, data):
@@ -105,8 +105,9 @@ def test_shipped_recipes_load_and_validate():
 
 
 class Sched:
-    def __init__(self, epochs, warmup, denominator="total", kind="cosine"):
+    def __init__(self, epochs, warmup, denominator="total", kind="cosine", clock="official"):
         self.epochs, self.warmup_epochs, self.cosine_denominator, self.lr_schedule = epochs, warmup, denominator, kind
+        self.lr_clock = clock
 
 
 def test_lr_schedule_warmup_then_cosine_official_quirk():
@@ -118,3 +119,16 @@ def test_lr_schedule_warmup_then_cosine_official_quirk():
     assert lr_at(100, s, 1.0) == pytest.approx(0.5 * (1 + math.cos(0.9 * math.pi)))
     assert lr_at(100, Sched(100, 10, "after_warmup"), 1.0) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(50, Sched(100, 10, kind="constant"), 0.3) == pytest.approx(0.3)
+
+
+def test_lr_clock_official_counts_iterations_from_one():
+    """The official n_iter starts at 1: the first step trains at lr(1 / steps_per_epoch) > 0; the
+    zero-based clock starts at 0.  3 steps per epoch, 2 warm-up epochs, base lr 1."""
+    official, zero = Sched(10, 2), Sched(10, 2, clock="zero_based")
+    assert lr_for_step(0, 3, official, 1.0) == pytest.approx((1 / 3) / 2)
+    assert lr_for_step(0, 3, zero, 1.0) == 0.0
+    # one iteration apart: the official clock is the zero-based one shifted by a step
+    assert [lr_for_step(s, 3, official, 1.0) for s in range(12)] == \
+        pytest.approx([lr_for_step(s + 1, 3, zero, 1.0) for s in range(12)])
+    # the warm-up ends at iteration 6 (counted from 1) on the official clock
+    assert lr_for_step(5, 3, official, 1.0) == pytest.approx(1.0)

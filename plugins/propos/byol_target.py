@@ -11,6 +11,12 @@ Step outputs it provides, for view v of the step:
     ``k``  (B, 256) raw target projector output  k = g'(f'(x_v)), no gradient
 Evaluation features (``embed``): norm(k) of the target branch, as the official code.
 
+EMA timing: the official code updates the target inside its forward, after the losses and
+before the optimiser step, so the target moves towards the online weights the losses saw:
+xi_{n+1} = alpha * xi_n + (1 - alpha) * theta_n (``ema_timing: before_step``, the default,
+in the ``before_optimizer_step`` hook).  ``after_step`` uses the weights after the step,
+theta_{n+1}, as most BYOL implementations do.
+
 Under torchrun, ``shuffle_bn: true`` is MoCo's shuffling BN for the target branch: the
 target sees a random share of the global batch (the same permutation on every rank), so its
 BatchNorm statistics do not come from the sample's own process, and the outputs are put
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Literal
 
 import attrs
 import torch
@@ -61,6 +68,10 @@ class BYOLTarget(Plugin):
             "doc": "std of the predictor's initial weights"})
         shuffle_bn: bool = attrs.field(default=False, metadata={
             "doc": "under torchrun: MoCo's shuffling BN for the target branch (no effect in one process)"})
+        ema_timing: Literal["before_step", "after_step"] = attrs.field(
+            default="before_step", validator=attrs.validators.in_(("before_step", "after_step")), metadata={
+                "doc": "before_step: EMA from the pre-step online weights (official, inside the forward); "
+                       "after_step: from the weights after the optimiser step"})
 
     def online(self, model: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
         return model["projector"](model["backbone"](x))
@@ -113,15 +124,25 @@ class BYOLTarget(Plugin):
     def embed(self, state, images):
         return F.normalize(self.target(state.model, images), dim=1)
 
-    def current_momentum(self, state) -> float:
+    def current_momentum(self, iteration: int, state) -> float:
+        """alpha for iteration ``iteration`` (numbered from 1, as the official n_iter)."""
         p = self.params
-        return cosine_momentum(p.momentum, state.step, state.total_steps) if p.cosine_increase else p.momentum
+        return cosine_momentum(p.momentum, iteration, state.total_steps) if p.cosine_increase else p.momentum
 
-    @hookimpl
-    def after_step(self, state):
+    def update_target(self, state, iteration: int) -> None:
         m = state.model
-        alpha = self.current_momentum(state)
+        alpha = self.current_momentum(iteration, state)
         ema_update(m["target_backbone"], m["backbone"], alpha)
         ema_update(m["target_projector"], m["projector"], alpha)
         if self.params.cosine_increase:
             state.log("ema", alpha)
+
+    @hookimpl
+    def before_optimizer_step(self, state):
+        if self.params.ema_timing == "before_step":
+            self.update_target(state, state.step + 1)  # the step about to be taken
+
+    @hookimpl
+    def after_step(self, state):
+        if self.params.ema_timing == "after_step":
+            self.update_target(state, state.step)  # the step just taken
