@@ -30,6 +30,7 @@ from clusterkit_plugins.digpro.momentum_grouping import (
     momentum_update,
     random_groups,
     regroup,
+    uniform_groups,
 )
 from clusterkit_plugins.propos.byol_target import BYOLTarget
 
@@ -149,12 +150,20 @@ def test_one_direction_composes_eq3_to_eq6():
     gen = torch.Generator().manual_seed(4)
     q, k, pred = (torch.randn(10, 5, generator=gen, dtype=torch.float64) for _ in range(3))
     groups = F.normalize(torch.randn(3, 5, generator=gen, dtype=torch.float64), dim=1)
-    loss, new, mu = grouping_direction(q, k, pred, groups, 0.99, 0.1)
     naive_mu = _naive_assign(k, groups)
-    naive_new = _naive_update(groups, q, naive_mu, 0.99)
+    # official (lightly SMoG): each q_i is averaged into its OWN nearest group; mu is the CE target
+    loss, new, mu = grouping_direction(q, k, pred, groups, 0.99, 0.1)
+    naive_own = _naive_assign(q, groups)
+    assert naive_own != naive_mu  # the two readings differ on these tensors
+    naive_new = _naive_update(groups, q, naive_own, 0.99)
     assert mu.tolist() == naive_mu
     torch.testing.assert_close(new, naive_new)
     assert loss.item() == pytest.approx(_naive_loss(pred, naive_new, naive_mu, 0.1), rel=1e-10)
+    # update_assignment "target": the update averages by mu
+    loss_t, new_t, _ = grouping_direction(q, k, pred, groups, 0.99, 0.1, update_assignment="target")
+    naive_new_t = _naive_update(groups, q, naive_mu, 0.99)
+    torch.testing.assert_close(new_t, naive_new_t)
+    assert loss_t.item() == pytest.approx(_naive_loss(pred, naive_new_t, naive_mu, 0.1), rel=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +227,25 @@ def test_plugin_step_is_both_directions_with_sequential_group_updates():
     l1, g1, _ = grouping_direction(q[0], k[1], p[0], g0, 0.99, 0.1)
     l2, g2, _ = grouping_direction(q[1], k[0], p[1], g1, 0.99, 0.1)
     assert got.item() == pytest.approx(0.3 * (l1.item() + l2.item()) / 2, rel=1e-5)
+    # compute_losses has no side effect: G changes only in after_step (after a real optimiser step)
+    assert torch.equal(state.model[MODULE_KEY].groups, g0)
+    plugin.after_step(state, cache)
     torch.testing.assert_close(state.model[MODULE_KEY].groups, g2)
     assert not state.model[MODULE_KEY].groups.requires_grad
+
+
+def test_a_skipped_nonfinite_step_leaves_the_groups_untouched():
+    """run.nonfinite: skip calls no after_step for a step with a NaN loss: G must not take that
+    step's G' (it used to be written in compute_losses, and every later step was NaN)."""
+    state, byol, plugin = make_state(k=3)
+    memory = state.model[MODULE_KEY]
+    g0 = memory.groups.clone()
+    bad = make_cache(state, byol, seed=1)
+    bad.put("q", 0, torch.full_like(bad["q", 0], float("nan")))
+    assert torch.isnan(plugin.compute_losses(state, bad)["momentum_grouping"])
+    assert torch.equal(memory.groups, g0)  # the trainer skips the step: no after_step
+    loss, _ = run_step(state, byol, plugin, seed=2)
+    assert torch.isfinite(loss) and torch.isfinite(memory.groups).all()
 
 
 def test_step_runs_under_bf16_autocast_and_keeps_float32_state():
@@ -230,19 +256,29 @@ def test_step_runs_under_bf16_autocast_and_keeps_float32_state():
     assert cache["q", 0].dtype == torch.bfloat16 and torch.isfinite(loss)
     loss.float().backward()
     plugin.after_step(state, cache)
+    plugin.on_step_start(state, make_cache(state, byol, batch=8, seed=1))  # iteration 2 regroups first
     memory = state.model[MODULE_KEY]
     assert memory.groups.dtype == memory.bank.dtype == torch.float32
     torch.testing.assert_close(memory.groups.norm(dim=1), torch.ones(3))  # regrouped: unit centres
 
 
+def test_uniform_init_is_the_official_torch_rand_seeded():
+    state, _, _ = make_state(k=5, run_seed=7)
+    groups = state.model[MODULE_KEY].groups
+    assert groups.shape == (5, OUT_DIM)  # l = e_step.k, dim = byol_target's out_dim
+    torch.testing.assert_close(groups, uniform_groups(5, OUT_DIM, 7))
+    torch.testing.assert_close(groups, torch.rand(5, OUT_DIM, generator=torch.Generator().manual_seed(7)))
+    assert groups.min() >= 0 and groups.max() < 1  # uniform [0, 1), not normalised
+
+
 def test_random_init_is_seeded_normalised_and_leaves_global_rng_alone():
     rng = torch.get_rng_state()
-    state, _, _ = make_state(k=5, run_seed=7)
+    state, _, _ = make_state(k=5, run_seed=7, group_init="random")
     groups = state.model[MODULE_KEY].groups
     assert groups.shape == (5, OUT_DIM)  # l = e_step.k, dim = byol_target's out_dim
     torch.testing.assert_close(groups, random_groups(5, OUT_DIM, 7))
     torch.testing.assert_close(groups.norm(dim=1), torch.ones(5))
-    state_b, _, _ = make_state(k=5, run_seed=0, seed=7)
+    state_b, _, _ = make_state(k=5, run_seed=0, seed=7, group_init="random")
     torch.testing.assert_close(state_b.model[MODULE_KEY].groups, groups)  # params.seed overrides run.seed
     torch.manual_seed(0)  # make_state reseeds for its model; the plugin itself must not draw from it
     before = torch.get_rng_state()
@@ -270,8 +306,34 @@ def test_kmeans_init_uses_the_first_batch():
     assert state2.model["projector"][0].weight.grad.abs().sum() > 0
 
 
-def test_regroup_sets_groups_to_kmeans_centres_of_the_bank():
+def test_regroup_at_the_start_of_iteration_n_uses_the_bank_of_earlier_iterations():
+    """Official timing and bank: iteration 2 (n > 1, n % 2 == 0) first regroups on lightly's bank
+    (noise, then iteration 1's rows written from row 0), with Euclidean k-means, and trains with
+    the new groups."""
     state, byol, plugin = make_state(k=3, regroup_every=2, bank_size=40, kmeans_n_init=3, seed=11)
+    memory = state.model[MODULE_KEY]
+    noise = memory.bank.clone()
+    torch.testing.assert_close(noise.norm(dim=1), torch.ones(40))  # lightly: normalised Gaussian rows
+    assert int(memory.bank_count) == 40  # every row counts from the start
+    _, cache1 = run_step(state, byol, plugin, seed=1)
+    rows1 = torch.cat([F.normalize(cache1["q", v].detach(), dim=1) for v in (0, 1)])  # 12 rows
+    expected_bank = torch.cat([rows1, noise[12:]])
+    torch.testing.assert_close(memory.bank, expected_bank)
+    cache2 = make_cache(state, byol, seed=2)
+    plugin.on_step_start(state, cache2)  # iteration 2 regroups before its forward
+    expected = F.normalize(kmeans(expected_bank, 3, metric="euclidean", n_init=3, max_iter=300, tol=1e-4,
+                                  seed=11 + 2).centers, dim=1)
+    torch.testing.assert_close(memory.groups, expected)
+    loss = plugin.compute_losses(state, cache2)["momentum_grouping"]
+    q, k, p = ([cache2[n, v].detach() for v in (0, 1)] for n in ("q", "k", "p"))
+    l1, g1, _ = grouping_direction(q[0], k[1], p[0], expected, 0.99, 0.1)
+    l2, _, _ = grouping_direction(q[1], k[0], p[1], g1, 0.99, 0.1)
+    assert loss.item() == pytest.approx((l1.item() + l2.item()) / 2, rel=1e-5)  # trained with the new groups
+
+
+def test_regroup_timing_end_sets_groups_to_kmeans_centres_of_the_bank():
+    state, byol, plugin = make_state(k=3, regroup_every=2, bank_size=40, kmeans_n_init=3, seed=11,
+                                     regroup_timing="end", bank="ring", regroup_metric="cosine")
     memory = state.model[MODULE_KEY]
     _, cache1 = run_step(state, byol, plugin, seed=1)
     g_after_1 = memory.groups.clone()
@@ -327,8 +389,27 @@ def test_memory_bank_is_a_ring_buffer():
     assert int(mem.bank_ptr) == len(written) % 7 and int(mem.bank_count) == 7
 
 
+def test_official_bank_cuts_a_batch_at_the_end_as_lightly():
+    """lightly 1.4.24's MemoryBankModule: a batch that reaches the end fills it, the rest of the
+    batch is dropped, and writing starts again at row 0."""
+    mem = GroupMemory(num_groups=2, dim=1, bank_size=7)
+    mem.fill_with_noise(seed=0)
+    noise = mem.bank.flatten().tolist()
+    slots = list(noise)
+    ptr = 0
+    for start in range(0, 15, 3):  # 5 pushes of 3 rows
+        rows = list(range(start, start + 3))
+        mem.push_truncating(torch.tensor(rows, dtype=torch.float32).unsqueeze(1))
+        n = min(3, 7 - ptr)  # naive lightly: write what fits, then back to 0 if the end was reached
+        slots[ptr:ptr + n] = rows[:n]
+        ptr = 0 if ptr + 3 >= 7 else ptr + 3
+        assert mem.bank.flatten().tolist() == slots and int(mem.bank_ptr) == ptr
+        assert mem.filled().shape[0] == 7
+    assert slots == [9, 10, 11, 12, 13, 14, 6]  # rows 7 and 8 were cut: the batch reached the end
+
+
 def test_plugin_bank_holds_normalised_q_of_both_views_and_wraps():
-    state, byol, plugin = make_state(k=3, bank_size=10, regroup_every=1000)  # 12 rows per step
+    state, byol, plugin = make_state(k=3, bank_size=10, regroup_every=1000, bank="ring")  # 12 rows per step
     memory = state.model[MODULE_KEY]
     _, c1 = run_step(state, byol, plugin, seed=1)
     _, c2 = run_step(state, byol, plugin, seed=2)
@@ -349,7 +430,8 @@ def test_checkpoint_round_trip_keeps_groups_bank_pointer_counter():
     fresh.load_state_dict(memory.state_dict())
     for name in ("groups", "bank", "bank_ptr", "bank_count", "iteration", "initialized"):
         assert torch.equal(getattr(fresh, name), getattr(memory, name)), name
-    assert int(fresh.iteration) == 3 and int(fresh.bank_ptr) == (3 * 12) % 16
+    # lightly's bank of 16 rows, 12 rows a step: pointer 12, then 0 (4 rows fit, 8 are cut), then 12
+    assert int(fresh.iteration) == 3 and int(fresh.bank_ptr) == 12
 
     # the whole model through a checkpoint: a resumed run continues identically
     state_b, byol_b, plugin_b = make_state(k=3, bank_size=16, regroup_every=2)
@@ -402,7 +484,9 @@ def test_default_params_and_validation():
     p = MomentumGrouping.Params()
     assert (p.beta, p.temperature, p.weight, p.bank_size, p.num_groups, p.regroup_every) == (0.99, 0.1, 1.0, 2560,
                                                                                            None, None)
-    assert p.group_init == "random" and p.extra_ema is False and p.extra_ema_momentum == 0.99
+    assert p.group_init == "uniform" and p.extra_ema is False and p.extra_ema_momentum == 0.99
+    assert (p.update_assignment, p.regroup_timing, p.regroup_metric, p.bank) == ("online", "start", "euclidean",
+                                                                                  "official")
     with pytest.raises(RecipeError, match="beta"):
         build(MomentumGrouping.Params, {"beta": 1.5}, "plugins.momentum_grouping")
     with pytest.raises(RecipeError, match="Did you mean 'beta'"):

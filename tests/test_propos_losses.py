@@ -9,8 +9,9 @@ from clusterkit_plugins.propos.diffused_sampling import diffuse, diffused_sampli
 from clusterkit_plugins.propos.prototype_aggregation import ABSENT_LOGIT, prototype_aggregation_loss
 
 
-def naive_psl(q, k, labels, K, tau):
-    """PSL written out cluster by cluster with Python loops and math."""
+def naive_psl(q, k, labels, K, tau, present_override=None):
+    """PSL written out cluster by cluster with Python loops and math (``present_override``: the
+    clusters that count as present, whatever the labels say)."""
     B, D = q.shape
     qn = [v / v.norm() for v in q]
     kn = [v / v.norm() for v in k]
@@ -26,6 +27,8 @@ def naive_psl(q, k, labels, K, tau):
         else:
             protos_a.append(torch.zeros(D, dtype=q.dtype))
             protos_b.append(torch.zeros(D, dtype=q.dtype))
+    if present_override is not None:
+        present = list(present_override)
     losses = []
     for c in range(K):
         if not present[c]:
@@ -62,6 +65,18 @@ def test_psl_empty_clusters_use_minus_ten_columns_and_no_rows():
     # with -inf instead of -10 the value would differ: the absent columns do enter the logsumexp
     only_present = naive_psl(q, k, torch.tensor([0, 0, 1, 1, 1, 2, 2, 0]), 3, 0.5)
     assert got > only_present
+
+
+def test_psl_local_absence_masks_clusters_missing_from_this_process():
+    """absent_clusters: local (official under DDP): the prototypes average the gathered batch, but
+    a cluster missing from this process's own labels is masked as absent."""
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(10, 5, generator=g, dtype=torch.float64), torch.randn(10, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 3, 3, 2, 0])  # the global batch holds all 4 clusters
+    local = torch.tensor([True, False, True, True])        # this rank's share holds no cluster 1
+    got = prototype_aggregation_loss(q, k, labels, 4, 0.5, present=local).item()
+    assert got == pytest.approx(naive_psl(q, k, labels, 4, 0.5, present_override=local.tolist()), rel=1e-10)
+    assert got != pytest.approx(prototype_aggregation_loss(q, k, labels, 4, 0.5).item(), rel=1e-6)
 
 
 def test_psl_single_cluster_is_finite_and_zero_gap():

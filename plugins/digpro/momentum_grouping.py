@@ -5,11 +5,17 @@ BYOL-style pair of ``byol_target``.  For a direction (online view a, target view
 with q = q_a the RAW online projector output, k = k_b the target output and
 p(.) the predictor:
 
-    mu_i   = argmax_c cos(k_i, G_c)                                    (Eq. 3: assign by the target)
-    G'_c   = beta * G_c + (1 - beta) * mean_{i: mu_i = c} q_i          (Eq. 4: momentum update;
+    mu_i   = argmax_c cos(k_i, G_c)                                    (Eq. 3: targets from the target branch)
+    a_i    = argmax_c cos(q_i, G_c)                                    (official: each q_i's OWN group)
+    G'_c   = beta * G_c + (1 - beta) * mean_{i: a_i = c} q_i          (Eq. 4: momentum update;
              groups that receive no sample keep G'_c = G_c)
     s_ic   = norm(p(q_i)) . norm(G'_c) / tau_g                          (Eq. 5: group logits)
     L      = mean_i CE(s_i, mu_i) = mean_i [ logsumexp_c s_ic - s_i,mu_i ]   (Eq. 6)
+
+The official code (DigPro's ``byol_wrapper.py`` through lightly 1.4.24's
+``SMoGPrototypes.get_updated_group_features``) averages each q_i into the group nearest to
+q_i itself (a_i); mu is only the cross-entropy target.  That is ``update_assignment:
+online`` (the default); ``target`` averages by mu instead, a reading of the paper's Eq. 4.
 
 The index i runs over the GLOBAL batch (N = world_size * B samples): under DDP q, k and
 p(q) are gathered from every process (``cache.gather``, with gradients), so every process
@@ -17,26 +23,40 @@ assigns, updates and contrasts the same samples and keeps the same groups G; wit
 process N = B.
 
 G' is NOT detached inside the loss: the gradient reaches q both through the predictor
-and through the groups (the 1 - beta share of q in G').  After the loss, G'.detach()
-replaces G, so the second direction starts from the first one's groups (G is updated
-twice per iteration).  beta = 0.99, tau_g = 0.1; weight lambda = 1.0 (0.3 ImageNet-10,
-0.5 ImageNet-Dogs and UC-Merced, 0.1 Tiny-ImageNet); no warm-up gate.
+and through the groups (the 1 - beta share of q in G').  The second direction starts from
+the first one's G' (G is updated twice per iteration).  ``compute_losses`` has no side
+effect: the final G' waits in the step cache and replaces G in ``after_step``, which runs
+only after a real optimiser step, so a step skipped for a non-finite loss leaves G as it
+was.  beta = 0.99, tau_g = 0.1; no warm-up gate.  The paper's lambda is 1.0 (0.3
+ImageNet-10, 0.5 ImageNet-Dogs and UC-Merced, 0.1 Tiny-ImageNet); the released code
+hard-codes 0.3 for every dataset.
 
 Regrouping: a memory bank keeps the latest norm(q) of both views of the global batch
 (2560 entries = 5 iterations at a global batch of 256; the same bank on every process).
-Every ``regroup_every`` iterations (official: every K iterations, the iteration counter
-starting at 1) spherical k-means on the bank resets G to its normalised centres.  The
-official code ran unseeded scikit-learn on the CPU; here it is clusterkit's seeded torch
-k-means on the bank's device (seed + iteration), so a run is reproducible and every
+Iterations are numbered from 1.  With ``regroup_timing: start`` (official) iteration n
+with n > 1 and n % every == 0 (every = K by default) first resets G to the normalised
+k-means centres of the bank, which holds iterations <= n - 1, and then trains with the
+new groups; ``end`` regroups after iteration n on a bank that includes it.  The official
+code ran unseeded scikit-learn KMeans (Euclidean, 10 restarts) on the CPU; here it is
+clusterkit's seeded torch k-means (``regroup_metric: euclidean`` as the official code, or
+``cosine``) on the bank's device (seed + iteration), so a run is reproducible and every
 process regroups identically.
+
+The bank (``bank: official``) behaves as lightly 1.4.24's ``MemoryBankModule``: it starts
+as L2-normalised Gaussian noise and every row counts from the first regroup on; a batch
+that reaches the end of the bank fills the end and the rest of it is dropped, and writing
+starts again at row 0.  ``bank: ring`` starts empty, regroups on the written rows only and
+wraps a batch around the end.  The group features start as the official
+``torch.rand(l, D)`` (``group_init: uniform``), as normalised Gaussian vectors (``random``)
+or as the k-means centres of the first batch (``kmeans``).
 
 The groups, the bank, its fill pointer and count and the iteration counter are
 buffers of the module ``state.model["momentum_grouping"]``, so they are checkpointed
 with the model and a resumed run continues exactly.
 
-Official quirk (``extra_ema``, off by default): on iterations that do not regroup the
-official code applies an extra EMA of the target (momentum 0.99) BEFORE the forward,
-besides ``byol_target``'s 0.996 after the optimiser step.  The paper states 0.996 only.
+Official quirk (``extra_ema``): on iterations that do not regroup the official code
+applies an extra EMA of the target (momentum 0.99) BEFORE the forward, besides
+``byol_target``'s 0.996.  The paper states 0.996 only.
 """
 
 from __future__ import annotations
@@ -95,17 +115,20 @@ def group_loss(pred: torch.Tensor, groups: torch.Tensor, assignments: torch.Tens
 
 
 def grouping_direction(q_a: torch.Tensor, k_b: torch.Tensor, pred_a: torch.Tensor, groups: torch.Tensor,
-                       beta: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       beta: float, temperature: float, update_assignment: str = "online",
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One direction (online view a, target view b) of dynamic grouping, Eq. 3-6.
 
     q_a: (N, D) raw online projector output of view a (with grad); k_b: (N, D) target
-    output of view b; pred_a: (N, D) = p(q_a); groups: (l, D) the current G (a buffer).
-    N is the global batch (the gathered tensors under DDP).
-    Returns (loss scalar, G' (l, D) still attached to q_a's graph, assignments (N,)).
+    output of view b; pred_a: (N, D) = p(q_a); groups: (l, D) the current G.
+    N is the global batch (the gathered tensors under DDP).  ``update_assignment``:
+    "online" averages each q_i into its own nearest group (official), "target" into mu_i.
+    Returns (loss scalar, G' (l, D) still attached to q_a's graph, mu (N,)).
     """
     groups = groups.detach()
     mu = assign_groups(k_b.detach(), groups)
-    new_groups = momentum_update(groups, q_a, mu, beta)
+    members = assign_groups(q_a.detach(), groups) if update_assignment == "online" else mu
+    new_groups = momentum_update(groups, q_a, members, beta)
     return group_loss(pred_a, new_groups, mu, temperature), new_groups, mu
 
 
@@ -115,14 +138,20 @@ def random_groups(num_groups: int, dim: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(num_groups, dim, generator=gen), dim=1)
 
 
+def uniform_groups(num_groups: int, dim: int, seed: int) -> torch.Tensor:
+    """(l, D) uniform [0, 1) entries, not normalised: the official ``torch.rand(l, D)``, seeded."""
+    return torch.rand(num_groups, dim, generator=torch.Generator().manual_seed(seed))
+
+
 def regroup(bank: torch.Tensor, num_groups: int, *, seed: int, n_init: int, max_iter: int,
-            tol: float) -> torch.Tensor:
-    """Spherical k-means of the bank (M, D) into l groups: the normalised centres (l, D).
+            tol: float, metric: str = "cosine") -> torch.Tensor:
+    """k-means of the bank (M, D) into l groups (``metric`` "euclidean" as the official
+    scikit-learn KMeans, or "cosine"): the L2-normalised centres (l, D).
 
     The bank is the same on every process and so are the seed and the result.
     """
     # every rank holds the same bank: the Lloyd sums are sharded over the ranks (identical result)
-    result = kmeans(bank, num_groups, metric="cosine", n_init=n_init, max_iter=max_iter, tol=tol, seed=seed,
+    result = kmeans(bank, num_groups, metric=metric, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed,
                     distributed=True)
     return F.normalize(result.centers, dim=1)
 
@@ -178,6 +207,24 @@ class GroupMemory(nn.Module):
         return self.bank.shape[0]
 
     @torch.no_grad()
+    def fill_with_noise(self, seed: int) -> None:
+        """lightly's initial bank: L2-normalised Gaussian rows (seeded), all counted as filled."""
+        noise = torch.randn(self.bank.shape, generator=torch.Generator().manual_seed(seed))
+        self.bank.copy_(F.normalize(noise, dim=1))
+        self.set_counter("bank_count", self.bank_size)
+
+    @torch.no_grad()
+    def push_truncating(self, x: torch.Tensor) -> None:
+        """lightly 1.4.24's write: the rows of x (N, D) from the pointer on; a batch that
+        reaches the end of the bank fills the end, the rest of it is dropped, and the pointer
+        returns to 0 (it never wraps a batch around)."""
+        ptr, size = self.counter("bank_ptr"), self.bank_size
+        n = min(x.shape[0], size - ptr)
+        self.bank[ptr:ptr + n] = x[:n].to(self.bank.dtype)
+        self.set_counter("bank_ptr", 0 if ptr + x.shape[0] >= size else ptr + n)
+        self.set_counter("bank_count", min(self.counter("bank_count") + n, size))
+
+    @torch.no_grad()
     def push(self, x: torch.Tensor) -> None:
         """Write the rows of x (N, D) into the ring buffer in order, wrapping around.
 
@@ -225,16 +272,33 @@ class MomentumGrouping(Plugin):
         temperature: float = attrs.field(default=0.1, validator=positive, metadata={
             "doc": "tau_g of the group logits (Eq. 5)"})
         weight: float = attrs.field(default=1.0, validator=non_negative, metadata={
-            "doc": "lambda: 0.3 ImageNet-10, 0.5 ImageNet-Dogs / UC-Merced, 0.1 Tiny-ImageNet, 1.0 otherwise"})
+            "doc": "lambda; paper: 0.3 ImageNet-10, 0.5 ImageNet-Dogs / UC-Merced, 0.1 Tiny-ImageNet, 1.0 "
+                   "otherwise; the released code uses 0.3 everywhere"})
+        update_assignment: Literal["online", "target"] = attrs.field(
+            default="online", validator=attrs.validators.in_(("online", "target")), metadata={
+                "doc": "which group a q_i is averaged into (Eq. 4): online = its own nearest group "
+                       "(official, lightly SMoG); target = mu_i, the group of k_i"})
         num_groups: int | None = attrs.field(default=None, validator=in_range(1, None), metadata={
             "doc": "l, the number of groups; null: e_step.k"})
         bank_size: int = attrs.field(default=2560, validator=in_range(1, None), metadata={
             "doc": "memory bank of norm(q) of both views (2560 = 5 iterations at batch 256)"})
+        bank: Literal["official", "ring"] = attrs.field(
+            default="official", validator=attrs.validators.in_(("official", "ring")), metadata={
+                "doc": "official: lightly 1.4.24's bank (starts as noise, a batch reaching the end is cut); "
+                       "ring: starts empty, batches wrap around"})
         regroup_every: int | None = attrs.field(default=None, validator=in_range(1, None), metadata={
             "doc": "k-means on the bank every N iterations; null: every e_step.k iterations (official)"})
-        group_init: Literal["random", "kmeans"] = attrs.field(
-            default="random", validator=attrs.validators.in_(("random", "kmeans")), metadata={
-                "doc": "random: seeded normal, normalised; kmeans: k-means of the first batch's norm(q)"})
+        regroup_timing: Literal["start", "end"] = attrs.field(
+            default="start", validator=attrs.validators.in_(("start", "end")), metadata={
+                "doc": "start: before iteration n (n > 1, n % every == 0) on the bank of iterations < n "
+                       "(official); end: after iteration n, on a bank that includes it"})
+        regroup_metric: Literal["euclidean", "cosine"] = attrs.field(
+            default="euclidean", validator=attrs.validators.in_(("euclidean", "cosine")), metadata={
+                "doc": "k-means metric of the regroup (official: scikit-learn's Euclidean KMeans)"})
+        group_init: Literal["uniform", "random", "kmeans"] = attrs.field(
+            default="uniform", validator=attrs.validators.in_(("uniform", "random", "kmeans")), metadata={
+                "doc": "uniform: torch.rand(l, D), seeded (official); random: normalised Gaussian; "
+                       "kmeans: k-means of the first batch's norm(q)"})
         extra_ema: bool = attrs.field(default=False, metadata={
             "doc": "official quirk: an extra target EMA before the forward on non-regroup iterations"})
         extra_ema_momentum: float = attrs.field(default=0.99, validator=in_range(0, 1), metadata={
@@ -247,6 +311,9 @@ class MomentumGrouping(Plugin):
             "doc": "k-means tolerance when regrouping"})
         seed: int | None = attrs.field(default=None, metadata={
             "doc": "seed of the group init and of the regrouping k-means (+ iteration); null: run.seed"})
+
+    #: Step-cache key of G' after both directions, written by compute_losses for after_step.
+    NEW_GROUPS = "momentum_grouping/new_groups"
 
     # -- helpers ---------------------------------------------------------------------------------
     def num_groups(self, state) -> int:
@@ -284,8 +351,25 @@ class MomentumGrouping(Plugin):
         return torch.cat([F.normalize(cache.gather("q", v).detach().float(), dim=1) for v in (0, 1)])
 
     def is_regroup_iteration(self, state, iteration: int) -> bool:
-        """Iterations are numbered from 1 (official counter); regroup when iteration % every == 0."""
-        return iteration % self.regroup_every(state) == 0
+        """Whether iteration ``iteration`` (numbered from 1, the official counter) regroups:
+        at its start when n > 1 and n % every == 0 (``regroup_timing: start``, official), or
+        after it when n % every == 0 (``end``)."""
+        every = self.regroup_every(state)
+        if self.params.regroup_timing == "start":
+            return iteration > 1 and iteration % every == 0
+        return iteration % every == 0
+
+    def regroup_now(self, state, iteration: int) -> None:
+        """Reset G to the normalised k-means centres of the bank (kept when the bank holds fewer
+        rows than groups)."""
+        memory = self.memory(state)
+        bank = memory.filled()
+        if bank.shape[0] < memory.groups.shape[0]:
+            return
+        p = self.params
+        memory.groups.copy_(regroup(bank, memory.groups.shape[0], seed=self.seed(state) + iteration,
+                                    n_init=p.kmeans_n_init, max_iter=p.kmeans_max_iter, tol=p.kmeans_tol,
+                                    metric=p.regroup_metric))
 
     # -- hooks -----------------------------------------------------------------------------------
     @hookimpl(trylast=True)  # after byol_target's setup, which builds the projector it reads
@@ -296,19 +380,27 @@ class MomentumGrouping(Plugin):
                 raise PluginError(f"momentum_grouping needs state.model['{needed}'], which byol_target builds. "
                                   "Add byol_target to the recipe's plugins.")
         dim = projection_dim(model["projector"])
-        memory = GroupMemory(self.num_groups(state), dim, self.params.bank_size)
-        if self.params.group_init == "random":
-            memory.groups.copy_(random_groups(memory.groups.shape[0], dim, self.seed(state)))
+        p = self.params
+        memory = GroupMemory(self.num_groups(state), dim, p.bank_size)
+        if p.group_init != "kmeans":
+            init = uniform_groups if p.group_init == "uniform" else random_groups
+            memory.groups.copy_(init(memory.groups.shape[0], dim, self.seed(state)))
             memory.set_counter("initialized", True)
+        if p.bank == "official":
+            memory.fill_with_noise(self.seed(state) + 1)
         model[MODULE_KEY] = memory.to(next(model["projector"].parameters()).device)
 
     @hookimpl
     def on_step_start(self, state, cache):
+        """Before the forward of iteration n (numbered from 1): regroup (``regroup_timing:
+        start``) or, on the other iterations, the official extra target EMA (``extra_ema``)."""
         p = self.params
-        if not p.extra_ema:
-            return
         iteration = self.memory(state).counter("iteration") + 1  # the iteration about to run
-        if not self.is_regroup_iteration(state, iteration):
+        regroups = self.is_regroup_iteration(state, iteration)
+        if regroups and p.regroup_timing == "start":
+            with torch.no_grad():
+                self.regroup_now(state, iteration)
+        if p.extra_ema and not regroups:
             m = state.model
             ema_update(m["target_backbone"], m["backbone"], p.extra_ema_momentum)
             ema_update(m["target_projector"], m["projector"], p.extra_ema_momentum)
@@ -333,29 +425,37 @@ class MomentumGrouping(Plugin):
 
     @hookimpl
     def compute_losses(self, state, cache):
+        """Eq. 3-6 in both directions over the global batch; the second direction starts from the
+        first one's G'.  The final G' goes to the step cache; G itself changes in after_step."""
         p = self.params
         memory = self.memory(state)
         if not memory.counter("initialized"):
             self.init_groups_by_kmeans(state, cache)
-        losses = []
+        groups, losses = memory.groups, []
         for a, b in DIRECTIONS:   # over the global batch: the same G' on every process
             loss, new_groups, _ = grouping_direction(cache.gather("q", a), cache.gather("k", b),
                                                      self.gathered_prediction(state, cache, a),
-                                                     memory.groups, p.beta, p.temperature)
-            memory.groups.copy_(new_groups.detach())  # the next direction / step starts from G'
+                                                     groups, p.beta, p.temperature, p.update_assignment)
+            groups = new_groups.detach()  # the next direction starts from G'
             losses.append(loss)
+        cache.put(self.NEW_GROUPS, -1, groups)
         return {"momentum_grouping": p.weight * torch.stack(losses).mean()}
 
     @hookimpl
     def after_step(self, state, cache):
+        """After a real optimiser step: G <- G', the bank takes this step's norm(q), the iteration
+        counter advances, and ``regroup_timing: end`` regroups."""
         memory = self.memory(state)
         with torch.no_grad():
-            memory.push(self.normalized_q(cache))   # the gathered q of compute_losses, no new collective
+            if (self.NEW_GROUPS, -1) in cache:
+                memory.groups.copy_(cache[self.NEW_GROUPS, -1])
+            feats = self.normalized_q(cache)   # the gathered q of compute_losses, no new collective
+            if self.params.bank == "official":
+                memory.push_truncating(feats)
+            else:
+                memory.push(feats)
             memory.set_counter("iteration", memory.counter("iteration") + 1)
         iteration = memory.counter("iteration")
-        if self.is_regroup_iteration(state, iteration):
-            bank = memory.filled()
-            if bank.shape[0] >= memory.groups.shape[0]:  # too few entries for l groups: keep G
-                p = self.params
-                memory.groups.copy_(regroup(bank, memory.groups.shape[0], seed=self.seed(state) + iteration,
-                                            n_init=p.kmeans_n_init, max_iter=p.kmeans_max_iter, tol=p.kmeans_tol))
+        if self.params.regroup_timing == "end" and self.is_regroup_iteration(state, iteration):
+            with torch.no_grad():
+                self.regroup_now(state, iteration)

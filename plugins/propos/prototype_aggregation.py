@@ -16,9 +16,18 @@ The prototypes are means over the GLOBAL batch: under DDP q and k are gathered f
 every process (``cache.gather``, with gradients) with the pseudo-labels of the gathered
 indices, and every process computes the same loss (official: centres of the gathered
 batch).  In a single process the global batch is the batch.
+
+Which clusters count as absent (``absent_clusters``): ``global`` (the default) looks at
+the pseudo-labels of the global batch, so the loss does not depend on how the batch is
+split over processes; ``local`` is the official code's choice, which decides absence from
+each process's OWN labels while the prototypes still average the gathered batch (a
+cluster missing from one process's share is masked there).  The paper recipes set
+``local``; with one process the two are the same.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import attrs
 import torch
@@ -41,12 +50,15 @@ def batch_prototypes(x: torch.Tensor, labels: torch.Tensor, num_clusters: int) -
 
 
 def prototype_aggregation_loss(q_a: torch.Tensor, k_b: torch.Tensor, labels: torch.Tensor, num_clusters: int,
-                               temperature: float) -> torch.Tensor:
+                               temperature: float, present: torch.Tensor | None = None) -> torch.Tensor:
     """PSL for one direction.  q_a, k_b: (N, D) raw (normalised here); labels (N,) -> scalar.
 
     N is the global batch (world_size * B): pass the gathered q_a, k_b and their labels.
+    ``present`` (K,) bool overrides which clusters count as present (default: those in
+    ``labels``).
     """
-    nu_a, present = batch_prototypes(F.normalize(q_a, dim=1), labels, num_clusters)
+    nu_a, in_batch = batch_prototypes(F.normalize(q_a, dim=1), labels, num_clusters)
+    present = in_batch if present is None else present
     nu_b, _ = batch_prototypes(F.normalize(k_b, dim=1), labels, num_clusters)
     logits = nu_a @ nu_a.t() / temperature                        # (K, K): online vs online
     positive = (nu_a * nu_b).sum(1) / temperature                 # (K,): online vs target, same cluster
@@ -67,6 +79,10 @@ class PrototypeAggregation(Plugin):
         weight: float = attrs.field(default=0.1, validator=non_negative, metadata={"doc": "gamma (lambda in HaDis)"})
         warmup_gate: bool = attrs.field(default=True, metadata={
             "doc": "weight 0 while schedule.warmup_epochs last (official)"})
+        absent_clusters: Literal["global", "local"] = attrs.field(
+            default="global", validator=attrs.validators.in_(("global", "local")), metadata={
+                "doc": "which pseudo-labels decide that a cluster is absent: the global batch's, or each "
+                       "process's own (official; the same with one process)"})
 
     @hookimpl
     def compute_losses(self, state, cache):
@@ -76,6 +92,10 @@ class PrototypeAggregation(Plugin):
         if self.params.warmup_gate and state.in_warmup:
             return {"prototype_aggregation": torch.zeros((), device=state.device)}
         labels = state.pseudo_labels[cache.global_index]          # (N,) of the global batch
+        present = None
+        if self.params.absent_clusters == "local":
+            present = torch.bincount(state.pseudo_labels[cache.index], minlength=state.num_clusters) > 0
         losses = [prototype_aggregation_loss(cache.gather("q", a), cache.gather("k", b), labels,
-                                             state.num_clusters, self.params.temperature) for a, b in DIRECTIONS]
+                                             state.num_clusters, self.params.temperature, present)
+                  for a, b in DIRECTIONS]
         return {"prototype_aggregation": self.params.weight * torch.stack(losses).mean()}
