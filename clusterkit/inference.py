@@ -122,7 +122,8 @@ class ClusterModel:
         out = []
         for item in items:
             if isinstance(item, (str, os.PathLike)) and self.recipe.data.dataset == "imagefolder":
-                item = read_image(item, self.info.channels, resize_to=self.image_size)  # as the dataset decodes
+                item = read_image(item, self.info.channels,  # as the dataset decodes
+                                  resize_to=self.recipe.data.decode_size or self.image_size)
             elif isinstance(item, (str, os.PathLike)):
                 item = read_image(item, self.info.channels)
             elif hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image

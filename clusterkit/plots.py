@@ -375,7 +375,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, max_points:
                               baseline=(model.summary or {}).get("pixel_kmeans")),
              plot_losses(records, out / "losses.png", title=name)]
     d = model.recipe.data
-    ds = load_dataset(d.dataset, d.root, d.eval_split or d.split, d.image_size, cache=d.cache,
+    ds = load_dataset(d.dataset, d.root, d.eval_split or d.split, d.decode_size or d.image_size, cache=d.cache,
                       skip_corrupt=d.skip_corrupt)
     t = model.trainer
     feats = t._embed_dataset(ds)

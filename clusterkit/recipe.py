@@ -52,6 +52,10 @@ class DataConfig:
     eval_split: Literal["train", "test", "all"] | None = field(default=None, metadata=_doc(
         "data the metrics are computed on; default: the training data"))
     image_size: int = field(default=32, validator=positive, metadata=_doc("side of the augmented views"))
+    decode_size: int | None = field(default=None, validator=in_range(1, None), metadata=_doc(
+        "imagefolder: side the files are resized to when decoded (null: image_size). Set it to the files' "
+        "own size to cut the random crops from the stored resolution, as torchvision's RandomResizedCrop "
+        "on the original image does; the other datasets always keep their stored resolution"))
     batch_size: int = field(default=256, validator=positive, metadata=_doc("images per step (per process)"))
     eval_batch_size: int = field(default=512, validator=positive)
     num_workers: int = field(default=0, validator=non_negative, metadata=_doc("DataLoader workers"))

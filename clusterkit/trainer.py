@@ -210,10 +210,10 @@ class Trainer:
         d = self.recipe.data
         eval_split = d.eval_split or d.split
         try:
-            train = load_dataset(d.dataset, d.root, d.split, d.image_size, cache=d.cache,
-                                 skip_corrupt=d.skip_corrupt)
+            size = d.decode_size or d.image_size
+            train = load_dataset(d.dataset, d.root, d.split, size, cache=d.cache, skip_corrupt=d.skip_corrupt)
             evald = train if eval_split == d.split else load_dataset(
-                d.dataset, d.root, eval_split, d.image_size, cache=d.cache, skip_corrupt=d.skip_corrupt)
+                d.dataset, d.root, eval_split, size, cache=d.cache, skip_corrupt=d.skip_corrupt)
         except DataError as exc:
             if d.guide is None or not train_data_missing(exc):
                 raise

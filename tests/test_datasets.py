@@ -340,3 +340,43 @@ def test_read_synsets_and_prepare_texts():
         assert info.prepare and "\n" not in info.prepare, name
         assert len(info.mean) == len(info.std) == info.channels, name
     assert DATASETS["fashion_mnist"].hflip is False and DATASETS["cifar10"].hflip is True
+
+
+def test_decode_size_keeps_the_stored_resolution_and_views_have_image_size(tmp_path):
+    """data.decode_size: the imagefolder files are decoded at 8 px (their own size), the two
+    augmented views are cut from that and resized to image_size 16, and evaluation resizes to 16."""
+    import attrs
+
+    from clusterkit import Plugin, hookimpl
+    from clusterkit.testing import make_trainer
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "tree" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "tree" / f"c{c}" / f"{i}.png")
+
+    class ViewShapes(Plugin):
+        @attrs.define
+        class Params:
+            pass
+
+        seen: list = []
+
+        @hookimpl
+        def compute_losses(self, state, cache):
+            ViewShapes.seen.append(tuple(cache.views[0].shape))
+            return {"shape_probe": cache["h", 0].mean() * 0}
+
+        @hookimpl
+        def embed(self, state, images):
+            ViewShapes.seen.append(("eval", tuple(images.shape[-2:])))
+            return state.model["backbone"](images)
+
+    trainer = make_trainer(ViewShapes, overrides={
+        "data": {"dataset": "imagefolder", "root": str(tmp_path / "tree"), "image_size": 16, "decode_size": 8,
+                 "batch_size": 8, "split": "train"},
+        "e_step": {"k": 2}, "eval": {"pixel_baseline": "never"}})
+    trainer.fit()
+    assert tuple(trainer.train_ds[0][0].shape) == (3, 8, 8)  # stored at 8 px
+    assert (8, 3, 16, 16) in ViewShapes.seen and ("eval", (16, 16)) in ViewShapes.seen
