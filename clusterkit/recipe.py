@@ -122,6 +122,11 @@ class EvalConfig:
         "warn of cluster collapse when one predicted cluster holds more than this share of the data"))
     collapse_std_ratio: float = field(default=0.1, validator=non_negative, metadata=_doc(
         "warn of feature collapse when the std of the L2-normalised features is below this times 1/sqrt(D)"))
+    bn: Literal["running", "recalibrate"] = field(default="running", metadata=_doc(
+        "BatchNorm statistics when embedding the data (E-step and evaluation): running = the training "
+        "averages (the official code); recalibrate = re-estimated on the un-augmented images first "
+        "(AdaBN / precise-BN), training statistics restored afterwards. New images given to predict "
+        "are embedded with the running statistics"))
 
 
 @attrs.define

@@ -5,6 +5,7 @@ evaluation, logging and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from .errors import DataError, PluginError, RecipeError, RunDirError
 from .guards import collapse_report
 from .models import create_backbone
 from .models.backbones import require_local_weights
+from .models.recalibrate import recalibrated_batchnorm
 from .plugin_manager import load_plugins
 from .recipe import Recipe, check_stages, dump_recipe, load_recipe
 from .state import ParamGroup, Prediction, StepCache, TrainState
@@ -411,21 +413,27 @@ class Trainer:
         model = self.state.model
         was_training = model.training
         model.eval()
-        feats = []
         bs = self.recipe.data.eval_batch_size
         size = self.recipe.data.image_size
         first, last = distributed.shard_range(len(ds))
         # an empty shard (more processes than images) embeds one image to learn the width
         starts = range(first, last, bs) if last > first else [0]
-        for start in starts:
-            stop = min(start + bs, last) if last > first else 1
-            images, _, _ = ds.__getitems__(list(range(start, stop)))
-            x = eval_transform(images.to(self.device, non_blocking=True), size, ds.info)
+
+        def batches():
+            for start in starts:
+                stop = min(start + bs, last) if last > first else 1
+                images, _, _ = ds.__getitems__(list(range(start, stop)))
+                yield eval_transform(images.to(self.device, non_blocking=True), size, ds.info), stop - start
+
+        def embed(x: torch.Tensor) -> torch.Tensor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 f = self.pm.hook.embed(state=self.state, images=x)
-                if f is None:
-                    f = model["backbone"](x)
-            feats.append(f.float()[: stop - start if last > first else 0])
+                return model["backbone"](x) if f is None else f
+
+        recalibrate = self.recipe.eval.bn == "recalibrate"
+        with (recalibrated_batchnorm(model, embed, (x for x, _ in batches())) if recalibrate
+              else contextlib.nullcontext()):
+            feats = [embed(x).float()[: n if last > first else 0] for x, n in batches()]
         model.train(was_training)
         return distributed.gather_rows(torch.cat(feats), len(ds))
 
