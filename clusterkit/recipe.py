@@ -56,7 +56,8 @@ class DataConfig:
         "imagefolder: side the files are resized to when decoded (null: image_size). Set it to the files' "
         "own size to cut the random crops from the stored resolution, as torchvision's RandomResizedCrop "
         "on the original image does; the other datasets always keep their stored resolution"))
-    batch_size: int = field(default=256, validator=positive, metadata=_doc("images per step (per process)"))
+    batch_size: int = field(default=256, validator=positive, metadata=_doc(
+        "images per step: the global batch, split evenly over the processes under torchrun"))
     eval_batch_size: int = field(default=512, validator=positive)
     num_workers: int = field(default=0, validator=non_negative, metadata=_doc("DataLoader workers"))
     pipeline: Literal["batched", "per_image"] = field(default="batched", metadata=_doc(

@@ -31,7 +31,7 @@ from .cluster.kmeans import assign as kmeans_assign
 from .data import eval_transform, load_dataset
 from .data.pipeline import TrainPipeline, build_train_pipeline
 from .data.guides import guide_text, train_data_missing
-from .errors import DataError, PluginError, RecipeError, RunDirError
+from .errors import ClusterkitError, DataError, PluginError, RecipeError, RunDirError
 from .guards import collapse_report
 from .models import create_backbone
 from .models.backbones import require_local_weights
@@ -377,7 +377,7 @@ class Trainer:
         for impl in self._hookimpls(hook):
             try:
                 result = impl.function(*[kwargs[a] for a in impl.argnames])
-            except (RecipeError, DataError, PluginError, KeyboardInterrupt):
+            except ClusterkitError:  # a user's mistake, already one paragraph
                 raise
             except Exception as exc:
                 exc.add_note(f"clusterkit: raised by plugin '{impl.plugin_name}' in hook '{hook}'")

@@ -1,7 +1,8 @@
 """Two-view augmentation for contrastive clustering.
 
-The augmentation of every method in clusterkit (METHODS.md, "Augmentation (both
-views)") is, in this order::
+The augmentation of every method in clusterkit (the SimCLR-style augmentation of the ProPos,
+DigPro, HaDis, CC and PICI code; docs/fidelity.md says where the official per-image PIL path
+differs) is, in this order::
 
     RandomResizedCrop(S, scale=crop_scale, ratio=crop_ratio)
     RandomHorizontalFlip()                          # if hflip (dataset default)
