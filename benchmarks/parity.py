@@ -1,4 +1,4 @@
-"""End-to-end parity benchmark: the official ProPos / DigPro code against clusterkit (issue 13, item 5).
+"""End-to-end parity benchmark: the official ProPos / DigPro / CC code against clusterkit (issue 13, item 5).
 
 Trains the released ProPos (Hzzone/ProPos) and DigPro (Regan-Zhang/DigPro) code and clusterkit's
 recipes ``benchmarks/parity/propos_fmnist.yaml`` / ``digpro_fmnist.yaml`` side by side on the CPU,
@@ -38,6 +38,20 @@ Each (method, system, seed) runs in its own subprocess, one at a time:
   only this script registers (``parity_probe``, :func:`_probe_class`): after every E-step it
   records the features and pseudo-labels the E-step used, and it stops the run after N epochs.
 
+CC (``--methods cc``; issue 13: "the same for CC, Fashion-MNIST, 6 epochs, the official CC code"):
+the official Yunfan-Li/Contrastive-Clustering ``train.py`` against ``benchmarks/parity/cc_fmnist.yaml``
+on the same images, in CC's official setting except the backbone and the size (:data:`CC_SETTING`:
+standard-stem ResNet-18 with torchvision's init, 32 px, Adam lr 3e-4 constant, no weight decay, batch
+256, tau_I 0.5, tau_C 1.0, feature_dim 128, K = 10, CC's augmentation with s = 0.5).  CC has no E-step:
+each epoch (and epoch 0) records NMI / ACC / ARI of the cluster head's argmax on the training images,
+the largest cluster's share, the feature std of the backbone features, the mean loss terms
+(``instance``; ``cluster`` = contrast + entropy as the official loss, ``cluster_contrast``,
+``entropy``) and seconds per epoch.  ``official``: ``train.py`` run unmodified (``runpy``) with the
+shims of :func:`_install_cc_shims` and evaluated as the official ``cluster.py`` after every epoch
+(:func:`run_official_cc_child`); ``clusterkit``: the Trainer with its own per-epoch evaluation, read by
+the probe of :func:`_cc_probe_class`.  The official code feeds raw [0, 1] pixels and clusterkit
+normalises; ``--clusterkit-raw-pixels`` removes clusterkit's normalisation at runtime, as a diagnostic.
+
 A finished run whose record has at least N epochs for the same settings is reused (the schedule
 is always ``--schedule-epochs`` long, so the first N epochs of a longer run are the same run),
 so an interrupted benchmark continues where it stopped; ``--rerun`` forces new runs.
@@ -46,6 +60,9 @@ Usage (from the repo root, in clusterkit's environment)::
 
     python benchmarks/parity.py --methods propos digpro --systems official clusterkit \\
         --seeds 0 1 --epochs 6 --schedule-epochs 30 --out benchmarks/results/parity.md
+
+    python benchmarks/parity.py --methods cc --systems official clusterkit --seeds 0 1 --epochs 6 \\
+        --schedule-epochs 6 --out benchmarks/results/parity_cc.md
 
     # a quick check of the harness (a few minutes):
     python benchmarks/parity.py --limit 512 --epochs 1 --batch-size 128 --seeds 0 \\
@@ -76,11 +93,14 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-RECIPES = {m: HERE / "parity" / f"{m}_fmnist.yaml" for m in ("propos", "digpro")}
-OFFICIAL_REPOS = {"propos": "ProPos", "digpro": "DigPro"}
+RECIPES = {m: HERE / "parity" / f"{m}_fmnist.yaml" for m in ("propos", "digpro", "cc")}
+OFFICIAL_REPOS = {"propos": "ProPos", "digpro": "DigPro", "cc": "Contrastive-Clustering"}
 OFFICIAL_NAMES = {"ProPos": "Hzzone/ProPos", "DigPro": "Regan-Zhang/DigPro",
-                  "torch_clustering": "Hzzone/torch_clustering"}
-LABELS = {"propos": "ProPos", "digpro": "DigPro", "official": "official", "clusterkit": "clusterkit"}
+                  "torch_clustering": "Hzzone/torch_clustering",
+                  "Contrastive-Clustering": "Yunfan-Li/Contrastive-Clustering"}
+LABELS = {"propos": "ProPos", "digpro": "DigPro", "cc": "CC", "official": "official", "clusterkit": "clusterkit"}
+#: Methods whose official code is the ProPos-style main.py with an E-step (k-means) every epoch.
+ESTEP_METHODS = ("propos", "digpro")
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_WORK = Path("/tmp/clusterkit-parity")
 DEFAULT_OUT = HERE / "results" / "parity.md"
@@ -90,6 +110,14 @@ SETTING = {
     "image_size": 32, "k": 10, "lr": 0.05, "weight_decay": 5e-4, "ema": 0.996, "warmup_epochs": 5,
     "psl_weight": 0.1, "psl_temperature": 0.5, "latent_std": 0.001, "group_weight": 0.3,
     "loader_workers": 2,
+}
+#: CC's setting (issue 13: CC's official settings but the backbone and the image size).  Both systems
+#: get exactly these values; the lr is constant (no schedule), so ``--schedule-epochs`` only sets the
+#: official ``epochs`` and clusterkit's ``schedule.epochs``.
+CC_SETTING = {
+    "image_size": 32, "k": 10, "resnet": "ResNet18", "lr": 3e-4, "weight_decay": 0.0,
+    "instance_temperature": 0.5, "cluster_temperature": 1.0, "feature_dim": 128, "jitter_strength": 0.5,
+    "loader_workers": 2, "eval_batch_size": 500,
 }
 #: Issue 13's acceptance thresholds.
 NMI_TOL = 0.05
@@ -401,6 +429,201 @@ def run_official_child(args) -> None:
         dist.destroy_process_group()
 
 
+def _install_cc_shims(image_dir: Path) -> None:
+    """The runtime shims the official CC ``train.py`` needs on top of :func:`_install_official_shims`.
+
+    * ``Tensor.to`` / ``Module.to`` map a CUDA device (``'cuda'``, ``torch.device('cuda')``) to the
+      CPU: ``train.py`` moves the model, the batches and the losses with ``.to('cuda')``;
+    * a ``cv2`` module without functions (``modules/transform.py`` imports OpenCV for its Gaussian
+      blur, which the CIFAR branch never builds; the official environment has no OpenCV);
+    * ``torchvision.datasets.CIFAR10`` returns the harness's image folder (torchvision's
+      ``ImageFolder`` with the transform ``train.py`` passes) for ``train=True`` and an empty dataset
+      for ``train=False``: ``train.py``'s CIFAR-10 branch (the transform with s = 0.5, K = 10, the
+      train+test concatenation) then trains on exactly the harness's images;
+    * ``utils.save_model`` does nothing (``train.py`` saves a checkpoint every 10 epochs and at the
+      end; the ProPos/DigPro runs have checkpoints off too).
+    """
+    import types
+
+    import torch
+    import torchvision
+
+    def cpu(device):
+        if isinstance(device, str) and device.startswith("cuda"):
+            return "cpu"
+        if isinstance(device, torch.device) and device.type == "cuda":
+            return torch.device("cpu")
+        return device
+
+    def patch_to(cls):
+        original = cls.to
+
+        def to(self, *args, **kwargs):
+            args = tuple(cpu(a) for a in args)
+            if "device" in kwargs:
+                kwargs["device"] = cpu(kwargs["device"])
+            return original(self, *args, **kwargs)
+
+        cls.to = to
+
+    patch_to(torch.Tensor)
+    patch_to(torch.nn.Module)
+
+    if "cv2" not in sys.modules:
+        try:
+            import cv2  # noqa: F401
+        except ImportError:
+            sys.modules["cv2"] = types.ModuleType("cv2")
+
+    folder_class = torchvision.datasets.ImageFolder
+
+    def cifar10(root=None, train=True, transform=None, target_transform=None, download=False):
+        folder = folder_class(str(image_dir), transform=transform, target_transform=target_transform)
+        return folder if train else torch.utils.data.Subset(folder, [])
+
+    torchvision.datasets.CIFAR10 = cifar10
+    import utils  # the official package (its folder is first on sys.path)
+
+    utils.save_model = lambda *a, **k: None
+
+
+def run_official_cc_child(args) -> None:
+    """Child process: run the official CC ``train.py`` and evaluate the cluster head after every epoch.
+
+    ``train.py`` runs unmodified (``runpy``) on its CIFAR-10 branch, redirected to the harness's
+    image folder (:func:`_install_cc_shims`), with its own ``config/config.yaml`` and the parity
+    setting as command-line arguments.  Observation only: the model is captured when
+    ``network.Network`` is built, the loss terms by wrapping ``InstanceLoss.forward`` /
+    ``ClusterLoss.forward``, and the epochs by the training loader's iterator.  Before the first
+    batch (epoch 0) and after each epoch the model is evaluated as the official ``cluster.py``
+    does (``cluster.inference``: its test transform, batches of 500, eval mode, argmax of the
+    cluster head), with the backbone features taken by a forward hook for the feature std; the
+    model's train/eval mode and torch's, numpy's and Python's random states are restored after it,
+    so the training run is the one ``train.py`` makes unobserved.
+    """
+    import math
+    import random
+    import runpy
+
+    import torch
+
+    _install_official_shims(args.threads)
+    repo = Path(args.official_root) / OFFICIAL_REPOS["cc"]
+    sys.path.insert(0, str(repo))
+    image_dir = Path(args.data_root) / args.dataset
+    _install_cc_shims(image_dir)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config").symlink_to(repo / "config", target_is_directory=True)  # train.py reads ./config/
+    record_path = Path(args.record)
+
+    import torchvision  # noqa: E402  (after the shims and sys.path)
+    from torch.utils.data import DataLoader  # the original class, for the evaluation loader
+
+    import cluster as official_cluster  # noqa: E402
+    from modules import contrastive_loss, network, transform  # noqa: E402
+
+    holder: dict = {}
+    losses: list[list[float]] = []
+    clock = {"t": time.perf_counter(), "train": 0.0, "epoch": 0}
+
+    original_network_init = network.Network.__init__
+
+    def network_init(self, *a, **k):
+        original_network_init(self, *a, **k)
+        holder["model"] = self
+
+    original_instance = contrastive_loss.InstanceLoss.forward
+    original_cluster = contrastive_loss.ClusterLoss.forward
+
+    def instance_forward(self, z_i, z_j):
+        loss = original_instance(self, z_i, z_j)
+        holder["instance"] = float(loss)
+        return loss
+
+    def cluster_forward(self, c_i, c_j):
+        with torch.no_grad():  # the entropy part of the official value, computed as the official code
+            entropy = 0.0
+            for c in (c_i, c_j):
+                p = c.sum(0).view(-1)
+                p = p / p.sum()
+                entropy += float(math.log(p.size(0)) + (p * torch.log(p)).sum())
+        loss = original_cluster(self, c_i, c_j)
+        losses.append([holder.pop("instance", float("nan")), float(loss), entropy])
+        return loss
+
+    network.Network.__init__ = network_init
+    contrastive_loss.InstanceLoss.forward = instance_forward
+    contrastive_loss.ClusterLoss.forward = cluster_forward
+
+    eval_set = torchvision.datasets.ImageFolder(
+        str(image_dir), transform=transform.Transforms(size=CC_SETTING["image_size"]).test_transform)
+    eval_loader = DataLoader(eval_set, batch_size=CC_SETTING["eval_batch_size"], shuffle=False, drop_last=False,
+                             num_workers=0)
+
+    def evaluate_and_record(epoch: int) -> None:
+        model = holder["model"]
+        states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        was_training = model.training
+        feats: list = []
+        hook = model.resnet.register_forward_hook(lambda m, i, o: feats.append(o.detach()))
+        try:
+            pred, gt = official_cluster.inference(eval_loader, model, torch.device("cpu"))
+        finally:
+            hook.remove()
+            model.train(was_training)
+            torch.set_rng_state(states[0])
+            np.random.set_state(states[1])
+            random.setstate(states[2])
+        record = {"epoch": epoch, **epoch_record(torch.cat(feats).numpy(), pred, gt, CC_SETTING["k"])}
+        now = time.perf_counter()
+        if epoch > 0:
+            mean = np.mean(np.asarray(losses), axis=0)
+            record["instance"] = float(mean[0])
+            record["cluster"] = float(mean[1])            # contrast + entropy, as the official loss
+            record["entropy"] = float(mean[2])
+            record["cluster_contrast"] = float(mean[1] - mean[2])
+            record["loss"] = float(mean[0] + mean[1])
+            record["steps"] = len(losses)
+            record["seconds"] = now - clock["t"]
+            record["train_seconds"] = clock["train"]
+        losses.clear()
+        _append_jsonl(record_path, record)
+        log(f"official cc seed {args.seed} epoch {epoch}: NMI {record['nmi']:.3f} "
+            f"largest {record['largest_share']:.2f} std {record['feature_std']:.4f}")
+        clock["t"] = time.perf_counter()
+
+    class ObservedLoader(DataLoader):
+        """train.py's training loader: evaluates before the first epoch and after each epoch."""
+
+        def __iter__(self):
+            if clock["epoch"] == 0 and "started" not in clock:
+                clock["started"] = True
+                evaluate_and_record(0)
+            t0 = time.perf_counter()
+            yield from super().__iter__()
+            clock["train"] = time.perf_counter() - t0
+            clock["epoch"] += 1
+            evaluate_and_record(clock["epoch"])
+            if clock["epoch"] >= args.epochs:
+                raise StopParity
+
+    torch.utils.data.DataLoader = ObservedLoader
+    s = CC_SETTING
+    os.chdir(run_dir)  # train.py reads ./config/config.yaml and creates --model_path
+    sys.argv = [str(repo / "train.py"), "--dataset", "CIFAR-10", "--dataset_dir", str(args.data_root),
+                "--resnet", s["resnet"], "--image_size", str(s["image_size"]), "--batch_size", str(args.batch_size),
+                "--epochs", str(args.schedule_epochs), "--workers", str(s["loader_workers"]), "--seed", str(args.seed),
+                "--model_path", str(run_dir / "save"), "--feature_dim", str(s["feature_dim"]),
+                "--learning_rate", str(s["lr"]), "--weight_decay", str(s["weight_decay"]),
+                "--instance_temperature", str(s["instance_temperature"]),
+                "--cluster_temperature", str(s["cluster_temperature"])]
+    try:
+        runpy.run_path(str(repo / "train.py"), run_name="__main__")
+    except StopParity:
+        pass
+
+
 # --------------------------------------------------------------------------- clusterkit (child)
 
 
@@ -469,6 +692,73 @@ def _probe_class():
     return ParityProbe
 
 
+def _cc_probe_class():
+    """The ``parity_probe`` plugin class of the CC runs (built lazily, as :func:`_probe_class`).
+
+    CC has no E-step: the probe records the trainer's own evaluation (``eval.every: 1``, the
+    ``predict`` hook of ``contrastive_heads``: argmax of the cluster head on the un-augmented
+    images) with the harness's metrics.  Epoch 0 (the untrained network) is evaluated the same way
+    at the start of the first epoch (``Trainer.predict`` on the features of the training images,
+    which draws no random numbers).  ``cls.trainer`` is set by :func:`run_clusterkit_child`."""
+    import attrs
+
+    from clusterkit import Plugin, hookimpl
+
+    class CCParityProbe(Plugin):
+        """Benchmark-only plugin: records the cluster head's predictions of every epoch and stops the
+        run after ``stop_after`` epochs.  Registered by benchmarks/parity.py only."""
+
+        trainer = None
+
+        @attrs.define
+        class Params:
+            record: str = ""
+            stop_after: int = 1
+
+        def __init__(self, params=None):
+            super().__init__(params)
+            self.t = time.perf_counter()
+
+        def _record(self, state, epoch: int, labels, metrics=None) -> None:
+            feats = state.features("train")
+            record = {"epoch": epoch, "step": int(state.step),
+                      **epoch_record(feats.float().cpu().numpy(), labels.cpu().numpy(), self.targets,
+                                     state.num_clusters)}
+            now = time.perf_counter()
+            if metrics is not None:
+                m = metrics
+                record["instance"] = float(m.get("instance_contrast", float("nan")))
+                record["cluster_contrast"] = float(m.get("cluster_contrast", float("nan")))
+                record["entropy"] = float(m.get("cluster_entropy", float("nan")))
+                record["cluster"] = record["cluster_contrast"] + record["entropy"]
+                record["loss"] = float(m.get("loss", float("nan")))
+                record["seconds"] = now - self.t
+                record["lr_last"] = float(m.get("lr", float("nan")))
+                record["own_eval"] = {k: m[k] for k in ("nmi", "acc", "ari", "collapse_share", "feature_std")
+                                      if k in m}
+            _append_jsonl(Path(self.params.record), record)
+            log(f"clusterkit cc seed {state.recipe.run.seed} epoch {epoch}: NMI {record['nmi']:.3f} "
+                f"largest {record['largest_share']:.2f} std {record['feature_std']:.4f}")
+            self.t = time.perf_counter()
+
+        @hookimpl
+        def on_epoch_start(self, state):
+            if state.epoch == 0:
+                pred = self.trainer.predict(state.features("train"))
+                self._record(state, 0, pred.labels)
+
+        @hookimpl
+        def on_epoch_end(self, state, metrics):
+            epoch = state.epoch + 1
+            if "nmi" not in metrics:
+                raise RuntimeError("the CC parity probe needs an evaluation every epoch (eval.every: 1)")
+            self._record(state, epoch, self.trainer.last_prediction.labels, metrics)
+            if epoch >= self.params.stop_after:
+                raise StopParity
+
+    return CCParityProbe
+
+
 def run_clusterkit_child(args) -> None:
     """Child process: clusterkit's Trainer on the parity recipe plus the probe plugin."""
     import torch
@@ -489,7 +779,15 @@ def run_clusterkit_child(args) -> None:
     if raw.get("allow_plugins") is not None or autoload_disabled():
         raw["allow_plugins"] = [*(raw.get("allow_plugins") or []), "parity_probe"]
     recipe = load_recipe(data=raw)
-    cls = _probe_class()
+    cls = _cc_probe_class() if args.method == "cc" else _probe_class()
+    if args.method == "cc" and args.clusterkit_raw_pixels:
+        # diagnostic only (no recipe key does this): the official CC code feeds raw [0, 1] pixels
+        import attrs
+
+        from clusterkit.data import datasets as ck_datasets
+
+        info = ck_datasets.DATASETS["imagefolder"]
+        ck_datasets.DATASETS["imagefolder"] = attrs.evolve(info, mean=(0.0,) * 3, std=(1.0,) * 3)
     available = {**discover(), "parity_probe": PluginInfo("parity_probe", "benchmarks/parity.py:ParityProbe",
                                                           "(benchmark)", "0", _cls=cls)}
     run_dir = Path(args.run_dir)
@@ -499,6 +797,7 @@ def run_clusterkit_child(args) -> None:
     d = recipe.data
     cls.targets = load_dataset(d.dataset, d.root, d.split, d.image_size, cache=False).targets.numpy()
     trainer = Trainer(recipe, run_dir, available_plugins=available)
+    cls.trainer = trainer
     try:
         trainer.fit()
     except StopParity:
@@ -531,11 +830,14 @@ def _source_digest() -> str:
 def _run_key(args, method: str, system: str, seed: int) -> dict:
     """What makes two runs the same run (everything but how many epochs are run)."""
     key = {"method": method, "system": system, "seed": seed, "limit": args.limit, "batch_size": args.batch_size,
-           "schedule_epochs": args.schedule_epochs, "threads": args.threads, "setting": SETTING}
+           "schedule_epochs": args.schedule_epochs, "threads": args.threads,
+           "setting": SETTING if method in ESTEP_METHODS else CC_SETTING}
     if system == "clusterkit":
         key["recipe"] = RECIPES[method].read_text()
         key["extra_set"] = list(args.extra_set)
         key["source"] = _source_digest()
+        if method == "cc" and args.clusterkit_raw_pixels:
+            key["raw_pixels"] = True
     else:
         key["official_commit"] = _git_commit(Path(args.official_root) / OFFICIAL_REPOS[method])
     return key
@@ -586,6 +888,8 @@ def run_one(args, method: str, system: str, seed: int, data_root: Path, dataset:
            "--official-root", str(args.official_root)]
     for item in args.extra_set:
         cmd += ["--extra-set", item]
+    if args.clusterkit_raw_pixels:
+        cmd += ["--clusterkit-raw-pixels"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "PYTHONPATH": "", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     log(f"[{name}] {system} {method} seed {seed}: {args.epochs} of {args.schedule_epochs} epochs "
@@ -622,6 +926,20 @@ def per_epoch_table(records: list[dict]) -> list[str]:
             str(r["epoch"]), _fmt(r["nmi"]), _fmt(r["acc"]), _fmt(r["ari"]), f"{r['largest_share']:.1%}",
             _fmt(r["feature_std"], 4), _fmt(r.get("psa")), _fmt(r.get("psl"), 4), _fmt(r.get("grp"), 4),
             _fmt(r.get("loss")), _fmt(r.get("seconds"), 1)]) + " |")
+    return lines
+
+
+def per_epoch_table_cc(records: list[dict]) -> list[str]:
+    """Markdown rows of one CC run's per-epoch records."""
+    lines = ["| epoch | NMI | ACC | ARI | largest cluster | feature std | L_ins | L_clu contrast | L_clu entropy "
+             "| L_clu | loss | s/epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append("| " + " | ".join([
+            str(r["epoch"]), _fmt(r["nmi"]), _fmt(r["acc"]), _fmt(r["ari"]), f"{r['largest_share']:.1%}",
+            _fmt(r["feature_std"], 4), _fmt(r.get("instance")), _fmt(r.get("cluster_contrast")),
+            _fmt(r.get("entropy"), 4), _fmt(r.get("cluster")), _fmt(r.get("loss")), _fmt(r.get("seconds"), 1)])
+            + " |")
     return lines
 
 
@@ -671,6 +989,8 @@ def command_line(args) -> str:
         parts += ["--threads", str(args.threads)]
     for item in args.extra_set:
         parts += ["--extra-set", item]
+    if args.clusterkit_raw_pixels:
+        parts += ["--clusterkit-raw-pixels"]
     out = Path(args.out).resolve()
     parts += ["--out", str(out.relative_to(REPO)) if out.is_relative_to(REPO) else out.name]
     return shlex.join(parts)
@@ -682,16 +1002,63 @@ def write_report(args, results: dict) -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    commits = {OFFICIAL_NAMES[d]: _git_commit(Path(args.official_root) / d)[:12]
-               for d in ("ProPos", "DigPro", "torch_clustering")}
+    estep = [m for m in args.methods if m in ESTEP_METHODS]
+    cc = "cc" in args.methods
+    folders = (("ProPos", "DigPro", "torch_clustering") if estep else ()) + (("Contrastive-Clustering",) if cc else ())
+    commits = {OFFICIAL_NAMES[d]: _git_commit(Path(args.official_root) / d)[:12] for d in folders}
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    title = " / ".join((["ProPos / DigPro"] if estep else []) + (["CC"] if cc else []))
     lines = [
-        "# End-to-end parity: official ProPos / DigPro code vs clusterkit",
+        f"# End-to-end parity: official {title} code vs clusterkit",
         "",
         f"Generated {now} by `{command_line(args)}` "
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, {args.threads} torch "
         f"threads per run, one run at a time; clusterkit's torch {torch.__version__}).",
         "",
+    ]
+    if estep:
+        lines += _estep_header(args, commits)
+    if cc:
+        lines += _cc_header(args, commits)
+    overall = {}
+    for method in args.methods:
+        lines += [f"## {LABELS[method]}", ""]
+        if "official" in args.systems and "clusterkit" in args.systems:
+            rows, verdict = compare(results, method, args.epochs)
+            overall[method] = verdict
+            lines += [f"### Summary against issue 13's criteria ({LABELS[method]})", "",
+                      "Per epoch, each clusterkit seed's NMI must lie within the official code's spread over "
+                      f"the seeds or within ±{NMI_TOL} of the official mean, and its largest-cluster share "
+                      f"within ±{SHARE_TOL:.2f} of the official mean.", "", *rows, "",
+                      f"NMI criterion met in {verdict['nmi_ok']} of {verdict['checked']} (epoch, seed) cells; "
+                      f"largest-cluster criterion in {verdict['share_ok']} of {verdict['checked']}.", ""]
+        table = per_epoch_table if method in ESTEP_METHODS else per_epoch_table_cc
+        for system in args.systems:
+            for seed, records in sorted(results.get((method, system), {}).items()):
+                lines += [f"### {LABELS[method]}, {system}, seed {seed}", "", *table(records), ""]
+    out.write_text("\n".join(lines))
+    setting = SETTING if estep else CC_SETTING
+    raw = {
+        "command": command_line(args), "generated": now, "setting": {**setting, "limit": args.limit,
+                                                                     "batch_size": args.batch_size,
+                                                                     "epochs": args.epochs,
+                                                                     "schedule_epochs": args.schedule_epochs},
+        "official_commits": commits, "criteria": {"nmi_tol": NMI_TOL, "share_tol": SHARE_TOL}, "verdict": overall,
+        "runs": [{"method": m, "system": s, "seed": seed, "epochs": recs}
+                 for (m, s), by_seed in results.items() for seed, recs in sorted(by_seed.items())],
+    }
+    if estep and cc:
+        raw["cc_setting"] = CC_SETTING
+    if cc and args.clusterkit_raw_pixels:
+        raw["clusterkit_raw_pixels"] = True
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    log(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def _estep_header(args, commits: dict) -> list[str]:
+    """The report's paragraphs on the ProPos / DigPro runs (setting, protocol, inherent differences)."""
+    commits = {k: v for k, v in commits.items() if "Contrastive-Clustering" not in k}
+    return [
         "Official code: " + ", ".join(f"{k}@{v}" for k, v in commits.items()) + ", run unmodified with runtime "
         "shims only (`torch._six`, `.cuda()` as a no-op, a one-process gloo group for nccl, DDP without "
         "device_ids), in its own environment (lightly 1.4.24, scikit-learn).",
@@ -725,33 +1092,61 @@ def write_report(args, results: dict) -> None:
         "are one at a time, but the machine may be shared with other work.",
         "",
     ]
-    overall = {}
-    for method in args.methods:
-        lines += [f"## {LABELS[method]}", ""]
-        if "official" in args.systems and "clusterkit" in args.systems:
-            rows, verdict = compare(results, method, args.epochs)
-            overall[method] = verdict
-            lines += [f"### Summary against issue 13's criteria ({LABELS[method]})", "",
-                      "Per epoch, each clusterkit seed's NMI must lie within the official code's spread over "
-                      f"the seeds or within ±{NMI_TOL} of the official mean, and its largest-cluster share "
-                      f"within ±{SHARE_TOL:.2f} of the official mean.", "", *rows, "",
-                      f"NMI criterion met in {verdict['nmi_ok']} of {verdict['checked']} (epoch, seed) cells; "
-                      f"largest-cluster criterion in {verdict['share_ok']} of {verdict['checked']}.", ""]
-        for system in args.systems:
-            for seed, records in sorted(results.get((method, system), {}).items()):
-                lines += [f"### {LABELS[method]}, {system}, seed {seed}", "", *per_epoch_table(records), ""]
-    out.write_text("\n".join(lines))
-    raw = {
-        "command": command_line(args), "generated": now, "setting": {**SETTING, "limit": args.limit,
-                                                                     "batch_size": args.batch_size,
-                                                                     "epochs": args.epochs,
-                                                                     "schedule_epochs": args.schedule_epochs},
-        "official_commits": commits, "criteria": {"nmi_tol": NMI_TOL, "share_tol": SHARE_TOL}, "verdict": overall,
-        "runs": [{"method": m, "system": s, "seed": seed, "epochs": recs}
-                 for (m, s), by_seed in results.items() for seed, recs in sorted(by_seed.items())],
-    }
-    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
-    log(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def _cc_header(args, commits: dict) -> list[str]:
+    """The report's paragraphs on the CC runs (setting, protocol, shims, known differences)."""
+    s = CC_SETTING
+    commit = commits.get(OFFICIAL_NAMES["Contrastive-Clustering"], "?")
+    raw_pixels = args.clusterkit_raw_pixels
+    return [
+        f"CC official code: Yunfan-Li/Contrastive-Clustering@{commit}, `train.py` run unmodified (runpy) on its "
+        "CIFAR-10 branch with its own `config/config.yaml` and the setting below as command-line arguments, "
+        "in its own environment, with runtime shims only: `.to('cuda')` maps to the CPU, "
+        "`torchvision.datasets.CIFAR10` returns the harness's image folder (torchvision `ImageFolder`, "
+        "train.py's own transform) for the train split and an empty set for the test split, an empty `cv2` "
+        "module (the blur is never built), `utils.save_model` off. Evaluation as the official `cluster.py` "
+        "(`cluster.inference`: its test transform Resize(32) + ToTensor, batches of 500, eval mode, argmax of "
+        "the cluster head), after every epoch, with the model's mode and the random states restored after it.",
+        f"clusterkit: `benchmarks/parity/cc_fmnist.yaml` (git {_git_commit(REPO)[:12]}, source digest "
+        f"{_source_digest()} of clusterkit/ and plugins/ including uncommitted changes), evaluated by its own "
+        "evaluation (eval.every 1: `contrastive_heads`' predict, argmax of the cluster head)."
+        + (f" Extra overrides of the clusterkit runs: `{' '.join(args.extra_set)}`." if args.extra_set else "")
+        + (" **Diagnostic run: clusterkit fed raw [0, 1] pixels (`--clusterkit-raw-pixels`).**" if raw_pixels
+           else ""),
+        "",
+        f"CC setting (issue 13): the first {args.limit} Fashion-MNIST test images written as 28x28 PNGs and read "
+        f"as an image folder by both (RGB), standard-stem ResNet-18 with torchvision's init, {s['image_size']} px, "
+        f"batch {args.batch_size} (drop_last), {args.epochs} epochs, Adam lr {s['lr']:g} (constant), weight decay "
+        f"{s['weight_decay']:g}, instance temperature {s['instance_temperature']}, cluster temperature "
+        f"{s['cluster_temperature']}, feature_dim {s['feature_dim']}, K = {s['k']}, CC's augmentation with "
+        f"s = {s['jitter_strength']} (no blur); official loader with {s['loader_workers']} workers.",
+        "",
+        "Every number is computed by the harness from the predictions each system's own evaluation made: NMI / "
+        "ACC / ARI of the cluster head's argmax on all training images (train = evaluation data), the largest "
+        "cluster's share, the feature std `std(norm(h), dim=0).mean()` of the backbone features of the "
+        "evaluation pass, the epoch's mean loss terms (L_ins; L_clu = cluster contrast + entropy term "
+        "log K - H(P) summed over both views, as the official loss; the entropy term alone) and the wall time "
+        "from one evaluation's end to the next (training plus the evaluation pass). Epoch 0 is the untrained "
+        "network.",
+        "",
+        "What differs between the two CC runs besides the code itself:",
+        "- Normalisation: the official CC code feeds raw [0, 1] pixels (train.py passes no mean/std); clusterkit "
+        "normalises the views and the evaluation images with the image folder's ImageNet mean/std, and no recipe "
+        "key switches that off (`--clusterkit-raw-pixels` does it at runtime, as a diagnostic)."
+        + (" In this report it is on." if raw_pixels else " In this report it is off."),
+        "- Augmentation: official per-image PIL RandomResizedCrop of the 28 px image to 32 px (antialiased), "
+        "ColorJitter in torchvision's PIL implementation, grayscale p 0.2; clusterkit's batched path cuts the "
+        "same distribution of crops from the 28 px images (`data.decode_size: 28`) with one bilinear grid_sample "
+        "(supersampled when shrinking) and its own tensor jitter.",
+        "- Evaluation images: official Resize((32, 32)) of the PIL image (bilinear, antialiased) in eval mode; "
+        "clusterkit resizes the decoded 28 px images to 32 px with its bilinear resize in eval mode.",
+        "- Data order: the official DataLoader shuffles from torch's global generator after `torch.manual_seed"
+        "(seed)`; clusterkit's order is a function of (seed, epoch). Both change with the seed.",
+        "- s/epoch: clusterkit's includes writing its per-epoch checkpoint; the official run has checkpoints off "
+        "and uses 2 loader workers, clusterkit decodes once and augments in the main process.",
+        "",
+    ]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -761,7 +1156,7 @@ def parse_args(argv=None):
     """Command-line options (the orchestrator's and the children's)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", choices=("propos", "digpro"), default=["propos", "digpro"])
+    p.add_argument("--methods", nargs="+", choices=("propos", "digpro", "cc"), default=["propos", "digpro"])
     p.add_argument("--systems", nargs="+", choices=("official", "clusterkit"), default=["official", "clusterkit"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--epochs", type=int, default=6, help="epochs to run (of the schedule)")
@@ -779,6 +1174,9 @@ def parse_args(argv=None):
                         "scikit-learn, munkres, pyyaml, tqdm, matplotlib)")
     p.add_argument("--extra-set", action="append", default=[],
                    help="a --set override for the clusterkit runs (e.g. data.pipeline=per_image); repeatable")
+    p.add_argument("--clusterkit-raw-pixels", action="store_true",
+                   help="diagnostic, CC only: clusterkit's CC runs feed raw [0, 1] pixels as the official CC code "
+                        "(the image folder's mean/std replaced by 0/1 at runtime; no recipe key does this)")
     p.add_argument("--rerun", action="store_true", help="do not reuse recorded runs")
     # children
     p.add_argument("--child", choices=("official", "clusterkit"), help=argparse.SUPPRESS)
@@ -800,7 +1198,7 @@ def main(argv=None) -> None:
     """Run the benchmark (or, with the hidden --child option, one run of it)."""
     args = parse_args(argv)
     if args.child == "official":
-        run_official_child(args)
+        (run_official_cc_child if args.method == "cc" else run_official_child)(args)
         return
     if args.child == "clusterkit":
         run_clusterkit_child(args)
