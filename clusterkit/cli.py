@@ -19,7 +19,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .errors import ClusterkitError, RunDirError
+from .errors import ClusterkitError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,27 +102,63 @@ def cmd_run(args) -> int:
 
 
 def _run(args, recipe) -> int:
+    from .runlock import release_run_dir
+
+    new = not args.resume and (args.out is None or not Path(args.out).exists())
+    run_dir = _prepare_run_dir(args, recipe)
+    try:
+        return _train(args, recipe, run_dir)
+    except BaseException:
+        if new:
+            _remove_if_empty(run_dir)
+        raise
+    finally:
+        release_run_dir(run_dir)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A run that failed before writing anything (a plugin or data error) leaves no empty
+    run directory behind."""
+    from .runlock import LOCK_NAME, release_run_dir
+
+    if run_dir.is_dir() and all(p.name == LOCK_NAME for p in run_dir.iterdir()):
+        release_run_dir(run_dir)
+        try:
+            run_dir.rmdir()
+        except OSError:
+            pass
+
+
+def _prepare_run_dir(args, recipe) -> Path:
+    """The run directory, checked and locked by rank 0 (:mod:`clusterkit.runlock`): ``--resume``'s
+    must hold a checkpoint; a new one is made (its name may hold the time).  Rank 0 tells the
+    other ranks the path, or its error, which every rank then raises (none waits)."""
     from . import distributed
-    from .trainer import Trainer, make_run_dir
+    from .runlock import lock_run_dir
+    from .trainer import check_resumable, make_run_dir
+
+    made = None
+    if distributed.is_main():
+        try:
+            if args.resume:
+                check_resumable(Path(args.resume))
+                lock_run_dir(args.resume)
+                made = str(args.resume)
+            else:
+                made = str(make_run_dir(recipe, args.out, args.force))
+        except Exception as exc:  # every rank raises it, none waits for a directory
+            made = exc
+    made = distributed.broadcast_object(made)
+    if isinstance(made, Exception):
+        raise made
+    return Path(made)
+
+
+def _train(args, recipe, run_dir: Path) -> int:
+    from . import distributed
+    from .trainer import Trainer
 
     main = distributed.is_main()
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not run_dir.is_dir():
-            raise RunDirError(f"Cannot resume '{run_dir}': no such directory. Pass the run directory that "
-                              "holds recipe.yaml and checkpoints/ (printed when the run started).")
-    else:
-        # rank 0 makes the directory (its name may hold the time) and tells the others, or its error
-        made = None
-        if main:
-            try:
-                made = str(make_run_dir(recipe, args.out, args.force))
-            except Exception as exc:  # every rank raises it, none waits for a directory
-                made = exc
-        made = distributed.broadcast_object(made)
-        if isinstance(made, Exception):
-            raise made
-        run_dir = Path(made)
     if main:
         world = distributed.world_size()
         procs = f" ({world} processes)" if world > 1 else ""

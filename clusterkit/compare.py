@@ -218,10 +218,13 @@ class _ChildFailed(Exception):
 
 
 def _run_in_process(recipe, run_dir: Path, resume: bool) -> None:
+    from .runlock import lock_run_dir, release_run_dir
     from .trainer import Trainer, make_run_dir
 
     if not resume:
         make_run_dir(recipe, str(run_dir), force=True)
+    else:
+        lock_run_dir(run_dir)
     try:
         Trainer(recipe, run_dir, resume=resume).fit()
     except KeyboardInterrupt:
@@ -230,6 +233,8 @@ def _run_in_process(recipe, run_dir: Path, resume: bool) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
         raise
+    finally:
+        release_run_dir(run_dir)
 
 
 # -- aggregation -----------------------------------------------------------------------------------

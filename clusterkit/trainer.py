@@ -36,9 +36,10 @@ from .models import create_backbone
 from .models.backbones import require_local_weights
 from .plugin_manager import load_plugins
 from .recipe import Recipe, check_stages, dump_recipe, load_recipe
+from .runlock import LOCK_NAME, lock_run_dir
 from .state import ParamGroup, Prediction, StepCache, TrainState
 
-__all__ = ["Trainer", "make_run_dir", "lr_at", "DivergenceError", "STAGED_HOOKS"]
+__all__ = ["Trainer", "make_run_dir", "check_resumable", "RUN_OUTPUTS", "lr_at", "DivergenceError", "STAGED_HOOKS"]
 
 #: Hooks that a plugin switched off by the recipe's ``stages`` does not receive.  setup,
 #: register_outputs, embed and predict always run, so modules and outputs exist throughout.
@@ -120,8 +121,18 @@ def lr_at(t: float, sched, base_lr: float) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * (t - warm) / span))
 
 
+#: What a run writes in its directory: ``--force`` removes exactly these before a new run starts.
+RUN_OUTPUTS = ("recipe.yaml", "metrics.jsonl", "summary.json", "error.txt", "checkpoints", "plots")
+
+
 def make_run_dir(recipe: Recipe, out: str | None, force: bool) -> Path:
-    """A fresh run directory (``out``, or ``run.out_dir/<name>/<time>``)."""
+    """A fresh run directory (``out``, or ``run.out_dir/<name>/<time>``), locked for this process
+    (:mod:`clusterkit.runlock`; release it with ``release_run_dir``).
+
+    An existing non-empty ``out`` is refused unless ``force``; with ``force`` the previous run's
+    outputs (:data:`RUN_OUTPUTS`, plots included) are removed once the lock is held, and any other
+    file is left where it is, with a note.
+    """
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path(recipe.run.out_dir) / recipe.name / stamp
@@ -131,16 +142,61 @@ def make_run_dir(recipe: Recipe, out: str | None, force: bool) -> Path:
             n += 1
     else:
         path = Path(out)
-        if path.exists() and any(path.iterdir()) and not force:
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"Cannot use '{path}' as the run directory: it is a file, not a folder. Choose "
+                              "another --out (a folder that does not exist yet, or an empty one).")
+        if path.is_dir() and _user_entries(path) and not force:
             raise RunDirError(f"Run directory '{path}' already exists and is not empty. Use --resume {path} "
                               "to continue that run, --force to overwrite it, or choose another --out.")
-        if path.exists() and force:
-            for child in ("metrics.jsonl", "summary.json", "recipe.yaml"):
-                (path / child).unlink(missing_ok=True)
-            for old in (path / "checkpoints").glob("*.pt") if (path / "checkpoints").is_dir() else []:
-                old.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"Cannot create the run directory '{path}': {exc.strerror or exc}. Choose another --out "
+                          f"(or run.out_dir) in a folder you can write to.") from None
+    lock_run_dir(path)
+    if out is not None and force:
+        _clear_run_outputs(path)
     return path
+
+
+def check_resumable(run_dir: Path) -> None:
+    """RunDirError unless ``run_dir`` is a run directory with a checkpoint to resume from;
+    checked before anything is read or written there."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"Cannot resume '{run_dir}': no such directory. Pass the run directory that "
+                          "holds recipe.yaml and checkpoints/ (printed when the run started).")
+    if not (run_dir / "checkpoints").is_dir():
+        raise RunDirError(f"Cannot resume '{run_dir}': it is not a run directory (it has no checkpoints/ folder, "
+                          "so it holds no checkpoint). --resume takes the folder a run wrote (printed when the run "
+                          "started, e.g. runs/<name>/<time>); nothing in this folder was changed.")
+    if latest_checkpoint(run_dir / "checkpoints") is None:
+        raise RunDirError(f"Cannot resume '{run_dir}': it holds no checkpoint (checkpoints/epoch_*.pt). A run "
+                          "writes its first checkpoint at the end of its first epoch; start it anew with --out "
+                          f"{run_dir} --force, or point --resume at another run directory.")
+
+
+def _user_entries(path: Path) -> list[Path]:
+    """The entries of a run directory other than its lock file."""
+    return [p for p in path.iterdir() if p.name != LOCK_NAME]
+
+
+def _clear_run_outputs(path: Path) -> None:
+    """``--force``: remove the previous run's outputs (and temporary files) from ``path``."""
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    for tmp in path.glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+    others = sorted(p.name for p in _user_entries(path))
+    if others:
+        _warn(f"--force removed the previous run's files from '{path}' but left what clusterkit did not "
+              f"write there: {', '.join(others)}.")
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -719,10 +775,11 @@ class Trainer:
         r = self.recipe
         self._build()
         main = distributed.is_main()
-        if main:
-            atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(r))
         state = self.state
+        # a resume is checked (checkpoint, recipe) before anything is written into the directory
         start_epoch, history, wall_before = (self._restore() if self.resume else (0, [], 0.0))
+        if main and not self.resume:
+            atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(r))
         baseline = self.pixel_baseline()
         t_start = time.perf_counter()
         eval_metrics = next((h for h in reversed(history) if "nmi" in h), {})

@@ -1,0 +1,224 @@
+"""The fault and bad-input cases of issue 16, each through the command line where a user meets it.
+
+"Clear" means: a non-zero exit (2 for a user's mistake), exactly one ``clusterkit: error:``
+paragraph naming the problem and the fix, no traceback, and no file of the user's changed.
+The checks never depend on where a message wraps (paragraphs are compared with their
+whitespace collapsed) or on how long a temporary path is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, timeout=300, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "clusterkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def flat(text: str) -> str:
+    """``text`` with its whitespace collapsed: a message compared wherever it wraps."""
+    return " ".join(text.split())
+
+
+def assert_clear(res, *needles, code=2):
+    """Exit ``code``, one error paragraph holding every needle, no traceback."""
+    assert res.returncode == code, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count("clusterkit: error:") == 1, res.stderr
+    paragraph = flat(res.stderr[res.stderr.index("clusterkit: error:"):].split("\n\n")[0])
+    for needle in needles:
+        assert needle in paragraph, paragraph
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` with its bytes (what "no file changed" compares)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tiny(**changes) -> dict:
+    """The tiny ProPos-on-digits recipe, one epoch, one thread, no pixel baseline."""
+    raw = copy.deepcopy(TINY)
+    raw["schedule"]["epochs"] = 1
+    raw["eval"] = {"pixel_baseline": "never"}
+    raw["run"]["threads"] = 1
+    for key, value in changes.items():
+        node = raw
+        *head, last = key.split("__")
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return raw
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch run (its folder is copied by the tests that change it)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    recipe = write(tmp / "tiny.yaml", tiny())
+    res = run_cli("run", recipe, "--out", tmp / "run")
+    assert res.returncode == 0, res.stderr
+    return recipe, tmp / "run"
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. --resume of a folder that is not a run directory changes nothing in it
+# ---------------------------------------------------------------------------------------------
+
+def test_1_resume_of_a_project_folder_keeps_its_recipe(tmp_path):
+    proj = tmp_path / "myproj"
+    proj.mkdir()
+    write(tmp_path / "base.yaml", tiny())
+    write(proj / "recipe.yaml", "extends: ../base.yaml\nname: mine\n")
+    before = snapshot(proj)
+    res = run_cli("run", proj / "recipe.yaml", "--resume", proj)
+    assert_clear(res, f"Cannot resume '{proj}'", "not a run directory", "nothing in this folder was changed")
+    assert snapshot(proj) == before and sorted(p.name for p in proj.iterdir()) == ["recipe.yaml"]
+
+
+def test_1_resume_of_a_data_folder_writes_nothing_into_it(tmp_path):
+    data = tmp_path / "data"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(data / c / "0.png")
+    recipe = write(tmp_path / "r.yaml", tiny())
+    before = snapshot(data)
+    res = run_cli("run", recipe, "--resume", data)
+    assert_clear(res, "not a run directory")
+    assert snapshot(data) == before and not (data / "recipe.yaml").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. one run at a time in a run directory
+# ---------------------------------------------------------------------------------------------
+
+def test_2_two_runs_started_at_once_into_one_out(tmp_path):
+    recipe = write(tmp_path / "r.yaml", tiny())
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "clusterkit", "run", str(recipe), "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results  # exactly one ran; the other was refused
+    refused = next(err for rc, err in results if rc == 2)
+    assert "Traceback" not in refused and ("in use by another clusterkit run" in flat(refused)
+                                           or "already exists and is not empty" in flat(refused))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == sorted(json.loads(line)["step"] for line in lines)
+    assert sum("seconds" in json.loads(line) for line in lines) == 1  # one run's epoch, not two
+    assert (out / "summary.json").exists() and not (out / ".clusterkit.lock").exists()
+
+
+@pytest.fixture
+def live_pid():
+    """The pid of a process that is alive for the duration of the test."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_2_a_locked_run_directory_is_refused_even_with_force(tmp_path, finished_run, live_pid):
+    recipe, done = finished_run
+    run = copy_run(done, tmp_path / "run")
+    (run / ".clusterkit.lock").write_text(f"{live_pid} {os.uname().nodename}\n")
+    before = snapshot(run)
+    for args in (["--out", run, "--force"], ["--resume", run]):
+        res = run_cli("run", recipe, *args)
+        assert_clear(res, f"Run directory '{run}' is in use by another clusterkit run (process {live_pid}")
+        assert snapshot(run) == before
+
+
+def test_2_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, finished_run):
+    recipe, done = finished_run
+    run = copy_run(done, tmp_path / "run")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".clusterkit.lock").write_text(f"{dead.pid} {os.uname().nodename}\n")
+    res = run_cli("run", recipe, "--resume", run)
+    assert res.returncode == 0, res.stderr
+    assert f"was locked by process {dead.pid}, which no longer runs" in flat(res.stderr)
+    assert not (run / ".clusterkit.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5-7. what is trained is what the recipe and the overrides say
+# ---------------------------------------------------------------------------------------------
+
+def test_5_an_override_of_an_absent_plugin_is_an_error(tmp_path):
+    propos = REPO / "recipes" / "quickstart_propos.yaml"
+    res = run_cli("run", propos, "--set", "plugins.momentum_grouping.weight=0.5", "--out", tmp_path / "out")
+    assert_clear(res, "the recipe has no plugin 'momentum_grouping'", "--set plugins.momentum_grouping.enabled=true")
+    assert not (tmp_path / "out").exists()
+
+
+def test_5_enabled_adds_and_removes_a_plugin():
+    from clusterkit.recipe import load_recipe
+
+    propos = REPO / "recipes" / "quickstart_propos.yaml"
+    added = load_recipe(propos, ["plugins.momentum_grouping.weight=0.5", "plugins.momentum_grouping.enabled=true"])
+    assert added.plugins["momentum_grouping"] == {"weight": 0.5}
+    removed = load_recipe(REPO / "recipes" / "quickstart.yaml", ["plugins.momentum_grouping.enabled=false"])
+    assert "momentum_grouping" not in removed.plugins
+
+
+def test_6_a_mapping_override_merges_into_the_block(tmp_path):
+    recipe = write(tmp_path / "r.yaml", tiny())
+    out = tmp_path / "out"
+    res = run_cli("run", recipe, "--set", "data.augment={hflip: true}", "--out", out)
+    assert res.returncode == 0, res.stderr
+    augment = yaml.safe_load((out / "recipe.yaml").read_text())["data"]["augment"]
+    assert augment["hflip"] is True and augment["crop_scale"] == [0.6, 1.0]  # the recipe's crop is kept
+
+
+def test_7_a_key_written_twice_is_an_error(tmp_path):
+    raw = yaml.safe_dump(tiny())
+    recipe = write(tmp_path / "r.yaml", raw + "schedule: {warmup_epochs: 0}\n")
+    res = run_cli("run", recipe, "--out", tmp_path / "out")
+    assert_clear(res, "key 'schedule' appears twice", "merge the two into one")
+
+
+# ---------------------------------------------------------------------------------------------
+# 9, 12. values the schema must reject
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lr=nan", "'optim.lr' must be a finite number in (0, inf), got nan"),
+    ("optim.lr=inf", "'optim.lr' must be a finite number in (0, inf), got inf"),
+    ("run.seed=-5", "'run.seed' must be in [0, 4294967295], got -5"),
+    ("run.threads=-1", "'run.threads' must be in [1, inf], got -1"),
+])
+def test_9_12_values_out_of_range(tmp_path, override, needle):
+    recipe = write(tmp_path / "r.yaml", tiny())
+    res = run_cli("run", recipe, "--set", override, "--out", tmp_path / "out")
+    assert_clear(res, needle)
+    assert not (tmp_path / "out").exists()
