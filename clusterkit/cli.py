@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="runs/compare",
                          help="comparison folder: OUT/<recipe>/seed<N>/ runs and results.* (default: runs/compare)")
     compare.add_argument("--no-plots", dest="plots", action="store_false", help="skip convergence.png")
+    compare.add_argument("--force", action="store_true",
+                         help="replace the results of a different comparison in --out")
     compare.add_argument("--in-process", action="store_true",
                          help="run in this process instead of one process per run (peak memory then accumulates)")
     compare.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -238,12 +240,12 @@ def cmd_compare(args) -> int:
 
     try:
         res = compare(args.recipes, args.seeds, args.overrides, args.out, isolate=not args.in_process,
-                      plots=args.plots)
+                      plots=args.plots, force=args.force)
     except KeyboardInterrupt:
         print(f"clusterkit: interrupted; run the same compare command again to continue (finished runs in "
               f"{args.out} are reused, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
         return 130
-    print((res.out / "results.md").read_text())
+    print(res.files[0].read_text())  # results.md, or results.failed.md beside complete results
     failed = [r for r in res.runs if r.status != "ok"]
     if failed:
         print(f"clusterkit: {len(failed)} of {len(res.runs)} runs failed (see the Failures section above)",
@@ -259,7 +261,7 @@ def cmd_plot(args) -> int:
     if (run_dir / "compare.json").exists() and not (run_dir / "recipe.yaml").exists():
         from .compare import plot_compare_dir
 
-        paths = [plot_compare_dir(run_dir)]
+        paths = [plot_compare_dir(run_dir, args.out)]
     else:
         paths = plot_run(run_dir, args.out, max_points=args.max_points, device=args.device)
     for path in paths:

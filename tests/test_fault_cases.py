@@ -222,3 +222,63 @@ def test_9_12_values_out_of_range(tmp_path, override, needle):
     res = run_cli("run", recipe, "--set", override, "--out", tmp_path / "out")
     assert_clear(res, needle)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. compare and plot never overwrite results they were not asked to; --force leaves nothing stale
+# ---------------------------------------------------------------------------------------------
+
+def _old_compare(out: Path, label: str, seeds: list[int], run_dir: Path | None = None) -> dict:
+    """A folder holding the complete results of an earlier comparison."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [{"label": label, "seed": s, "run_dir": str(run_dir) if run_dir else None, "status": "ok",
+             "how": "started", "error": None} for s in seeds]
+    write(out / "compare.json", json.dumps({"command": "old", "seeds": seeds, "overrides": [], "isolated": True,
+                                            "recipes": [{"label": label, "path": "x.yaml"}], "runs": runs,
+                                            "differences": []}))
+    for name in ("results.md", "results.csv", "results.tex", "convergence.png"):
+        write(out / name, f"the old {name}\n")
+    return snapshot(out)
+
+
+def test_3_a_changed_compare_does_not_replace_earlier_results(tmp_path):
+    recipe = write(tmp_path / "tiny.yaml", tiny())
+    out = tmp_path / "cmp"
+    before = _old_compare(out, "tiny", [0])
+    res = run_cli("compare", recipe, "--seeds", "1", "--out", out, "--no-plots")
+    assert_clear(res, f"'{out}' holds the results of a different comparison", "seeds: [0] -> [1]", "--force")
+    assert snapshot(out) == before
+
+
+def test_3_a_failed_rerun_keeps_complete_results(tmp_path):
+    recipe = write(tmp_path / "bad.yaml", tiny(name="bad", plugins__diffused_sampling={"sigma": -1.0}))
+    out = tmp_path / "cmp"
+    before = _old_compare(out, "bad", [0])
+    res = run_cli("compare", recipe, "--seeds", "0", "--out", out, "--no-plots")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "plugins.diffused_sampling.sigma" in (out / "results.failed.md").read_text()
+    assert "are kept" in flat(res.stderr)
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k in before} == before  # the old results, byte for byte
+
+
+def test_3_plot_of_a_compare_folder_writes_to_out(tmp_path, finished_run):
+    _, run = finished_run
+    cmp = tmp_path / "cmp"
+    before = _old_compare(cmp, "tiny", [0], run)
+    res = run_cli("plot", cmp, "--out", tmp_path / "plots")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "plots" / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+    assert snapshot(cmp) == before
+
+
+def test_3_force_removes_the_old_runs_plots(tmp_path, finished_run):
+    recipe, done = finished_run
+    run = copy_run(done, tmp_path / "run")
+    (run / "plots").mkdir()
+    write(run / "plots" / "tsne.png", "an old plot")
+    write(run / "notes.txt", "mine")
+    res = run_cli("run", recipe, "--out", run, "--force")
+    assert res.returncode == 0, res.stderr
+    assert not (run / "plots").exists() and (run / "notes.txt").read_text() == "mine"
+    assert "left what clusterkit did not write there: notes.txt" in flat(res.stderr)
