@@ -282,3 +282,50 @@ def test_3_force_removes_the_old_runs_plots(tmp_path, finished_run):
     assert res.returncode == 0, res.stderr
     assert not (run / "plots").exists() and (run / "notes.txt").read_text() == "mine"
     assert "left what clusterkit did not write there: notes.txt" in flat(res.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. a symlink loop in an image folder is not followed; images found twice are said and used once
+# ---------------------------------------------------------------------------------------------
+
+def _image_tree(root: Path, classes=("one", "zero"), per_class=4) -> Path:
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def _folder_recipe(tmp: Path, root: Path) -> Path:
+    return write(tmp / "folder.yaml", tiny(data__dataset="imagefolder", data__root=str(root), data__batch_size=4,
+                                           data__eval_batch_size=16, e_step__k=2, schedule__warmup_epochs=0))
+
+
+def test_4_a_symlink_loop_is_not_followed(tmp_path):
+    root = _image_tree(tmp_path / "data")
+    (root / "zero" / "loop").symlink_to("..")
+    res = run_cli("run", _folder_recipe(tmp_path, root), "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["num_train"] == 8  # not the tree again and again under zero/loop
+    assert "symbolic link(s) to a folder above them were not followed" in flat(res.stderr)
+    assert str(root / "zero" / "loop") in flat(res.stderr)
+
+
+def test_4_images_found_twice_are_said_and_used_once():
+    import tempfile
+
+    from clusterkit.data.datasets import DATASETS, _scan_imagefolder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _image_tree(Path(tmp) / "data")
+        (root / "one" / "more").symlink_to(root / "zero")  # zero's images reached twice
+        import io
+        from contextlib import redirect_stderr
+
+        err = io.StringIO()
+        with redirect_stderr(err):
+            classes, paths, targets = _scan_imagefolder(DATASETS["imagefolder"], root, "train")
+    assert len(paths) == 8 and len({os.path.realpath(p) for p in paths}) == 8
+    assert "4 image file(s) were found twice through symbolic links" in flat(err.getvalue())
