@@ -26,7 +26,6 @@ recursively for image files).  Images with 3 channels are converted to grayscale
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,7 +33,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import load_latest_checkpoint, read_summary
 from .data import DATASETS, IMAGE_EXTENSIONS, eval_transform
 from .errors import DataError, RunDirError
 from .state import Prediction
@@ -44,19 +43,18 @@ __all__ = ["ClusterModel", "load", "find_images", "read_image"]
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def _run_files(run_dir: Path) -> tuple[Path, dict | None]:
-    """The run's last checkpoint and its summary (None while unfinished); RunDirError if none."""
+def _run_files(run_dir: Path) -> tuple[Path, dict, dict | None]:
+    """The run's newest readable checkpoint (path, contents) and its summary (None while
+    unfinished); RunDirError if there is none."""
     if not run_dir.is_dir():
         raise RunDirError(f"Run directory '{run_dir}' does not exist. Pass the folder a run wrote (it holds "
                           "recipe.yaml, metrics.jsonl and checkpoints/), e.g. runs/quickstart/<time>.")
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
+    found = load_latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
         raise RunDirError(f"Run directory '{run_dir}' holds no checkpoint (checkpoints/epoch_*.pt), so there is "
                           "no model to load. A run writes its first checkpoint at the end of its first epoch; "
                           "train it (clusterkit run RECIPE --out DIR) or pass another run directory.")
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    return ckpt, summary
+    return *found, read_summary(run_dir)
 
 
 class ClusterModel:
@@ -77,8 +75,7 @@ class ClusterModel:
         from .trainer import Trainer
 
         self.run_dir = Path(run_dir)
-        self.checkpoint, self.summary = _run_files(self.run_dir)
-        ckpt = load_checkpoint(self.checkpoint)
+        self.checkpoint, ckpt, self.summary = _run_files(self.run_dir)
         self.recipe = load_recipe(data=ckpt["recipe"])
         dataset = self.recipe.data.dataset
         if dataset not in DATASETS:

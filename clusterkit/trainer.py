@@ -23,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (atomic_write_text, latest_checkpoint, load_latest_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state)
 from .cluster import cluster_metrics, kmeans
 from .cluster.kmeans import assign as kmeans_assign
 from .data import eval_transform, load_dataset
@@ -643,7 +643,13 @@ class Trainer:
             self.term_names = list(terms)
         self.optimizer.step()
         state.step += 1
-        self._call("after_step", cache=cache)
+        try:
+            self._call("after_step", cache=cache)
+        except (RecipeError, DataError, PluginError, KeyboardInterrupt):
+            raise
+        except Exception:  # a plugin failing on NaN/inf (a diverged step) is a divergence, said as such
+            self._check_diverged_after_step()
+            raise
         terms["loss"] = total.detach()
         return {k: v.detach() for k, v in terms.items()}
 
@@ -661,13 +667,34 @@ class Trainer:
         self.state.epoch, self.state.step_in_epoch, self.state.step = step // spe, step % spe, step
         self._nonfinite(self.term_names[term], torch.tensor(value))
 
+    def _check_diverged_after_step(self) -> None:
+        """An after_step hook raised: a DivergenceError instead when the step diverged (a noted
+        non-finite loss term, or parameters that the optimiser step made NaN/inf)."""
+        self._check_finite()
+        bad = [name for name, p in self.state.model.named_parameters() if not torch.isfinite(p).all()]
+        if not bad:
+            return
+        s = self.state
+        where = f"at epoch {s.epoch + 1}, step {s.step_in_epoch + 1} (after {s.step} optimiser steps)"
+        raise DivergenceError(f"The model's parameters became NaN or infinite {where} ({len(bad)} tensors, e.g. "
+                              f"'{bad[0]}'), so the after_step hooks could not go on; the run stopped and "
+                              f"{self._kept_checkpoint()}.")
+
+    def _kept_checkpoint(self) -> str:
+        """What a stopped run leaves to resume from, and what to change (for divergence messages)."""
+        ckpts = self.run_dir / "checkpoints"
+        if latest_checkpoint(ckpts) is None:
+            return ("no checkpoint was written yet (it diverged in its first epoch). Lower optim.lr (or raise "
+                    "schedule.warmup_epochs), check the plugins' parameters, and start it again")
+        return (f"the last good checkpoint in '{ckpts}' is kept. Lower optim.lr, check the plugin's parameters, "
+                "or resume from that checkpoint with --resume")
+
     def _nonfinite(self, name: str, value: torch.Tensor) -> None:
         """A NaN/inf loss term: stop (``run.nonfinite: stop``), or count a skipped step and warn."""
         s, run = self.state, self.recipe.run
         shown = value.item() if value.numel() == 1 else "non-finite"
         where = f"at epoch {s.epoch + 1}, step {s.step_in_epoch + 1} (after {s.step} optimiser steps)"
-        keep = (f"the last good checkpoint in '{self.run_dir / 'checkpoints'}' is kept. Lower optim.lr, check "
-                "the plugin's parameters, or resume from that checkpoint with --resume")
+        keep = self._kept_checkpoint()
         if run.nonfinite == "stop":
             raise DivergenceError(f"Loss term '{name}' became {shown} {where}; the run stopped and {keep} "
                                   "(run.nonfinite: skip skips such steps instead).")
@@ -705,12 +732,12 @@ class Trainer:
         }, self.run_dir / "checkpoints", epoch, self.recipe.run.keep_last)
 
     def _restore(self) -> tuple[int, list, float]:
-        path = latest_checkpoint(self.run_dir / "checkpoints")
-        if path is None:
+        found = load_latest_checkpoint(self.run_dir / "checkpoints")  # the newest readable one
+        if found is None:
             raise RunDirError(f"Cannot resume '{self.run_dir}': it holds no checkpoint (checkpoints/epoch_*.pt). "
                               "A run writes its first checkpoint at the end of its first epoch; start it anew "
                               "with --force, or point --resume at another run directory.")
-        ckpt = load_checkpoint(path)
+        _, ckpt = found
         saved = self._saved_recipe(ckpt)
         if saved != self.recipe.to_dict():
             diff = "; ".join(_diff(saved, self.recipe.to_dict())) or "(formatting only)"

@@ -74,9 +74,10 @@ def write(path: Path, data) -> Path:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A finished one-epoch run (its folder is copied by the tests that change it)."""
+    """A finished two-epoch run with both checkpoints (its folder is copied by the tests that
+    change it)."""
     tmp = tmp_path_factory.mktemp("finished")
-    recipe = write(tmp / "tiny.yaml", tiny())
+    recipe = write(tmp / "tiny.yaml", tiny(schedule__epochs=2))
     res = run_cli("run", recipe, "--out", tmp / "run")
     assert res.returncode == 0, res.stderr
     return recipe, tmp / "run"
@@ -329,3 +330,86 @@ def test_4_images_found_twice_are_said_and_used_once():
             classes, paths, targets = _scan_imagefolder(DATASETS["imagefolder"], root, "train")
     assert len(paths) == 8 and len({os.path.realpath(p) for p in paths}) == 8
     assert "4 image file(s) were found twice through symbolic links" in flat(err.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. a divergence inside a plugin's after_step is the non-finite guard's clear stop
+# ---------------------------------------------------------------------------------------------
+
+def test_9_digpro_diverging_in_after_step_stops_clearly(tmp_path):
+    res = run_cli("run", REPO / "recipes" / "quickstart.yaml", "--out", tmp_path / "out", "--set", "optim.lr=1e8",
+                  "--set", "schedule.warmup_epochs=0", "--set", "schedule.epochs=1", "--set", "run.threads=1",
+                  "--set", "eval.pixel_baseline=never", "--set", "run.progress=false")
+    assert_clear(res, "at epoch 1", "the run stopped and no checkpoint was written yet", "Lower optim.lr")
+    assert "the last good checkpoint" not in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. a truncated latest checkpoint: the previous one is used, and said; none readable: clear
+# ---------------------------------------------------------------------------------------------
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _digit_png(path: Path) -> Path:
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_10_a_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, finished_run):
+    recipe, done = finished_run
+    run = copy_run(done, tmp_path / "run")
+    latest = run / "checkpoints" / "epoch_0001.pt"
+    _truncate(latest)
+    image = _digit_png(tmp_path / "x.png")
+    res = run_cli("predict", run, "--images", image)
+    assert res.returncode == 0, res.stderr
+    assert f"cannot read checkpoint '{latest}'" in flat(res.stderr)
+    assert f"using the previous one, '{run / 'checkpoints' / 'epoch_0000.pt'}' (epoch 1)" in flat(res.stderr)
+    assert res.stdout.splitlines()[0] == "path,cluster,confidence"
+    res = run_cli("run", recipe, "--resume", run)  # trains epoch 2 again from epoch 1's checkpoint
+    assert res.returncode == 0, res.stderr
+    assert f"cannot read checkpoint '{latest}'" in flat(res.stderr)
+    assert json.loads((run / "summary.json").read_text())["metrics"] == \
+        json.loads((done / "summary.json").read_text())["metrics"]
+
+
+def test_10_no_readable_checkpoint_is_a_clear_error(tmp_path, finished_run):
+    _, done = finished_run
+    run = copy_run(done, tmp_path / "run")
+    for ckpt in (run / "checkpoints").glob("*.pt"):
+        _truncate(ckpt)
+    before = snapshot(run)
+    res = run_cli("predict", run, "--images", _digit_png(tmp_path / "x.png"))
+    assert_clear(res, f"No checkpoint in '{run / 'checkpoints'}' can be read", "epoch_0000.pt", "epoch_0001.pt")
+    assert snapshot(run) == before
+
+
+def test_10_clusterkit_load_names_the_unreadable_file(tmp_path, finished_run, capsys):
+    import clusterkit
+
+    _, done = finished_run
+    run = copy_run(done, tmp_path / "run")
+    _truncate(run / "checkpoints" / "epoch_0001.pt")
+    model = clusterkit.load(run, "cpu")
+    assert model.epoch == 1 and model.checkpoint.name == "epoch_0000.pt"
+    assert "epoch_0001.pt" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. plot draws the confusion matrix of a collapsed run
+# ---------------------------------------------------------------------------------------------
+
+def test_11_plot_of_a_collapsed_run(tmp_path):
+    root = tmp_path / "black"
+    for c in ("a", "b", "c"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8)).save(root / c / f"{i}.png")
+    recipe = _folder_recipe(tmp_path, root)
+    res = run_cli("run", recipe, "--out", tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("plot", tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "run" / "plots" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
