@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -184,11 +185,12 @@ def _train(args, recipe, run_dir: Path) -> int:
 
 def cmd_plugins(args) -> int:
     from .errors import PluginError
-    from .plugin_manager import AUTOLOAD_ENV, describe, discover, hidden_plugins
+    from .plugin_manager import AUTOLOAD_ENV, describe, hidden_plugins, name_conflicts
     from .schema import did_you_mean
 
-    found = discover()
-    hidden = hidden_plugins()  # third-party plugins CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD keeps out
+    found, clashes = name_conflicts()  # a name two packages register is listed, marked, not fatal
+    # third-party plugins CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD keeps out
+    hidden = {n: i for n, i in hidden_plugins(strict=False).items() if n not in found}
     if args.params:
         if args.params in hidden:
             raise PluginError(f"Plugin '{args.params}' (package '{hidden[args.params].package}') is installed but "
@@ -200,6 +202,9 @@ def cmd_plugins(args) -> int:
         infos = [describe(found[args.params])]
     else:
         infos = [describe(info) for _, info in sorted(found.items())]
+    for d in infos:
+        if d["name"] in clashes:
+            d["conflict"] = [f"{i.package} {i.version} ({i.value})" for i in clashes[d["name"]]]
     if args.json:
         print(json.dumps(infos, indent=2, default=str))
         return 0
@@ -207,6 +212,10 @@ def cmd_plugins(args) -> int:
         print(f"{d['name']}  [{d['source']}]")
         if d["source"] != f"{d['package']} {d['version']}":  # a third party's source already names both
             print(f"  package: {d['package']} {d['version']}")
+        if "conflict" in d:
+            print(f"  CONFLICT: this name is registered by {' and by '.join(d['conflict'])}; a recipe that uses "
+                  f"'{d['name']}' fails until one package is uninstalled or renames its entry point "
+                  "(listed here: the first)")
         if "error" in d:
             print(f"  failed to import: {d['error']}")
             continue
@@ -274,6 +283,8 @@ def cmd_predict(args) -> int:
 
     from .inference import find_images, load
 
+    if args.out:
+        _check_output_file(Path(args.out))
     files = find_images(args.images)
     model = load(args.run_dir, args.device)
     pred = model.predict([str(f) for f in files])
@@ -290,6 +301,20 @@ def cmd_predict(args) -> int:
     print(f"clusterkit: {len(files)} images -> clusters of {model.recipe.name}, epoch {model.epoch}{state}"
           + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     return 0
+
+
+def _check_output_file(path: Path) -> None:
+    """``predict --out``: a file that can be written, checked before the model is loaded."""
+    from .errors import RunDirError
+
+    if path.is_dir():
+        raise RunDirError(f"--out '{path}' is a folder; pass the CSV file to write, e.g. {path / 'preds.csv'}.")
+    if not path.parent.is_dir():
+        raise RunDirError(f"Cannot write --out '{path}': its folder '{path.parent}' does not exist. Create it "
+                          "first, or pass another path.")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise RunDirError(f"Cannot write --out '{path}': permission denied. Pass a path in a folder you can "
+                          "write to.")
 
 
 def cmd_show(args) -> int:
@@ -320,6 +345,10 @@ def main(argv=None) -> int:
         print("clusterkit: interrupted; resume with --resume RUN_DIR (the last checkpoint is kept)",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (clusterkit plugins | head): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -413,3 +413,79 @@ def test_11_plot_of_a_collapsed_run(tmp_path):
     res = run_cli("plot", tmp_path / "run")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "run" / "plots" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. paths that cannot be written, truncated files, a closed pipe, a clashing plugin name
+# ---------------------------------------------------------------------------------------------
+
+def test_12_out_that_is_a_file_or_under_a_file(tmp_path):
+    recipe = write(tmp_path / "r.yaml", tiny())
+    a_file = write(tmp_path / "notes.txt", "mine")
+    res = run_cli("run", recipe, "--out", a_file)
+    assert_clear(res, f"Cannot use '{a_file}' as the run directory: it is a file")
+    res = run_cli("run", recipe, "--out", a_file / "run")
+    assert_clear(res, f"Cannot create the run directory '{a_file / 'run'}'")
+    assert a_file.read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_12_out_in_a_read_only_folder(tmp_path):
+    recipe = write(tmp_path / "r.yaml", tiny())
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        res = run_cli("run", recipe, "--out", locked / "run")
+        assert_clear(res, f"Cannot create the run directory '{locked / 'run'}'")
+    finally:
+        locked.chmod(0o755)
+
+
+def test_12_predict_out_that_cannot_be_written(tmp_path, finished_run):
+    _, run = finished_run
+    image = _digit_png(tmp_path / "x.png")
+    res = run_cli("predict", run, "--images", image, "--out", tmp_path)
+    assert_clear(res, f"--out '{tmp_path}' is a folder")
+    res = run_cli("predict", run, "--images", image, "--out", tmp_path / "missing" / "p.csv")
+    assert_clear(res, f"its folder '{tmp_path / 'missing'}' does not exist")
+
+
+def test_12_truncated_summary_in_show_and_predict(tmp_path, finished_run):
+    _, done = finished_run
+    run = copy_run(done, tmp_path / "run")
+    summary = run / "summary.json"
+    summary.write_text(summary.read_text()[:50])
+    for args in (["show", run], ["predict", run, "--images", _digit_png(tmp_path / "x.png")]):
+        res = run_cli(*args)
+        assert_clear(res, f"The run's summary '{summary}' cannot be read", "--resume")
+
+
+def test_12_plugins_into_a_closed_pipe():
+    proc = subprocess.Popen([sys.executable, "-m", "clusterkit", "plugins", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written, as with | head -1 on a long list
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_12_new_plugin_dir_that_is_a_file(tmp_path):
+    a_file = write(tmp_path / "notes.txt", "mine")
+    assert_clear(run_cli("new-plugin", "my_loss", "--dir", a_file), f"--dir '{a_file}' is a file, not a folder")
+    assert_clear(run_cli("new-plugin", "my_loss", "--dir", a_file / "sub"), "Cannot write the plugin package")
+    assert a_file.read_text() == "mine"
+
+
+def test_12_a_package_reusing_a_builtin_name_is_listed_as_a_conflict(tmp_path):
+    dist = tmp_path / "site" / "clashing_pkg-0.1.dist-info"
+    dist.mkdir(parents=True)
+    write(dist / "METADATA", "Metadata-Version: 2.1\nName: clashing-pkg\nVersion: 0.1\n")
+    write(dist / "entry_points.txt", "[clusterkit.plugins]\nbyol_target = clashing_pkg:Thing\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    res = subprocess.run([sys.executable, "-m", "clusterkit", "plugins"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("byol_target  [built-in]")
+    assert "CONFLICT: this name is registered by" in flat(res.stdout) and "clashing-pkg 0.1" in res.stdout
+    assert "kmeans_e_step  [built-in]" in res.stdout  # the other plugins are listed as usual
