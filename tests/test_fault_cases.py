@@ -489,3 +489,24 @@ def test_12_a_package_reusing_a_builtin_name_is_listed_as_a_conflict(tmp_path):
     assert res.stdout.startswith("byol_target  [built-in]")
     assert "CONFLICT: this name is registered by" in flat(res.stdout) and "clashing-pkg 0.1" in res.stdout
     assert "kmeans_e_step  [built-in]" in res.stdout  # the other plugins are listed as usual
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. predict takes a batch of grayscale images (N, H, W); ambiguous shapes are an error
+# ---------------------------------------------------------------------------------------------
+
+def test_13_predict_of_a_grayscale_batch(finished_run):
+    import clusterkit
+    from clusterkit.errors import DataError
+
+    _, run = finished_run
+    model = clusterkit.load(run, "cpu")
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 17, (5, 8, 8)).astype(np.uint8) * 15)
+    batch = model.predict(images)                                    # (N, H, W): five images
+    assert batch.labels.shape == (5,)
+    assert torch.equal(batch.labels, model.predict(images[:, None]).labels)  # = (N, 1, H, W)
+    assert int(model.predict(images[2]).labels) == int(batch.labels[2])      # (H, W): one image
+    with pytest.raises(DataError, match="channels-last"):
+        model.predict(np.zeros((5, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match="channels-last"):
+        model.predict(np.zeros((32, 32, 3), dtype=np.uint8))
