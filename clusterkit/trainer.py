@@ -279,6 +279,32 @@ class Trainer:
                               "or another --nproc_per_node.")
         return train, evald
 
+    def _warn_about_setup(self) -> None:
+        """Warn of settings that train but cannot give a meaningful result (NMI 0 with nothing said
+        otherwise): a warm-up as long as the run, one class in labelled data, a data.root one level
+        above the class folders."""
+        r, ds = self.recipe, self.train_ds
+        sched = r.schedule
+        if 0 < sched.epochs <= sched.warmup_epochs:
+            gated = [name for name, plugin in self.plugins.items()
+                     if getattr(getattr(plugin, "params", None), "warmup_gate", False)]
+            also = f", and the warm-up-gated losses of {', '.join(gated)} never turn on" if gated else ""
+            _warn(f"schedule.warmup_epochs = {sched.warmup_epochs} is not below schedule.epochs = {sched.epochs}: "
+                  f"the learning rate never leaves its linear warm-up{also}. Lower schedule.warmup_epochs or raise "
+                  "schedule.epochs.")
+        classes = sorted(set(np.asarray(ds.targets).tolist()))
+        if len(classes) != 1:
+            return
+        name = ds.classes[classes[0]] if classes[0] < len(getattr(ds, "classes", [])) else str(classes[0])
+        inner = Path(getattr(ds, "root", None) or ".") / name
+        if r.data.dataset == "imagefolder" and inner.is_dir() and any(
+                p.is_dir() and not p.name.startswith(".") for p in inner.iterdir()):
+            _warn(f"data.root '{ds.root}' holds a single class folder, '{name}', whose sub-folders look like the "
+                  f"classes: data.root is probably one level too high. Set data.root to '{inner}'.")
+        else:
+            _warn(f"the training data has a single class ('{name}'), so NMI, ACC and ARI against its labels are "
+                  "0 or meaningless. Check data.root and data.split (one folder per class is expected).")
+
     def _make_pipeline(self) -> TrainPipeline:
         """The training loader and augmentation (``data.pipeline``).  Each process loads
         batch_size / world_size images per step: a DistributedSampler under torchrun
@@ -314,6 +340,7 @@ class Trainer:
         self.device = self._device()
         self.pm, self.plugins = load_plugins(r.plugins, self.available_plugins, allow=r.allow_plugins)
         self.train_ds, self.eval_ds = self._load_data()
+        self._warn_about_setup()
         info = self.train_ds.info
         require_local_weights(r.model)
         model = nn.ModuleDict({"backbone": create_backbone(r.model, in_chans=info.channels)})

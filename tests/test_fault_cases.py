@@ -510,3 +510,27 @@ def test_13_predict_of_a_grayscale_batch(finished_run):
         model.predict(np.zeros((5, 8, 8, 3), dtype=np.uint8))
     with pytest.raises(DataError, match="channels-last"):
         model.predict(np.zeros((32, 32, 3), dtype=np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. settings that train to NMI 0 are warned about
+# ---------------------------------------------------------------------------------------------
+
+def test_8_root_one_level_too_high_and_warmup_as_long_as_the_run(tmp_path):
+    root = tmp_path / "data"
+    _image_tree(root / "inner")  # data/inner/<class>/<image>
+    raw = yaml.safe_load(_folder_recipe(tmp_path, root).read_text())
+    raw["schedule"].update({"epochs": 1, "warmup_epochs": 1})
+    res = run_cli("run", write(tmp_path / "r.yaml", raw), "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    err = flat(res.stderr)
+    assert f"data.root '{root}' holds a single class folder, 'inner'" in err and f"Set data.root to '{root / 'inner'}'" in err
+    assert "schedule.warmup_epochs = 1 is not below schedule.epochs = 1" in err
+    assert "warm-up-gated losses of diffused_sampling, prototype_aggregation never turn on" in err
+
+
+def test_8_a_single_class_dataset(tmp_path):
+    root = _image_tree(tmp_path / "data", classes=("only",), per_class=8)
+    res = run_cli("run", _folder_recipe(tmp_path, root), "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    assert "the training data has a single class ('only')" in flat(res.stderr)
