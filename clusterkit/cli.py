@@ -324,8 +324,30 @@ def cmd_show(args) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that the run directory's lock is released and
+    the message printed as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
+    import threading
+
     args = _parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return _main(args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     try:
         return {"run": cmd_run, "plugins": cmd_plugins, "new-plugin": cmd_new_plugin, "compare": cmd_compare, "plot": cmd_plot,
                 "predict": cmd_predict, "show": cmd_show}[args.command](args)
@@ -341,10 +363,11 @@ def main(argv=None) -> int:
         if rest:
             print("\n" + rest, file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("clusterkit: interrupted; resume with --resume RUN_DIR (the last checkpoint is kept)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"clusterkit: {what}; resume with --resume RUN_DIR (the last checkpoint is kept)", file=sys.stderr)
+        return 143 if terminated else 130
     except BrokenPipeError:  # the reader went away (clusterkit plugins | head): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit

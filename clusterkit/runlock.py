@@ -38,7 +38,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's process
         return True
-    return True
+    try:  # a killed process its parent has not reaped yet (a zombie) no longer runs
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _read_owner(lock: Path) -> tuple[int, str] | None:

@@ -199,6 +199,18 @@ def _clear_run_outputs(path: Path) -> None:
               f"write there: {', '.join(others)}.")
 
 
+def _eta(history: list[dict], epochs_left: int) -> str:
+    """``", ETA 3m 20s"``: the time the remaining epochs take at the mean pace of the last
+    (up to five) epochs; empty at the end."""
+    recent = [h["seconds"] for h in history[-5:] if "seconds" in h]
+    if epochs_left <= 0 or not recent:
+        return ""
+    left = round(epochs_left * sum(recent) / len(recent))
+    hours, rest = divmod(left, 3600)
+    text = f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+    return f", ETA {text} for the run"
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -888,10 +900,10 @@ class Trainer:
             history.append(metrics)
             self._write_jsonl(metrics)
             self._checkpoint(epoch, history, wall_before + time.perf_counter() - t_start)
-            if r.run.progress and main:
+            if main:  # the per-epoch result line stays with run.progress: false (only the bars go)
                 shown = " ".join(f"{k} {metrics[k]:.3f}" for k in ("loss", "nmi", "acc", "ari") if k in metrics)
-                tqdm.write(f"epoch {epoch + 1}/{r.schedule.epochs}  {shown}  ({metrics['seconds']:.1f}s)",
-                           file=sys.stderr)
+                tqdm.write(f"epoch {epoch + 1}/{r.schedule.epochs}  {shown}  ({metrics['seconds']:.1f}s"
+                           f"{_eta(history, r.schedule.epochs - epoch - 1)})", file=sys.stderr)
         wall = wall_before + time.perf_counter() - t_start
         epoch_secs = [h["seconds"] for h in history]
         summary = {

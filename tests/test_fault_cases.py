@@ -199,6 +199,7 @@ def test_6_a_mapping_override_merges_into_the_block(tmp_path):
     assert res.returncode == 0, res.stderr
     augment = yaml.safe_load((out / "recipe.yaml").read_text())["data"]["augment"]
     assert augment["hflip"] is True and augment["crop_scale"] == [0.6, 1.0]  # the recipe's crop is kept
+    assert "epoch 1/1  loss" in res.stderr  # run.progress: false keeps the per-epoch result line
 
 
 def test_7_a_key_written_twice_is_an_error(tmp_path):
@@ -534,3 +535,26 @@ def test_8_a_single_class_dataset(tmp_path):
     res = run_cli("run", _folder_recipe(tmp_path, root), "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
     assert "the training data has a single class ('only')" in flat(res.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# smaller items
+# ---------------------------------------------------------------------------------------------
+
+def test_sigterm_says_how_to_resume_and_releases_the_lock(tmp_path):
+    import signal
+    import time
+
+    recipe = write(tmp_path / "r.yaml", tiny(schedule__epochs=200))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "clusterkit", "run", str(recipe), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not list((out / "checkpoints").glob("epoch_*.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, err
+    assert "clusterkit: terminated (SIGTERM); resume with --resume RUN_DIR" in err and "Traceback" not in err
+    assert not (out / ".clusterkit.lock").exists()
