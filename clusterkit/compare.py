@@ -474,7 +474,9 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
     load_errors: list[str | None] = []
     for path in paths:
         try:
-            loaded.append(load_recipe(path, [*overrides, f"run.seed={seeds[0]}"]))
+            recipe = load_recipe(path, [*overrides, f"run.seed={seeds[0]}"])
+            _check_plugins(recipe)  # a plugin parameter error shows before any recipe trains
+            loaded.append(recipe)
             load_errors.append(None)
         except ClusterkitError as exc:
             loaded.append(None)
@@ -497,6 +499,9 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
                 say(f"  {key}:  " + "  |  ".join(f"{lab} = {_fmt_value(v)}" for lab, v in zip(shown, values)))
         else:
             say("compare: the recipes are identical apart from their names")
+    for label, load_error in zip(labels, load_errors):
+        if load_error is not None:  # said before anything trains; its rows are reported as failed
+            say(f"compare: {label} cannot run and is reported as failed: {load_error}")
     runs: list[RunResult] = []
     total = len(paths) * len(seeds)
     n = 0
@@ -576,6 +581,13 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
             say(f"compare: warning: no convergence.png: {_error_text(exc)}")
     say(f"compare: wrote {', '.join(str(f) for f in res.files)}")
     return res
+
+
+def _check_plugins(recipe) -> None:
+    """Load the recipe's plugins (validating their parameters) without training anything."""
+    from .plugin_manager import load_plugins
+
+    load_plugins(recipe.plugins, allow=recipe.allow_plugins)
 
 
 def _previous_compare(out: Path) -> dict | None:

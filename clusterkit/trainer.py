@@ -351,6 +351,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         self.device = self._device()
         self.pm, self.plugins = load_plugins(r.plugins, self.available_plugins, allow=r.allow_plugins)
+        if not self.pm.hook.compute_losses.get_hookimpls():  # checked before the data is loaded
+            raise RecipeError("No plugin in the recipe returns a loss (compute_losses), so there is nothing to "
+                              f"train{' (the recipe has no plugins)' if not r.plugins else ''}; add at least one "
+                              "loss plugin under plugins:, e.g. diffused_sampling, or start from "
+                              "recipes/quickstart.yaml.")
         self.train_ds, self.eval_ds = self._load_data()
         self._warn_about_setup()
         info = self.train_ds.info

@@ -159,7 +159,8 @@ def test_failing_recipes_are_reported_and_the_others_complete(tmp_path, tiny_rec
     md = (out / "results.md").read_text()
     assert "## Failures" in md and "**no_data**" in md and "| good | ok | 1/1 |" in md
     assert "failed" in (out / "results.tex").read_text()
-    assert (out / "bad_param" / "seed0" / "error.txt").exists()
+    assert (out / "no_data" / "seed0" / "error.txt").exists()
+    assert not (out / "bad_param").exists()  # its plugin parameters were checked before anything trained
 
 
 def test_cli_compare_runs_each_run_in_its_own_process(tmp_path, tiny_recipe_data, capsys):

@@ -558,3 +558,21 @@ def test_sigterm_says_how_to_resume_and_releases_the_lock(tmp_path):
     assert proc.wait(timeout=120) == 143, err
     assert "clusterkit: terminated (SIGTERM); resume with --resume RUN_DIR" in err and "Traceback" not in err
     assert not (out / ".clusterkit.lock").exists()
+
+
+def test_compare_checks_every_recipe_before_training(tmp_path):
+    good = write(tmp_path / "good.yaml", tiny(name="good"))
+    bad = write(tmp_path / "bad.yaml", tiny(name="bad", plugins__diffused_sampling={"sigma": -1.0}))
+    res = run_cli("compare", good, bad, "--seeds", "0", "--out", tmp_path / "cmp", "--no-plots")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    err = flat(res.stderr)
+    said = err.index("compare: bad cannot run and is reported as failed: 'plugins.diffused_sampling.sigma'")
+    assert said < err.index("[1/2] good seed 0: training")
+    assert not (tmp_path / "cmp" / "bad").exists()
+
+
+def test_an_empty_recipe_does_not_start_training(tmp_path):
+    recipe = write(tmp_path / "empty.yaml", "")
+    res = run_cli("run", recipe, "--out", tmp_path / "out")
+    assert_clear(res, "No plugin in the recipe returns a loss", "the recipe has no plugins")
+    assert not (tmp_path / "out").exists()  # no empty run directory left behind
