@@ -783,7 +783,7 @@ class Trainer:
                               "with --force, or point --resume at another run directory.")
         _, ckpt = found
         saved = self._saved_recipe(ckpt)
-        if saved != self.recipe.to_dict():
+        if saved != self.recipe.to_dict() and not self._extends(saved, ckpt):
             diff = "; ".join(_diff(saved, self.recipe.to_dict())) or "(formatting only)"
             raise RunDirError(f"Cannot resume '{self.run_dir}' with a changed recipe: {diff}. Resume with the "
                               "recipe and --set overrides the run started with (its recipe.yaml), or start a new run.")
@@ -806,6 +806,31 @@ class Trainer:
         if distributed.is_main():
             self._trim_metrics_log(ckpt["epoch"] + 1, s.step)
         return ckpt["epoch"] + 1, ckpt["history"], ckpt["wall_time"]
+
+    def _extends(self, saved: dict, ckpt: dict) -> bool:
+        """Whether this resume extends the run to more epochs: the recipes differ only in
+        ``schedule.epochs``, which grew, and the learning rate does not depend on it (a constant
+        schedule past the warm-up).  A cosine schedule, planned for the old length, is refused
+        with the reason; so is fewer epochs than were trained."""
+        now = self.recipe.to_dict()
+        changed = _diff(saved, now)
+        if len(changed) != 1 or not changed[0].startswith("schedule.epochs:"):
+            return False
+        old, new = saved["schedule"]["epochs"], self.recipe.schedule.epochs
+        if new <= ckpt["epoch"]:
+            raise RunDirError(f"Cannot resume '{self.run_dir}' with schedule.epochs = {new}: it has trained "
+                              f"{ckpt['epoch'] + 1} epochs already. Resume with schedule.epochs = {old} (as it "
+                              "started), or a larger value to extend it.")
+        if self.recipe.schedule.lr_schedule != "constant":
+            raise RunDirError(f"Cannot extend '{self.run_dir}' from {old} to {new} epochs: its "
+                              f"{self.recipe.schedule.lr_schedule} learning-rate schedule was planned for {old} epochs "
+                              "(the lr of every epoch depends on the total), so the longer run would not be the run "
+                              f"a {new}-epoch recipe trains. Start a new run with --set schedule.epochs={new}; only "
+                              "runs with schedule.lr_schedule: constant can be extended.")
+        _warn(f"extending '{self.run_dir}' from {old} to {new} epochs (schedule.lr_schedule: constant).")
+        if distributed.is_main():
+            atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(self.recipe))
+        return True
 
     @staticmethod
     def _saved_recipe(ckpt: dict) -> dict:

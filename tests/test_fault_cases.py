@@ -576,3 +576,20 @@ def test_an_empty_recipe_does_not_start_training(tmp_path):
     res = run_cli("run", recipe, "--out", tmp_path / "out")
     assert_clear(res, "No plugin in the recipe returns a loss", "the recipe has no plugins")
     assert not (tmp_path / "out").exists()  # no empty run directory left behind
+
+
+def test_resume_with_more_epochs(tmp_path, finished_run):
+    recipe, done = finished_run  # cosine schedule, 2 epochs
+    run = copy_run(done, tmp_path / "run")
+    before = snapshot(run)
+    res = run_cli("run", recipe, "--resume", run, "--set", "schedule.epochs=3")
+    assert_clear(res, f"Cannot extend '{run}' from 2 to 3 epochs", "schedule.lr_schedule: constant")
+    assert snapshot(run) == before
+    constant = write(tmp_path / "constant.yaml", tiny(schedule__epochs=1, schedule__lr_schedule="constant",
+                                                      schedule__warmup_epochs=0))
+    res = run_cli("run", constant, "--out", tmp_path / "c")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("run", constant, "--resume", tmp_path / "c", "--set", "schedule.epochs=2")
+    assert res.returncode == 0, res.stderr
+    assert "extending" in res.stderr and json.loads((tmp_path / "c" / "summary.json").read_text())["epochs"] == 2
+    assert yaml.safe_load((tmp_path / "c" / "recipe.yaml").read_text())["schedule"]["epochs"] == 2
