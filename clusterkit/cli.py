@@ -1,7 +1,7 @@
 """The ``clusterkit`` command line.
 
     clusterkit run RECIPE [--set key.path=value ...] [--out DIR] [--resume RUN_DIR] [--force]
-    clusterkit plugins [--params NAME]
+    clusterkit plugins [--params NAME] [--core]
     clusterkit new-plugin NAME [--dir DIR]
     clusterkit compare RECIPE... [--seeds 0 1 2] [--set key.path=value ...] [--out DIR]
     clusterkit plot RUN_DIR [--out DIR]            (a compare folder: its convergence plot)
@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list installed plugins, their hooks and parameters")
     plugins.add_argument("--params", metavar="NAME", help="show one plugin's parameters with their docs")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.add_argument("--core", action="store_true",
+                         help="list the core recipe keys (data, model, optim, schedule, ...) with their docs")
     plugins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     new = sub.add_parser("new-plugin", help="write a ready-to-install plugin package skeleton")
@@ -188,6 +190,8 @@ def cmd_plugins(args) -> int:
     from .plugin_manager import AUTOLOAD_ENV, describe, hidden_plugins, name_conflicts
     from .schema import did_you_mean
 
+    if args.core:
+        return _print_core_keys(args.json)
     found, clashes = name_conflicts()  # a name two packages register is listed, marked, not fatal
     # third-party plugins CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD keeps out
     hidden = {n: i for n, i in hidden_plugins(strict=False).items() if n not in found}
@@ -231,6 +235,43 @@ def cmd_plugins(args) -> int:
     if hidden and not args.params:
         print(f"clusterkit: {AUTOLOAD_ENV} is set: {len(hidden)} third-party plugin(s) not loaded: "
               f"{', '.join(sorted(hidden))}", file=sys.stderr)
+    return 0
+
+
+def core_keys() -> list[tuple[str, str, object, str]]:
+    """(key path, type, default, doc) of every core recipe key, nested sections flattened."""
+    import typing
+
+    import attrs
+
+    from .recipe import Recipe
+    from .schema import field_docs
+
+    rows = []
+
+    def walk(cls, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for name, tp, default, doc in field_docs(cls):
+            inner = hints.get(name)
+            if isinstance(inner, type) and attrs.has(inner):
+                walk(inner, f"{prefix}{name}.")
+            else:
+                rows.append((f"{prefix}{name}", tp, default, doc))
+
+    walk(Recipe, "")
+    return rows
+
+
+def _print_core_keys(as_json: bool) -> int:
+    rows = core_keys()
+    if as_json:
+        print(json.dumps([{"key": k, "type": t, "default": d, "doc": doc} for k, t, d, doc in rows], indent=2,
+                         default=str))
+        return 0
+    for key, tp, default, doc in rows:
+        print(f"{key}: {tp} = {default!r}")
+        if doc:
+            print(textwrap.fill(doc, 96, initial_indent="    ", subsequent_indent="    "))
     return 0
 
 

@@ -593,3 +593,13 @@ def test_resume_with_more_epochs(tmp_path, finished_run):
     assert res.returncode == 0, res.stderr
     assert "extending" in res.stderr and json.loads((tmp_path / "c" / "summary.json").read_text())["epochs"] == 2
     assert yaml.safe_load((tmp_path / "c" / "recipe.yaml").read_text())["schedule"]["epochs"] == 2
+
+
+def test_plugins_core_lists_the_core_recipe_keys(capsys):
+    from clusterkit.cli import main
+
+    assert main(["plugins", "--core"]) == 0
+    out = capsys.readouterr().out
+    for key in ("run.threads: int | None = None", "run.progress: bool = True", "optim.lr: float = 0.05",
+                "data.augment.hflip: bool"):
+        assert key in out
