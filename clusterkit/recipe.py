@@ -330,6 +330,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         _check_override_path(keys, text)
         if keys[0] == "plugins" and len(keys) >= 2 and _plugin_switch(data, keys, value, text):
             continue
+        if keys == ["plugins"] and isinstance(value, dict):  # merged below: each name must be present
+            for name in value:
+                _plugin_switch(data, ["plugins", name], value[name], text)
         node = data
         for k in keys[:-1]:
             child = node.get(k)

@@ -190,6 +190,10 @@ def test_5_enabled_adds_and_removes_a_plugin():
     assert added.plugins["momentum_grouping"] == {"weight": 0.5}
     removed = load_recipe(REPO / "recipes" / "quickstart.yaml", ["plugins.momentum_grouping.enabled=false"])
     assert "momentum_grouping" not in removed.plugins
+    from clusterkit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="the recipe has no plugin 'momentum_grouping'"):
+        load_recipe(propos, ["plugins={momentum_grouping: {weight: 0.5}}"])  # nor through the whole block
 
 
 def test_6_a_mapping_override_merges_into_the_block(tmp_path):
