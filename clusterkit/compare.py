@@ -330,6 +330,11 @@ def write_markdown(res: CompareResult, seeds: Sequence[int], command: str, isola
         cells += [_f(row.seconds_per_epoch, 2), _f(row.wall_time_s, 1), _f(row.peak_memory_mb, 0),
                   _int(row.num_params)]
         w("| " + " | ".join(_md_cell(c) for c in cells) + " |\n")
+    baseline = pixel_baseline_row(res.runs)
+    if baseline is not None:
+        mean, std, n = baseline
+        cells = ["k-means on pixels", "baseline", f"{n}/{n}"] + [_pm(mean[k], std[k]) for k in METRIC_KEYS]
+        w("| " + " | ".join(_md_cell(c) for c in cells + ["–"] * 7) + " |\n")
     w("\n## Per seed\n\n| recipe | seed | status | NMI | ACC | ARI | epochs | s / epoch | wall time (s) | "
       "peak memory (MB) | run |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
     for run in res.runs:
@@ -357,6 +362,25 @@ def write_markdown(res: CompareResult, seeds: Sequence[int], command: str, isola
                 (run.run_dir / "error.txt").exists() else ""
             w(f"- **{_md_cell(run.label)}**, seed {run.seed}: {_md_cell(run.error)}{where}\n")
     return out.getvalue()
+
+
+def pixel_baseline_row(runs: list[RunResult]) -> tuple[dict, dict, int] | None:
+    """(mean, sample std, seeds) of the runs' k-means on the raw pixels (``pixel_kmeans`` in their
+    summaries, one per seed), when the finished runs share one dataset and evaluation split;
+    None otherwise or when no summary holds it."""
+    done = [r for r in runs if r.status == "ok" and r.summary]
+    protocols = {json.dumps([(r.summary.get("protocol") or {}).get(k) for k in ("dataset", "eval_split")])
+                 for r in done}
+    if len(protocols) != 1:
+        return None
+    per_seed: dict[int, dict] = {}
+    for r in done:
+        if r.summary.get("pixel_kmeans"):
+            per_seed.setdefault(r.seed, r.summary["pixel_kmeans"])
+    if not per_seed:
+        return None
+    values = {k: [m[k] for m in per_seed.values() if m.get(k) is not None] for k in METRIC_KEYS}
+    return ({k: _mean(v) for k, v in values.items()}, {k: _sample_std(v) for k, v in values.items()}, len(per_seed))
 
 
 def _csv_num(value) -> str:

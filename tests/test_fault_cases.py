@@ -607,3 +607,19 @@ def test_plugins_core_lists_the_core_recipe_keys(capsys):
     for key in ("run.threads: int | None = None", "run.progress: bool = True", "optim.lr: float = 0.05",
                 "data.augment.hflip: bool"):
         assert key in out
+
+
+def test_compare_tables_show_the_pixel_baseline(tmp_path):
+    from clusterkit.compare import CompareResult, RunResult, aggregate, write_markdown
+
+    def run(label, seed, nmi):
+        summary = {"metrics": {"nmi": 0.8, "acc": 0.8, "ari": 0.7}, "epochs": 1, "wall_time_s": 1.0,
+                   "seconds_per_epoch": 1.0, "peak_memory_mb": 1.0, "num_params": 1,
+                   "protocol": {"dataset": "digits", "eval_split": "all"},
+                   "pixel_kmeans": {"nmi": nmi, "acc": 0.5, "ari": 0.4}}
+        return RunResult(label, seed, tmp_path / label / f"seed{seed}", "ok", "started", summary=summary)
+
+    runs = [run("a", 0, 0.70), run("a", 1, 0.72), run("b", 0, 0.70), run("b", 1, 0.72)]
+    rows = [aggregate(label, f"{label}.yaml", [r for r in runs if r.label == label]) for label in ("a", "b")]
+    md = write_markdown(CompareResult(tmp_path, rows, runs, [], []), [0, 1], "clusterkit compare a b", True)
+    assert "| k-means on pixels | baseline | 2/2 | 0.710 ± 0.014 | 0.500 ± 0.000 |" in md
