@@ -111,12 +111,12 @@ def load_latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
         except Exception as exc:  # noqa: BLE001 - any failure to unpickle means an unreadable file
             bad.append(f"'{path}' ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
             continue
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+        if not isinstance(ckpt, dict) or "recipe" not in ckpt:
             bad.append(f"'{path}' (not a clusterkit checkpoint)")
             continue
         if bad:
             print(f"clusterkit: warning: cannot read checkpoint {'; '.join(bad)}; using the previous one, "
-                  f"'{path}' (epoch {ckpt['epoch'] + 1}).", file=sys.stderr)
+                  f"'{path}' (epoch {ckpt.get('epoch', -1) + 1}).", file=sys.stderr)
         return path, ckpt
     raise RunDirError(f"No checkpoint in '{ckpt_dir}' can be read: {'; '.join(bad)}. They are truncated or "
                       "corrupt (a full disk, or a copy cut short); copy the run directory again from where it "
