@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 __all__ = ["atomic_save", "atomic_write_text", "save_checkpoint", "latest_checkpoint", "load_checkpoint",
+           "load_latest_checkpoint", "read_summary",
            "rng_state", "set_rng_state"]
 
 _PATTERN = re.compile(r"epoch_(\d+)\.pt")  # matched against the whole file name
@@ -87,6 +89,60 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint in ``ckpt_dir`` that can be read, as ``(path, contents)``; None when
+    there is none.
+
+    A truncated or corrupt newest checkpoint (a disk that filled up, a copy cut short) is
+    passed over, with a warning on stderr, for the previous one that ``run.keep_last`` kept.
+    Raises RunDirError naming every file when none can be read.
+    """
+    from .errors import RunDirError
+
+    found = _checkpoints(ckpt_dir) if Path(ckpt_dir).is_dir() else []
+    if not found:
+        return None
+    bad: list[str] = []
+    for path in reversed(found):
+        try:
+            ckpt = load_checkpoint(path)
+        except Exception as exc:  # noqa: BLE001 - any failure to unpickle means an unreadable file
+            bad.append(f"'{path}' ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+            continue
+        if not isinstance(ckpt, dict) or "recipe" not in ckpt:
+            bad.append(f"'{path}' (not a clusterkit checkpoint)")
+            continue
+        if bad:
+            print(f"clusterkit: warning: cannot read checkpoint {'; '.join(bad)}; using the previous one, "
+                  f"'{path}' (epoch {ckpt.get('epoch', -1) + 1}).", file=sys.stderr)
+        return path, ckpt
+    raise RunDirError(f"No checkpoint in '{ckpt_dir}' can be read: {'; '.join(bad)}. They are truncated or "
+                      "corrupt (a full disk, or a copy cut short); copy the run directory again from where it "
+                      "was made, or start the run anew.")
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """A run's ``summary.json`` (None while the run is unfinished); RunDirError when it exists
+    but is not a JSON object (a truncated copy)."""
+    import json
+
+    from .errors import RunDirError
+
+    path = Path(run_dir) / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"The run's summary '{path}' cannot be read ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())}); it is truncated or corrupt. Resume the run with "
+                          "--resume to write it again, or delete it to use the run as an unfinished one.") from None
+    if not isinstance(summary, dict):
+        raise RunDirError(f"The run's summary '{path}' holds no JSON object; resume the run with --resume to "
+                          "write it again, or delete it.")
+    return summary
 
 
 def rng_state() -> dict:

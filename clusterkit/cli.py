@@ -1,7 +1,7 @@
 """The ``clusterkit`` command line.
 
     clusterkit run RECIPE [--set key.path=value ...] [--out DIR] [--resume RUN_DIR] [--force]
-    clusterkit plugins [--params NAME]
+    clusterkit plugins [--params NAME] [--core]
     clusterkit new-plugin NAME [--dir DIR]
     clusterkit compare RECIPE... [--seeds 0 1 2] [--set key.path=value ...] [--out DIR]
     clusterkit plot RUN_DIR [--out DIR]            (a compare folder: its convergence plot)
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
 
-from .errors import ClusterkitError, RunDirError
+from .errors import ClusterkitError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list installed plugins, their hooks and parameters")
     plugins.add_argument("--params", metavar="NAME", help="show one plugin's parameters with their docs")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.add_argument("--core", action="store_true",
+                         help="list the core recipe keys (data, model, optim, schedule, ...) with their docs")
     plugins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     new = sub.add_parser("new-plugin", help="write a ready-to-install plugin package skeleton")
@@ -55,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="runs/compare",
                          help="comparison folder: OUT/<recipe>/seed<N>/ runs and results.* (default: runs/compare)")
     compare.add_argument("--no-plots", dest="plots", action="store_false", help="skip convergence.png")
+    compare.add_argument("--force", action="store_true",
+                         help="replace the results of a different comparison in --out")
     compare.add_argument("--in-process", action="store_true",
                          help="run in this process instead of one process per run (peak memory then accumulates)")
     compare.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -102,27 +107,63 @@ def cmd_run(args) -> int:
 
 
 def _run(args, recipe) -> int:
+    from .runlock import release_run_dir
+
+    new = not args.resume and (args.out is None or not Path(args.out).exists())
+    run_dir = _prepare_run_dir(args, recipe)
+    try:
+        return _train(args, recipe, run_dir)
+    except BaseException:
+        if new:
+            _remove_if_empty(run_dir)
+        raise
+    finally:
+        release_run_dir(run_dir)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A run that failed before writing anything (a plugin or data error) leaves no empty
+    run directory behind."""
+    from .runlock import LOCK_NAME, release_run_dir
+
+    if run_dir.is_dir() and all(p.name == LOCK_NAME for p in run_dir.iterdir()):
+        release_run_dir(run_dir)
+        try:
+            run_dir.rmdir()
+        except OSError:
+            pass
+
+
+def _prepare_run_dir(args, recipe) -> Path:
+    """The run directory, checked and locked by rank 0 (:mod:`clusterkit.runlock`): ``--resume``'s
+    must hold a checkpoint; a new one is made (its name may hold the time).  Rank 0 tells the
+    other ranks the path, or its error, which every rank then raises (none waits)."""
     from . import distributed
-    from .trainer import Trainer, make_run_dir
+    from .runlock import lock_run_dir
+    from .trainer import check_resumable, make_run_dir
+
+    made = None
+    if distributed.is_main():
+        try:
+            if args.resume:
+                check_resumable(Path(args.resume))
+                lock_run_dir(args.resume)
+                made = str(args.resume)
+            else:
+                made = str(make_run_dir(recipe, args.out, args.force))
+        except Exception as exc:  # every rank raises it, none waits for a directory
+            made = exc
+    made = distributed.broadcast_object(made)
+    if isinstance(made, Exception):
+        raise made
+    return Path(made)
+
+
+def _train(args, recipe, run_dir: Path) -> int:
+    from . import distributed
+    from .trainer import Trainer
 
     main = distributed.is_main()
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not run_dir.is_dir():
-            raise RunDirError(f"Cannot resume '{run_dir}': no such directory. Pass the run directory that "
-                              "holds recipe.yaml and checkpoints/ (printed when the run started).")
-    else:
-        # rank 0 makes the directory (its name may hold the time) and tells the others, or its error
-        made = None
-        if main:
-            try:
-                made = str(make_run_dir(recipe, args.out, args.force))
-            except Exception as exc:  # every rank raises it, none waits for a directory
-                made = exc
-        made = distributed.broadcast_object(made)
-        if isinstance(made, Exception):
-            raise made
-        run_dir = Path(made)
     if main:
         world = distributed.world_size()
         procs = f" ({world} processes)" if world > 1 else ""
@@ -146,11 +187,14 @@ def _run(args, recipe) -> int:
 
 def cmd_plugins(args) -> int:
     from .errors import PluginError
-    from .plugin_manager import AUTOLOAD_ENV, describe, discover, hidden_plugins
+    from .plugin_manager import AUTOLOAD_ENV, describe, hidden_plugins, name_conflicts
     from .schema import did_you_mean
 
-    found = discover()
-    hidden = hidden_plugins()  # third-party plugins CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD keeps out
+    if args.core:
+        return _print_core_keys(args.json)
+    found, clashes = name_conflicts()  # a name two packages register is listed, marked, not fatal
+    # third-party plugins CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD keeps out
+    hidden = {n: i for n, i in hidden_plugins(strict=False).items() if n not in found}
     if args.params:
         if args.params in hidden:
             raise PluginError(f"Plugin '{args.params}' (package '{hidden[args.params].package}') is installed but "
@@ -162,6 +206,9 @@ def cmd_plugins(args) -> int:
         infos = [describe(found[args.params])]
     else:
         infos = [describe(info) for _, info in sorted(found.items())]
+    for d in infos:
+        if d["name"] in clashes:
+            d["conflict"] = [f"{i.package} {i.version} ({i.value})" for i in clashes[d["name"]]]
     if args.json:
         print(json.dumps(infos, indent=2, default=str))
         return 0
@@ -169,6 +216,10 @@ def cmd_plugins(args) -> int:
         print(f"{d['name']}  [{d['source']}]")
         if d["source"] != f"{d['package']} {d['version']}":  # a third party's source already names both
             print(f"  package: {d['package']} {d['version']}")
+        if "conflict" in d:
+            print(f"  CONFLICT: this name is registered by {' and by '.join(d['conflict'])}; a recipe that uses "
+                  f"'{d['name']}' fails until one package is uninstalled or renames its entry point "
+                  "(listed here: the first)")
         if "error" in d:
             print(f"  failed to import: {d['error']}")
             continue
@@ -187,6 +238,43 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def core_keys() -> list[tuple[str, str, object, str]]:
+    """(key path, type, default, doc) of every core recipe key, nested sections flattened."""
+    import typing
+
+    import attrs
+
+    from .recipe import Recipe
+    from .schema import field_docs
+
+    rows = []
+
+    def walk(cls, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for name, tp, default, doc in field_docs(cls):
+            inner = hints.get(name)
+            if isinstance(inner, type) and attrs.has(inner):
+                walk(inner, f"{prefix}{name}.")
+            else:
+                rows.append((f"{prefix}{name}", tp, default, doc))
+
+    walk(Recipe, "")
+    return rows
+
+
+def _print_core_keys(as_json: bool) -> int:
+    rows = core_keys()
+    if as_json:
+        print(json.dumps([{"key": k, "type": t, "default": d, "doc": doc} for k, t, d, doc in rows], indent=2,
+                         default=str))
+        return 0
+    for key, tp, default, doc in rows:
+        print(f"{key}: {tp} = {default!r}")
+        if doc:
+            print(textwrap.fill(doc, 96, initial_indent="    ", subsequent_indent="    "))
+    return 0
+
+
 def cmd_new_plugin(args) -> int:
     from .scaffold import new_plugin
 
@@ -202,12 +290,12 @@ def cmd_compare(args) -> int:
 
     try:
         res = compare(args.recipes, args.seeds, args.overrides, args.out, isolate=not args.in_process,
-                      plots=args.plots)
+                      plots=args.plots, force=args.force)
     except KeyboardInterrupt:
         print(f"clusterkit: interrupted; run the same compare command again to continue (finished runs in "
               f"{args.out} are reused, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
         return 130
-    print((res.out / "results.md").read_text())
+    print(res.files[0].read_text())  # results.md, or results.failed.md beside complete results
     failed = [r for r in res.runs if r.status != "ok"]
     if failed:
         print(f"clusterkit: {len(failed)} of {len(res.runs)} runs failed (see the Failures section above)",
@@ -223,7 +311,7 @@ def cmd_plot(args) -> int:
     if (run_dir / "compare.json").exists() and not (run_dir / "recipe.yaml").exists():
         from .compare import plot_compare_dir
 
-        paths = [plot_compare_dir(run_dir)]
+        paths = [plot_compare_dir(run_dir, args.out)]
     else:
         paths = plot_run(run_dir, args.out, max_points=args.max_points, device=args.device)
     for path in paths:
@@ -236,6 +324,8 @@ def cmd_predict(args) -> int:
 
     from .inference import find_images, load
 
+    if args.out:
+        _check_output_file(Path(args.out))
     files = find_images(args.images)
     model = load(args.run_dir, args.device)
     pred = model.predict([str(f) for f in files])
@@ -254,6 +344,20 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _check_output_file(path: Path) -> None:
+    """``predict --out``: a file that can be written, checked before the model is loaded."""
+    from .errors import RunDirError
+
+    if path.is_dir():
+        raise RunDirError(f"--out '{path}' is a folder; pass the CSV file to write, e.g. {path / 'preds.csv'}.")
+    if not path.parent.is_dir():
+        raise RunDirError(f"Cannot write --out '{path}': its folder '{path.parent}' does not exist. Create it "
+                          "first, or pass another path.")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise RunDirError(f"Cannot write --out '{path}': permission denied. Pass a path in a folder you can "
+                          "write to.")
+
+
 def cmd_show(args) -> int:
     from .show import show_run
 
@@ -261,8 +365,30 @@ def cmd_show(args) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that the run directory's lock is released and
+    the message printed as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
+    import threading
+
     args = _parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return _main(args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     try:
         return {"run": cmd_run, "plugins": cmd_plugins, "new-plugin": cmd_new_plugin, "compare": cmd_compare, "plot": cmd_plot,
                 "predict": cmd_predict, "show": cmd_show}[args.command](args)
@@ -278,10 +404,15 @@ def main(argv=None) -> int:
         if rest:
             print("\n" + rest, file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("clusterkit: interrupted; resume with --resume RUN_DIR (the last checkpoint is kept)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"clusterkit: {what}; resume with --resume RUN_DIR (the last checkpoint is kept)", file=sys.stderr)
+        return 143 if terminated else 130
+    except BrokenPipeError:  # the reader went away (clusterkit plugins | head): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 0
 
 
 if __name__ == "__main__":

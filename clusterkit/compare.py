@@ -218,10 +218,13 @@ class _ChildFailed(Exception):
 
 
 def _run_in_process(recipe, run_dir: Path, resume: bool) -> None:
+    from .runlock import lock_run_dir, release_run_dir
     from .trainer import Trainer, make_run_dir
 
     if not resume:
         make_run_dir(recipe, str(run_dir), force=True)
+    else:
+        lock_run_dir(run_dir)
     try:
         Trainer(recipe, run_dir, resume=resume).fit()
     except KeyboardInterrupt:
@@ -230,6 +233,8 @@ def _run_in_process(recipe, run_dir: Path, resume: bool) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
         raise
+    finally:
+        release_run_dir(run_dir)
 
 
 # -- aggregation -----------------------------------------------------------------------------------
@@ -325,6 +330,11 @@ def write_markdown(res: CompareResult, seeds: Sequence[int], command: str, isola
         cells += [_f(row.seconds_per_epoch, 2), _f(row.wall_time_s, 1), _f(row.peak_memory_mb, 0),
                   _int(row.num_params)]
         w("| " + " | ".join(_md_cell(c) for c in cells) + " |\n")
+    baseline = pixel_baseline_row(res.runs)
+    if baseline is not None:
+        mean, std, n = baseline
+        cells = ["k-means on pixels", "baseline", f"{n}/{n}"] + [_pm(mean[k], std[k]) for k in METRIC_KEYS]
+        w("| " + " | ".join(_md_cell(c) for c in cells + ["–"] * 7) + " |\n")
     w("\n## Per seed\n\n| recipe | seed | status | NMI | ACC | ARI | epochs | s / epoch | wall time (s) | "
       "peak memory (MB) | run |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
     for run in res.runs:
@@ -352,6 +362,25 @@ def write_markdown(res: CompareResult, seeds: Sequence[int], command: str, isola
                 (run.run_dir / "error.txt").exists() else ""
             w(f"- **{_md_cell(run.label)}**, seed {run.seed}: {_md_cell(run.error)}{where}\n")
     return out.getvalue()
+
+
+def pixel_baseline_row(runs: list[RunResult]) -> tuple[dict, dict, int] | None:
+    """(mean, sample std, seeds) of the runs' k-means on the raw pixels (``pixel_kmeans`` in their
+    summaries, one per seed), when the finished runs share one dataset and evaluation split;
+    None otherwise or when no summary holds it."""
+    done = [r for r in runs if r.status == "ok" and r.summary]
+    protocols = {json.dumps([(r.summary.get("protocol") or {}).get(k) for k in ("dataset", "eval_split")])
+                 for r in done}
+    if len(protocols) != 1:
+        return None
+    per_seed: dict[int, dict] = {}
+    for r in done:
+        if r.summary.get("pixel_kmeans"):
+            per_seed.setdefault(r.seed, r.summary["pixel_kmeans"])
+    if not per_seed:
+        return None
+    values = {k: [m[k] for m in per_seed.values() if m.get(k) is not None] for k in METRIC_KEYS}
+    return ({k: _mean(v) for k, v in values.items()}, {k: _sample_std(v) for k, v in values.items()}, len(per_seed))
 
 
 def _csv_num(value) -> str:
@@ -433,7 +462,7 @@ def _stderr(text: str) -> None:
 def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 2),
             overrides: Sequence[str] = (), out: str | os.PathLike = "runs/compare", isolate: bool = True,
             plots: bool = True, echo: Callable[[str], None] | None = _stderr, quiet_runs: bool = False,
-            command: str | None = None) -> CompareResult:
+            command: str | None = None, force: bool = False) -> CompareResult:
     """Run every recipe for every seed and write the comparison tables (see the module doc).
 
     Args:
@@ -444,6 +473,12 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
         echo: progress lines (None: silent).  quiet_runs: do not pass the runs' own
             progress output through (isolate=True).
         command: the command line recorded in results.md.
+        force: replace the results of a different comparison in ``out`` (otherwise an error).
+
+    The results of an earlier comparison in ``out`` are never lost: a comparison of other
+    recipes, seeds or overrides is refused before anything runs (unless ``force``), and a rerun
+    with failed runs writes ``results.failed.{md,csv,tex}`` beside complete results, which it
+    leaves as they are (with ``compare.json`` and ``convergence.png``).
 
     Returns a :class:`CompareResult`.  Raises RecipeError only when no recipe can be loaded.
     """
@@ -463,7 +498,9 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
     load_errors: list[str | None] = []
     for path in paths:
         try:
-            loaded.append(load_recipe(path, [*overrides, f"run.seed={seeds[0]}"]))
+            recipe = load_recipe(path, [*overrides, f"run.seed={seeds[0]}"])
+            _check_plugins(recipe)  # a plugin parameter error shows before any recipe trains
+            loaded.append(recipe)
             load_errors.append(None)
         except ClusterkitError as exc:
             loaded.append(None)
@@ -471,6 +508,9 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
     if all(r is None for r in loaded):
         raise RecipeError(f"No recipe could be loaded; the first error: {load_errors[0]}")
     labels = _labels(paths, [r.name if r is not None else None for r in loaded])
+    previous = _previous_compare(out)
+    if previous is not None and not force:
+        _check_same_compare(out, previous, labels, seeds, overrides)
     ok = [r for r in loaded if r is not None]
     differences = recipe_differences(ok) if len(ok) > 1 else []
     # the difference table covers the recipes that loaded; align its columns with them
@@ -483,6 +523,9 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
                 say(f"  {key}:  " + "  |  ".join(f"{lab} = {_fmt_value(v)}" for lab, v in zip(shown, values)))
         else:
             say("compare: the recipes are identical apart from their names")
+    for label, load_error in zip(labels, load_errors):
+        if load_error is not None:  # said before anything trains; its rows are reported as failed
+            say(f"compare: {label} cannot run and is reported as failed: {load_error}")
     runs: list[RunResult] = []
     total = len(paths) * len(seeds)
     n = 0
@@ -532,17 +575,27 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
         command = "clusterkit compare " + " ".join(shlex.quote(p) for p in paths) + \
             " --seeds " + " ".join(map(str, seeds)) + "".join(f" --set {shlex.quote(o)}" for o in overrides) + \
             f" --out {shlex.quote(str(out))}"
-    files = {"results.md": write_markdown(res, seeds, command, isolate), "results.csv": write_csv(res, seeds),
-             "results.tex": write_tex(res, seeds)}
+    keep_previous = not res.ok and previous is not None and previous.get("complete") and not force
+    stem = "results.failed" if keep_previous else "results"
+    files = {f"{stem}.md": write_markdown(res, seeds, command, isolate), f"{stem}.csv": write_csv(res, seeds),
+             f"{stem}.tex": write_tex(res, seeds)}
     for name, text in files.items():
         (out / name).write_text(text)
         res.files.append(out / name)
+    if keep_previous:
+        say(f"compare: {sum(r.status != 'ok' for r in runs)} run(s) failed; the complete results already in {out} "
+            f"(results.md, .csv, .tex) are kept, and this attempt's tables are in {stem}.md, .csv, .tex")
+        say(f"compare: wrote {', '.join(str(f) for f in res.files)}")
+        return res
+    for stale in ("results.failed.md", "results.failed.csv", "results.failed.tex"):
+        (out / stale).unlink(missing_ok=True)
     (out / "compare.json").write_text(json.dumps({
         "command": command, "seeds": seeds, "overrides": overrides, "isolated": isolate,
         "recipes": [{"label": lab, "path": p} for lab, p in zip(labels, paths)],
         "runs": [{"label": r.label, "seed": r.seed, "run_dir": str(r.run_dir) if r.run_dir else None,
                   "status": r.status, "how": r.how, "error": r.error} for r in runs],
         "differences": [{"key": k, "values": v} for k, v in differences],
+        "complete": res.ok,
     }, indent=2, default=str))
     res.files.append(out / "compare.json")
     if plots:
@@ -552,6 +605,44 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
             say(f"compare: warning: no convergence.png: {_error_text(exc)}")
     say(f"compare: wrote {', '.join(str(f) for f in res.files)}")
     return res
+
+
+def _check_plugins(recipe) -> None:
+    """Load the recipe's plugins (validating their parameters) without training anything."""
+    from .plugin_manager import load_plugins
+
+    load_plugins(recipe.plugins, allow=recipe.allow_plugins)
+
+
+def _previous_compare(out: Path) -> dict | None:
+    """The ``compare.json`` of an earlier comparison in ``out`` (``{}`` when unreadable), or None.
+    ``complete``: whether all its runs finished (missing in files of older versions: read from
+    its runs)."""
+    path = out / "compare.json"
+    if not path.exists():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(info, dict):
+        return {}
+    if "complete" not in info:
+        info["complete"] = bool(info.get("runs")) and all(r.get("status") == "ok" for r in info["runs"])
+    return info
+
+
+def _check_same_compare(out: Path, previous: dict, labels: list[str], seeds: list[int], overrides: list[str]) -> None:
+    """RunDirError when ``out`` holds the results of a comparison of other recipes, seeds or
+    overrides (its results would be replaced by tables of another experiment)."""
+    was = {"recipes": [r.get("label") for r in previous.get("recipes", [])], "seeds": previous.get("seeds"),
+           "overrides": previous.get("overrides")}
+    now = {"recipes": labels, "seeds": seeds, "overrides": overrides}
+    changed = [f"{k}: {was[k]} -> {now[k]}" for k in now if was[k] != now[k]]
+    if changed:
+        raise RunDirError(f"'{out}' holds the results of a different comparison ({'; '.join(changed)}); running "
+                          "this one there would replace its results.md, .csv and .tex. Choose another --out, or "
+                          "pass --force to replace them (its finished runs of the same recipes are reused).")
 
 
 def plot_comparison(out: Path, runs: list[RunResult]) -> Path:
@@ -572,10 +663,15 @@ def plot_comparison(out: Path, runs: list[RunResult]) -> Path:
                             baseline=baseline if same_data else None)
 
 
-def plot_compare_dir(out: str | os.PathLike) -> Path:
-    """Redraw ``convergence.png`` of a comparison folder from its ``compare.json``."""
+def plot_compare_dir(out: str | os.PathLike, plot_dir: str | os.PathLike | None = None) -> Path:
+    """Redraw ``convergence.png`` of a comparison folder from its ``compare.json``, into
+    ``plot_dir`` (default: the comparison folder itself)."""
     out = Path(out)
-    info = json.loads((out / "compare.json").read_text())
+    try:
+        info = json.loads((out / "compare.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"Cannot read '{out / 'compare.json'}' ({_reason_text(exc)}); rerun the compare command "
+                          "that made this folder to rewrite it.") from None
     runs = []
     for r in info["runs"]:
         run_dir = Path(r["run_dir"]) if r["run_dir"] else None
@@ -584,4 +680,14 @@ def plot_compare_dir(out: str | os.PathLike) -> Path:
             summary = json.loads((run_dir / "summary.json").read_text())
         runs.append(RunResult(r["label"], r["seed"], run_dir, r["status"] if summary else "failed",
                               summary=summary))
-    return plot_comparison(out, runs)
+    target = Path(plot_dir) if plot_dir is not None else out
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"Cannot create the plot folder '{target}': {exc.strerror or exc}. Choose another "
+                          "--out.") from None
+    return plot_comparison(target, runs)
+
+
+def _reason_text(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

@@ -17,16 +17,18 @@ Example::
     >>> feats = model.embed(images)           # (B, D) float, the features it clusters
 
 Accepted images: a ``torch.Tensor`` or numpy array of raw images, ``uint8`` in 0..255 or
-float in [0, 1], shaped (B, C, H, W), (C, H, W) or (H, W) (channels first); a list of
-such arrays, of PIL images or of image file paths; a file path or a folder (searched
-recursively for image files).  Images with 3 channels are converted to grayscale for a
+float in [0, 1], shaped (B, C, H, W) (channels first), (B, H, W) (B grayscale images) or
+(H, W) (one image); a list of images each shaped (C, H, W) or (H, W), of PIL images or of
+image file paths; a file path or a folder (searched recursively for image files).
+Channels-last arrays ((H, W, C), (B, H, W, C)) are an error naming the transpose to use, and
+so is a 3-D array with 3 or 4 rows for a colour run (one (C, H, W) image or several
+grayscale ones?): pass ``x[None]`` for one colour image.  Images with 3 channels are converted to grayscale for a
 1-channel run (ITU-R 601 luma, as PIL's ``"L"``) and 1-channel images are repeated for a
 3-channel run.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,7 +36,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import load_latest_checkpoint, read_summary
 from .data import DATASETS, IMAGE_EXTENSIONS, eval_transform
 from .errors import DataError, RunDirError
 from .state import Prediction
@@ -44,19 +46,18 @@ __all__ = ["ClusterModel", "load", "find_images", "read_image"]
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def _run_files(run_dir: Path) -> tuple[Path, dict | None]:
-    """The run's last checkpoint and its summary (None while unfinished); RunDirError if none."""
+def _run_files(run_dir: Path) -> tuple[Path, dict, dict | None]:
+    """The run's newest readable checkpoint (path, contents) and its summary (None while
+    unfinished); RunDirError if there is none."""
     if not run_dir.is_dir():
         raise RunDirError(f"Run directory '{run_dir}' does not exist. Pass the folder a run wrote (it holds "
                           "recipe.yaml, metrics.jsonl and checkpoints/), e.g. runs/quickstart/<time>.")
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
+    found = load_latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
         raise RunDirError(f"Run directory '{run_dir}' holds no checkpoint (checkpoints/epoch_*.pt), so there is "
                           "no model to load. A run writes its first checkpoint at the end of its first epoch; "
                           "train it (clusterkit run RECIPE --out DIR) or pass another run directory.")
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    return ckpt, summary
+    return *found, read_summary(run_dir)
 
 
 class ClusterModel:
@@ -77,8 +78,7 @@ class ClusterModel:
         from .trainer import Trainer
 
         self.run_dir = Path(run_dir)
-        self.checkpoint, self.summary = _run_files(self.run_dir)
-        ckpt = load_checkpoint(self.checkpoint)
+        self.checkpoint, ckpt, self.summary = _run_files(self.run_dir)
         self.recipe = load_recipe(data=ckpt["recipe"])
         dataset = self.recipe.data.dataset
         if dataset not in DATASETS:
@@ -109,14 +109,7 @@ class ClusterModel:
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(np.ascontiguousarray(images))
         if torch.is_tensor(images):
-            if images.dim() == 2:
-                images = images[None, None]
-            elif images.dim() == 3:
-                images = images[None]
-            if images.dim() != 4:
-                raise DataError(f"Images must be shaped (B, C, H, W), (C, H, W) or (H, W), got a tensor of shape "
-                                f"{tuple(images.shape)}.")
-            items = list(images)
+            items = list(self._as_batch(images))
         else:
             items = list(images)
         out = []
@@ -139,6 +132,30 @@ class ClusterModel:
         if not out:
             raise DataError("No images were given to embed or predict.")
         return out
+
+    def _as_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """An array of images as (N, C, H, W): (N, C, H, W) as it is, (N, H, W) as N grayscale images,
+        (H, W) as one.  Channels-last shapes and a 3-D array that could be one colour image or
+        several grayscale ones are an error naming the reshape to use."""
+        shape = tuple(x.shape)
+        if x.dim() == 2:
+            return x[None, None]
+        if x.dim() == 3:
+            if shape[-1] in (3, 4) and min(shape[:2]) > 4:
+                raise DataError(f"Images of shape {shape} look like one channels-last (H, W, C) image; clusterkit "
+                                "takes (N, C, H, W), (N, H, W) or (H, W). Pass x.permute(2, 0, 1)[None] (torch) or "
+                                "x.transpose(2, 0, 1)[None] (numpy).")
+            if shape[0] in (3, 4) and self.info.channels > 1:
+                raise DataError(f"Images of shape {shape} are ambiguous: {shape[0]} grayscale (N, H, W) images, or one "
+                                f"(C, H, W) colour image? A 3-D array is read as (N, H, W); pass x[None] for one colour "
+                                "image, or x[:, None] to say they are grayscale images.")
+            return x[:, None]
+        if x.dim() == 4:
+            if shape[1] not in (1, 3, 4) and shape[-1] in (1, 3, 4):
+                raise DataError(f"Images of shape {shape} look channels-last (N, H, W, C); clusterkit takes (N, C, H, W). "
+                                "Pass x.permute(0, 3, 1, 2) (torch) or x.transpose(0, 3, 1, 2) (numpy).")
+            return x
+        raise DataError(f"Images must be shaped (N, C, H, W), (N, H, W) or (H, W), got an array of shape {shape}.")
 
     def _channels(self, x: torch.Tensor) -> torch.Tensor:
         want, have = self.info.channels, x.shape[0]

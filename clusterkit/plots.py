@@ -335,7 +335,9 @@ def plot_confusion(targets, labels, path: str | Path, class_names: Sequence[str]
     def name(k: int) -> str:
         return names[k] if names is not None and 0 <= k < len(names) else str(k)
 
-    xt = [f"{name(m)}\n(c{inverse[m]})" if m != -1 else "unmatched" for m in cols]
+    # a class no cluster is matched to (a collapsed run: fewer clusters than classes) has no cluster id
+    xt = [("unmatched" if m == -1 else f"{name(m)}\n(c{inverse[m]})" if m in inverse else f"{name(m)}\n(none)")
+          for m in cols]
     small = len(cols) <= 20
     ax.set_xticks(range(len(cols)), xt if small else [], fontsize=7)
     ax.set_yticks(range(len(classes)), [name(k) for k in classes] if small else [], fontsize=7)

@@ -151,8 +151,25 @@ def discover(allow: list[str] | None = None) -> dict[str, PluginInfo]:
     return select(installed(), allow)[0]
 
 
-def hidden_plugins(allow: list[str] | None = None) -> dict[str, PluginInfo]:
-    """Installed plugins that the allow-list or the autoload switch excludes."""
+def name_conflicts(allow: list[str] | None = None) -> tuple[dict[str, PluginInfo], dict[str, list[PluginInfo]]]:
+    """For listing (``clusterkit plugins``), where a clash must not hide every plugin: the
+    loadable plugins by name (a built-in wins a clash) and, for each name that several loadable
+    packages register, every entry point that registers it."""
+    infos = sorted((i for i in installed() if is_allowed(i, allow)), key=lambda i: not i.builtin)
+    found: dict[str, PluginInfo] = {}
+    clashes: dict[str, list[PluginInfo]] = {}
+    for info in infos:
+        first = found.setdefault(info.name, info)
+        if first is not info and first.value != info.value:
+            clashes.setdefault(info.name, [first]).append(info)
+    return found, clashes
+
+
+def hidden_plugins(allow: list[str] | None = None, strict: bool = True) -> dict[str, PluginInfo]:
+    """Installed plugins that the allow-list or the autoload switch excludes (``strict=False``:
+    without the duplicate-name check, for listing)."""
+    if not strict:
+        return {i.name: i for i in installed() if not is_allowed(i, allow)}
     return select(installed(), allow)[1]
 
 

@@ -31,7 +31,7 @@ import yaml
 
 from .data.augment import AugmentParams
 from .errors import RecipeError
-from .schema import build, in_range, non_negative, positive, unstructure
+from .schema import build, in_range, non_negative, positive, positive_finite, unstructure
 
 field = attrs.field
 
@@ -85,7 +85,7 @@ class ModelConfig:
 @attrs.define
 class OptimConfig:
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = field(default=0.05, validator=positive, metadata=_doc("base learning rate"))
+    lr: float = field(default=0.05, validator=positive_finite, metadata=_doc("base learning rate"))
     lr_scaling: Literal["linear", "none"] = field(default="linear", metadata=_doc(
         "linear: lr x batch_size / 256 (ProPos/DigPro); none: lr as given"))
     momentum: float = field(default=0.9, validator=in_range(0, 1))
@@ -132,11 +132,13 @@ class EvalConfig:
 
 @attrs.define
 class RunConfig:
-    seed: int = 0
+    seed: int = field(default=0, validator=in_range(0, 2**32 - 1), metadata=_doc(
+        "seed of every random draw (python, numpy, torch); numpy takes 0 .. 2**32 - 1"))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_doc("auto: CUDA when present"))
     amp: bool = field(default=True, metadata=_doc("bf16 autocast on CUDA (never on CPU)"))
     deterministic: bool = field(default=True, metadata=_doc("deterministic algorithms where torch has them"))
-    threads: int | None = field(default=None, metadata=_doc("torch CPU threads (default: torch's choice)"))
+    threads: int | None = field(default=None, validator=in_range(1, None), metadata=_doc(
+        "torch CPU threads (default: torch's choice)"))
     out_dir: str = field(default="runs", metadata=_doc("runs go to OUT_DIR/<name>/<time>/"))
     log_every: int = field(default=50, validator=in_range(1, None), metadata=_doc("metrics.jsonl every N steps"))
     keep_last: int = field(default=2, validator=in_range(1, None), metadata=_doc("checkpoints kept"))
@@ -230,6 +232,31 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error
+    (PyYAML keeps the last one, so a repeated ``schedule:`` block silently drops the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: PyYAML reports it below
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"key '{key}' appears twice (lines {first.start_mark.line + 1} and "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str):
+    """``yaml.safe_load`` that rejects duplicate keys (:class:`_UniqueKeyLoader`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
@@ -239,11 +266,14 @@ def read_yaml(path: Path) -> dict:
     except OSError as exc:
         raise RecipeError(f"Recipe file '{path}' cannot be read: {exc.strerror}.") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_unique(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "appears twice" in problem:
+            raise RecipeError(f"Recipe file '{path}': {problem}. YAML would keep only the last one and "
+                              "silently drop the first; merge the two into one (or delete one).") from None
         raise RecipeError(f"Recipe file '{path}' is not valid YAML{where}: {problem}. Fix the syntax "
                           "(indentation with spaces, 'key: value' pairs) and run again.") from None
     if data is None:
@@ -289,7 +319,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not keys:
         raise RecipeError(f"Override '{text}' has an empty key; write it as key.path=value.")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load_unique(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return keys, value
@@ -297,11 +327,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``--set`` overrides.  Core keys must exist in the schema (checked when building);
-    plugin keys are checked by the plugin's own Params class."""
+    plugin keys are checked by the plugin's own Params class.
+
+    A mapping value is deep-merged into the mapping it replaces, as ``extends:`` merges
+    (``--set "data.augment={hflip: true}"`` keeps the other augment keys).  ``plugins.X.*`` of
+    a plugin the recipe does not have is an error, so that an override shared by several
+    recipes (``clusterkit compare``) never adds a method to one of them; ``plugins.X.enabled=true``
+    adds plugin X (with its defaults), ``plugins.X.enabled=false`` removes it.
+    """
     data = copy.deepcopy(data)
-    for text in overrides or []:
-        keys, value = parse_override(text)
+    parsed = [(text, *parse_override(text)) for text in overrides or []]
+    # plugins.X.enabled first, so that plugins.X.key=v may come before or after it
+    parsed.sort(key=lambda item: not (len(item[1]) == 3 and item[1][0] == "plugins" and item[1][2] == "enabled"))
+    for text, keys, value in parsed:
         _check_override_path(keys, text)
+        if keys[0] == "plugins" and len(keys) >= 2 and _plugin_switch(data, keys, value, text):
+            continue
+        if keys == ["plugins"] and isinstance(value, dict):  # merged below: each name must be present
+            for name in value:
+                _plugin_switch(data, ["plugins", name], value[name], text)
         node = data
         for k in keys[:-1]:
             child = node.get(k)
@@ -311,8 +355,39 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise RecipeError(f"Override '{text}': '{k}' holds a value ({child!r}), not a section, "
                                   "so it has no keys to set.")
             node = child
-        node[keys[-1]] = value
+        old = node.get(keys[-1])
+        node[keys[-1]] = deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
     return data
+
+
+def _plugin_switch(data: dict, keys: list[str], value, text: str) -> bool:
+    """``plugins.X...`` overrides: apply ``plugins.X.enabled=true|false`` (returns True) and
+    reject an override of a plugin the recipe does not have (returns False otherwise)."""
+    from .schema import did_you_mean
+
+    plugins = data.get("plugins") or {}
+    if not isinstance(plugins, dict):
+        return False
+    name = keys[1]
+    if len(keys) == 3 and keys[2] == "enabled":
+        if not isinstance(value, bool):
+            raise RecipeError(f"Override '{text}': plugins.{name}.enabled must be true (add the plugin) or "
+                              f"false (remove it), got {value!r}.")
+        if value:
+            data["plugins"] = plugins
+            if plugins.get(name) is None:
+                plugins[name] = {}
+        else:
+            plugins.pop(name, None)
+        return True
+    if name not in plugins:
+        have = ", ".join(sorted(plugins)) or "none"
+        raise RecipeError(f"Override '{text}': the recipe has no plugin '{name}' (its plugins: {have})."
+                          f"{did_you_mean(name, plugins)} An override never adds a plugin, so that a --set shared "
+                          f"by several recipes cannot change which methods run; to add it, also pass "
+                          f"--set plugins.{name}.enabled=true, or add it under plugins: in "
+                          "the recipe.")
+    return False
 
 
 def _check_override_path(keys: list[str], text: str) -> None:

@@ -67,7 +67,11 @@ def new_plugin(name: str, directory: str | Path = ".") -> Path:
     Raises :class:`PluginError` for a name that is not a lower-case identifier, a name an
     installed plugin already uses, or a package folder that exists already."""
     names = package_names(name)
-    root = Path(directory) / names["dist"]
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise PluginError(f"--dir '{directory}' is a file, not a folder; pass the folder to create the plugin's "
+                          f"package folder in (default: the current folder).")
+    root = directory / names["dist"]
     _check_name(name, root)
     files = {
         "pyproject.toml": _PYPROJECT,
@@ -77,10 +81,14 @@ def new_plugin(name: str, directory: str | Path = ".") -> Path:
         f"recipes/{name}_digits.yaml": _RECIPE,
         f"tests/test_{name}.py": _TEST,
     }
-    for rel, template in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(Template(template).substitute(names))
+    try:
+        for rel, template in files.items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(Template(template).substitute(names))
+    except OSError as exc:
+        raise PluginError(f"Cannot write the plugin package into '{directory}': {exc.strerror or exc} "
+                          f"('{exc.filename}'). Pass a --dir you can write to.") from None
     return root
 
 

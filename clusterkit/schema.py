@@ -21,6 +21,7 @@ Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``X | None``,
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from typing import Any
@@ -29,7 +30,7 @@ import attrs
 
 from .errors import RecipeError
 
-__all__ = ["build", "unstructure", "did_you_mean", "field_docs", "in_range", "positive", "non_negative",
+__all__ = ["build", "unstructure", "did_you_mean", "field_docs", "in_range", "positive", "positive_finite", "non_negative",
            "in_unit_interval"]
 
 
@@ -41,24 +42,29 @@ def did_you_mean(word: str, choices) -> str:
 
 # -- validators with messages that read well after "plugins.x.y: " ------------------------------------
 
-def in_range(lo=None, hi=None, *, lo_open=False, hi_open=False):
-    """attrs validator: ``lo <= value <= hi`` (bounds optional, optionally open)."""
+def in_range(lo=None, hi=None, *, lo_open=False, hi_open=False, finite=False):
+    """attrs validator: ``lo <= value <= hi`` (bounds optional, optionally open).  NaN is never
+    in range; ``finite=True`` also rejects +-inf (a missing bound then reads as an open one)."""
 
     def check(_inst, attribute, value):
         if value is None:
             return
-        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
+        nonfinite = isinstance(value, float) and not math.isfinite(value)
+        bad = (isinstance(value, float) and math.isnan(value)) or (finite and nonfinite) or \
+              (lo is not None and (value <= lo if lo_open else value < lo)) or \
               (hi is not None and (value >= hi if hi_open else value > hi))
         if bad:
-            left = "(" if lo_open else "["
-            right = ")" if hi_open else "]"
-            raise ValueError(f"must be in {left}{'-inf' if lo is None else lo}, "
+            left = "(" if lo_open or (finite and lo is None) else "["
+            right = ")" if hi_open or (finite and hi is None) else "]"
+            what = "a finite number in " if finite and nonfinite else ""
+            raise ValueError(f"must be {what or 'in '}{left}{'-inf' if lo is None else lo}, "
                              f"{'inf' if hi is None else hi}{right}, got {value!r}")
 
     return check
 
 
 positive = in_range(0, None, lo_open=True)
+positive_finite = in_range(0, None, lo_open=True, finite=True)
 non_negative = in_range(0, None)
 in_unit_interval = in_range(0, 1)
 

@@ -23,6 +23,7 @@ from typing import TextIO
 import attrs
 import yaml
 
+from .checkpoint import read_summary
 from .errors import RecipeError, RunDirError
 
 __all__ = ["show_run", "epoch_records", "step_records", "resolved_dict", "recipe_diff", "differing_keys",
@@ -261,8 +262,7 @@ def show_run(run_dir: str | Path, base: str | None = None, out: TextIO | None = 
         raise RunDirError(f"Run directory '{run_dir}' does not exist. Pass the folder a run wrote (it holds "
                           "recipe.yaml, metrics.jsonl and checkpoints/).")
     recipe = _read_recipe(run_dir)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    summary = read_summary(run_dir)
     records = epoch_records(run_dir)
     label, diff = recipe_diff(run_dir, base)
     lines = _summary_lines(run_dir, summary, records, recipe)

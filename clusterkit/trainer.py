@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (atomic_write_text, latest_checkpoint, load_latest_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state)
 from .cluster import cluster_metrics, kmeans
 from .cluster.kmeans import assign as kmeans_assign
 from .data import eval_transform, load_dataset
@@ -38,9 +38,11 @@ from .models.backbones import require_local_weights
 from .models.recalibrate import recalibrated_batchnorm
 from .plugin_manager import load_plugins
 from .recipe import Recipe, check_stages, dump_recipe, load_recipe
+from .runlock import LOCK_NAME, lock_run_dir
 from .state import ParamGroup, Prediction, StepCache, TrainState
 
-__all__ = ["Trainer", "make_run_dir", "lr_at", "lr_for_step", "DivergenceError", "STAGED_HOOKS"]
+__all__ = ["Trainer", "make_run_dir", "check_resumable", "RUN_OUTPUTS", "lr_at", "lr_for_step",
+           "DivergenceError", "STAGED_HOOKS"]
 
 #: Hooks that a plugin switched off by the recipe's ``stages`` does not receive.  setup,
 #: register_outputs, embed and predict always run, so modules and outputs exist throughout.
@@ -133,8 +135,18 @@ def lr_for_step(step: int, steps_per_epoch: int, sched, base_lr: float) -> float
     return lr_at(tick / steps_per_epoch, sched, base_lr)
 
 
+#: What a run writes in its directory: ``--force`` removes exactly these before a new run starts.
+RUN_OUTPUTS = ("recipe.yaml", "metrics.jsonl", "summary.json", "error.txt", "checkpoints", "plots")
+
+
 def make_run_dir(recipe: Recipe, out: str | None, force: bool) -> Path:
-    """A fresh run directory (``out``, or ``run.out_dir/<name>/<time>``)."""
+    """A fresh run directory (``out``, or ``run.out_dir/<name>/<time>``), locked for this process
+    (:mod:`clusterkit.runlock`; release it with ``release_run_dir``).
+
+    An existing non-empty ``out`` is refused unless ``force``; with ``force`` the previous run's
+    outputs (:data:`RUN_OUTPUTS`, plots included) are removed once the lock is held, and any other
+    file is left where it is, with a note.
+    """
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path(recipe.run.out_dir) / recipe.name / stamp
@@ -144,16 +156,73 @@ def make_run_dir(recipe: Recipe, out: str | None, force: bool) -> Path:
             n += 1
     else:
         path = Path(out)
-        if path.exists() and any(path.iterdir()) and not force:
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"Cannot use '{path}' as the run directory: it is a file, not a folder. Choose "
+                              "another --out (a folder that does not exist yet, or an empty one).")
+        if path.is_dir() and _user_entries(path) and not force:
             raise RunDirError(f"Run directory '{path}' already exists and is not empty. Use --resume {path} "
                               "to continue that run, --force to overwrite it, or choose another --out.")
-        if path.exists() and force:
-            for child in ("metrics.jsonl", "summary.json", "recipe.yaml"):
-                (path / child).unlink(missing_ok=True)
-            for old in (path / "checkpoints").glob("*.pt") if (path / "checkpoints").is_dir() else []:
-                old.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"Cannot create the run directory '{path}': {exc.strerror or exc}. Choose another --out "
+                          f"(or run.out_dir) in a folder you can write to.") from None
+    lock_run_dir(path)
+    if out is not None and force:
+        _clear_run_outputs(path)
     return path
+
+
+def check_resumable(run_dir: Path) -> None:
+    """RunDirError unless ``run_dir`` is a run directory with a checkpoint to resume from;
+    checked before anything is read or written there."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"Cannot resume '{run_dir}': no such directory. Pass the run directory that "
+                          "holds recipe.yaml and checkpoints/ (printed when the run started).")
+    if not (run_dir / "checkpoints").is_dir():
+        raise RunDirError(f"Cannot resume '{run_dir}': it is not a run directory (it has no checkpoints/ folder, "
+                          "so it holds no checkpoint). --resume takes the folder a run wrote (printed when the run "
+                          "started, e.g. runs/<name>/<time>); nothing in this folder was changed.")
+    if latest_checkpoint(run_dir / "checkpoints") is None:
+        raise RunDirError(f"Cannot resume '{run_dir}': it holds no checkpoint (checkpoints/epoch_*.pt). A run "
+                          "writes its first checkpoint at the end of its first epoch; start it anew with --out "
+                          f"{run_dir} --force, or point --resume at another run directory.")
+
+
+def _user_entries(path: Path) -> list[Path]:
+    """The entries of a run directory other than its lock file."""
+    return [p for p in path.iterdir() if p.name != LOCK_NAME]
+
+
+def _clear_run_outputs(path: Path) -> None:
+    """``--force``: remove the previous run's outputs (and temporary files) from ``path``."""
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    for tmp in path.glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+    others = sorted(p.name for p in _user_entries(path))
+    if others:
+        _warn(f"--force removed the previous run's files from '{path}' but left what clusterkit did not "
+              f"write there: {', '.join(others)}.")
+
+
+def _eta(history: list[dict], epochs_left: int) -> str:
+    """``", ETA 3m 20s"``: the time the remaining epochs take at the mean pace of the last
+    (up to five) epochs; empty at the end."""
+    recent = [h["seconds"] for h in history[-5:] if "seconds" in h]
+    if epochs_left <= 0 or not recent:
+        return ""
+    left = round(epochs_left * sum(recent) / len(recent))
+    hours, rest = divmod(left, 3600)
+    text = f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+    return f", ETA {text} for the run"
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -236,6 +305,32 @@ class Trainer:
                               "or another --nproc_per_node.")
         return train, evald
 
+    def _warn_about_setup(self) -> None:
+        """Warn of settings that train but cannot give a meaningful result (NMI 0 with nothing said
+        otherwise): a warm-up as long as the run, one class in labelled data, a data.root one level
+        above the class folders."""
+        r, ds = self.recipe, self.train_ds
+        sched = r.schedule
+        if 0 < sched.epochs <= sched.warmup_epochs:
+            gated = [name for name, plugin in self.plugins.items()
+                     if getattr(getattr(plugin, "params", None), "warmup_gate", False)]
+            also = f", and the warm-up-gated losses of {', '.join(gated)} never turn on" if gated else ""
+            _warn(f"schedule.warmup_epochs = {sched.warmup_epochs} is not below schedule.epochs = {sched.epochs}: "
+                  f"the learning rate never leaves its linear warm-up{also}. Lower schedule.warmup_epochs or raise "
+                  "schedule.epochs.")
+        classes = sorted(set(np.asarray(ds.targets).tolist()))
+        if len(classes) != 1:
+            return
+        name = ds.classes[classes[0]] if classes[0] < len(getattr(ds, "classes", [])) else str(classes[0])
+        inner = Path(getattr(ds, "root", None) or ".") / name
+        if r.data.dataset == "imagefolder" and inner.is_dir() and any(
+                p.is_dir() and not p.name.startswith(".") for p in inner.iterdir()):
+            _warn(f"data.root '{ds.root}' holds a single class folder, '{name}', whose sub-folders look like the "
+                  f"classes: data.root is probably one level too high. Set data.root to '{inner}'.")
+        else:
+            _warn(f"the training data has a single class ('{name}'), so NMI, ACC and ARI against its labels are "
+                  "0 or meaningless. Check data.root and data.split (one folder per class is expected).")
+
     def _make_pipeline(self) -> TrainPipeline:
         """The training loader and augmentation (``data.pipeline``).  Each process loads
         batch_size / world_size images per step: a DistributedSampler under torchrun
@@ -270,7 +365,13 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         self.device = self._device()
         self.pm, self.plugins = load_plugins(r.plugins, self.available_plugins, allow=r.allow_plugins)
+        if not self.pm.hook.compute_losses.get_hookimpls():  # checked before the data is loaded
+            raise RecipeError("No plugin in the recipe returns a loss (compute_losses), so there is nothing to "
+                              f"train{' (the recipe has no plugins)' if not r.plugins else ''}; add at least one "
+                              "loss plugin under plugins:, e.g. diffused_sampling, or start from "
+                              "recipes/quickstart.yaml.")
         self.train_ds, self.eval_ds = self._load_data()
+        self._warn_about_setup()
         info = self.train_ds.info
         require_local_weights(r.model)
         model = nn.ModuleDict({"backbone": create_backbone(r.model, in_chans=info.channels)})
@@ -608,7 +709,13 @@ class Trainer:
         self._call("before_optimizer_step", cache=cache)
         self.optimizer.step()
         state.step += 1
-        self._call("after_step", cache=cache)
+        try:
+            self._call("after_step", cache=cache)
+        except ClusterkitError:
+            raise
+        except Exception:  # a plugin failing on NaN/inf (a diverged step) is a divergence, said as such
+            self._check_diverged_after_step()
+            raise
         terms["loss"] = total.detach()
         return {k: v.detach() for k, v in terms.items()}
 
@@ -626,13 +733,34 @@ class Trainer:
         self.state.epoch, self.state.step_in_epoch, self.state.step = step // spe, step % spe, step
         self._nonfinite(self.term_names[term], torch.tensor(value))
 
+    def _check_diverged_after_step(self) -> None:
+        """An after_step hook raised: a DivergenceError instead when the step diverged (a noted
+        non-finite loss term, or parameters that the optimiser step made NaN/inf)."""
+        self._check_finite()
+        bad = [name for name, p in self.state.model.named_parameters() if not torch.isfinite(p).all()]
+        if not bad:
+            return
+        s = self.state
+        where = f"at epoch {s.epoch + 1}, step {s.step_in_epoch + 1} (after {s.step} optimiser steps)"
+        raise DivergenceError(f"The model's parameters became NaN or infinite {where} ({len(bad)} tensors, e.g. "
+                              f"'{bad[0]}'), so the after_step hooks could not go on; the run stopped and "
+                              f"{self._kept_checkpoint()}.")
+
+    def _kept_checkpoint(self) -> str:
+        """What a stopped run leaves to resume from, and what to change (for divergence messages)."""
+        ckpts = self.run_dir / "checkpoints"
+        if latest_checkpoint(ckpts) is None:
+            return ("no checkpoint was written yet (it diverged in its first epoch). Lower optim.lr (or raise "
+                    "schedule.warmup_epochs), check the plugins' parameters, and start it again")
+        return (f"the last good checkpoint in '{ckpts}' is kept. Lower optim.lr, check the plugin's parameters, "
+                "or resume from that checkpoint with --resume")
+
     def _nonfinite(self, name: str, value: torch.Tensor) -> None:
         """A NaN/inf loss term: stop (``run.nonfinite: stop``), or count a skipped step and warn."""
         s, run = self.state, self.recipe.run
         shown = value.item() if value.numel() == 1 else "non-finite"
         where = f"at epoch {s.epoch + 1}, step {s.step_in_epoch + 1} (after {s.step} optimiser steps)"
-        keep = (f"the last good checkpoint in '{self.run_dir / 'checkpoints'}' is kept. Lower optim.lr, check "
-                "the plugin's parameters, or resume from that checkpoint with --resume")
+        keep = self._kept_checkpoint()
         if run.nonfinite == "stop":
             raise DivergenceError(f"Loss term '{name}' became {shown} {where}; the run stopped and {keep} "
                                   "(run.nonfinite: skip skips such steps instead).")
@@ -670,14 +798,14 @@ class Trainer:
         }, self.run_dir / "checkpoints", epoch, self.recipe.run.keep_last)
 
     def _restore(self) -> tuple[int, list, float]:
-        path = latest_checkpoint(self.run_dir / "checkpoints")
-        if path is None:
+        found = load_latest_checkpoint(self.run_dir / "checkpoints")  # the newest readable one
+        if found is None:
             raise RunDirError(f"Cannot resume '{self.run_dir}': it holds no checkpoint (checkpoints/epoch_*.pt). "
                               "A run writes its first checkpoint at the end of its first epoch; start it anew "
                               "with --force, or point --resume at another run directory.")
-        ckpt = load_checkpoint(path)
+        _, ckpt = found
         saved = self._saved_recipe(ckpt)
-        if saved != self.recipe.to_dict():
+        if saved != self.recipe.to_dict() and not self._extends(saved, ckpt):
             diff = "; ".join(_diff(saved, self.recipe.to_dict())) or "(formatting only)"
             raise RunDirError(f"Cannot resume '{self.run_dir}' with a changed recipe: {diff}. Resume with the "
                               "recipe and --set overrides the run started with (its recipe.yaml), or start a new run.")
@@ -700,6 +828,31 @@ class Trainer:
         if distributed.is_main():
             self._trim_metrics_log(ckpt["epoch"] + 1, s.step)
         return ckpt["epoch"] + 1, ckpt["history"], ckpt["wall_time"]
+
+    def _extends(self, saved: dict, ckpt: dict) -> bool:
+        """Whether this resume extends the run to more epochs: the recipes differ only in
+        ``schedule.epochs``, which grew, and the learning rate does not depend on it (a constant
+        schedule past the warm-up).  A cosine schedule, planned for the old length, is refused
+        with the reason; so is fewer epochs than were trained."""
+        now = self.recipe.to_dict()
+        changed = _diff(saved, now)
+        if len(changed) != 1 or not changed[0].startswith("schedule.epochs:"):
+            return False
+        old, new = saved["schedule"]["epochs"], self.recipe.schedule.epochs
+        if new <= ckpt["epoch"]:
+            raise RunDirError(f"Cannot resume '{self.run_dir}' with schedule.epochs = {new}: it has trained "
+                              f"{ckpt['epoch'] + 1} epochs already. Resume with schedule.epochs = {old} (as it "
+                              "started), or a larger value to extend it.")
+        if self.recipe.schedule.lr_schedule != "constant":
+            raise RunDirError(f"Cannot extend '{self.run_dir}' from {old} to {new} epochs: its "
+                              f"{self.recipe.schedule.lr_schedule} learning-rate schedule was planned for {old} epochs "
+                              "(the lr of every epoch depends on the total), so the longer run would not be the run "
+                              f"a {new}-epoch recipe trains. Start a new run with --set schedule.epochs={new}; only "
+                              "runs with schedule.lr_schedule: constant can be extended.")
+        _warn(f"extending '{self.run_dir}' from {old} to {new} epochs (schedule.lr_schedule: constant).")
+        if distributed.is_main():
+            atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(self.recipe))
+        return True
 
     @staticmethod
     def _saved_recipe(ckpt: dict) -> dict:
@@ -740,10 +893,11 @@ class Trainer:
         r = self.recipe
         self._build()
         main = distributed.is_main()
-        if main:
-            atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(r))
         state = self.state
+        # a resume is checked (checkpoint, recipe) before anything is written into the directory
         start_epoch, history, wall_before = (self._restore() if self.resume else (0, [], 0.0))
+        if main and not self.resume:
+            atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(r))
         baseline = self.pixel_baseline()
         t_start = time.perf_counter()
         eval_metrics = next((h for h in reversed(history) if "nmi" in h), {})
@@ -798,10 +952,10 @@ class Trainer:
             history.append(metrics)
             self._write_jsonl(metrics)
             self._checkpoint(epoch, history, wall_before + time.perf_counter() - t_start)
-            if r.run.progress and main:
+            if main:  # the per-epoch result line stays with run.progress: false (only the bars go)
                 shown = " ".join(f"{k} {metrics[k]:.3f}" for k in ("loss", "nmi", "acc", "ari") if k in metrics)
-                tqdm.write(f"epoch {epoch + 1}/{r.schedule.epochs}  {shown}  ({metrics['seconds']:.1f}s)",
-                           file=sys.stderr)
+                tqdm.write(f"epoch {epoch + 1}/{r.schedule.epochs}  {shown}  ({metrics['seconds']:.1f}s"
+                           f"{_eta(history, r.schedule.epochs - epoch - 1)})", file=sys.stderr)
         wall = wall_before + time.perf_counter() - t_start
         epoch_secs = [h["seconds"] for h in history]
         summary = {

@@ -66,7 +66,7 @@ def _wrong_type(tmp, raw):
 
 def _out_of_range(tmp, raw):
     raw["optim"]["lr"] = -0.1
-    return [], "'optim.lr' must be in (0, inf], got -0.1"
+    return [], "'optim.lr' must be in (0, inf), got -0.1"
 
 
 def _extends_cycle(tmp, raw):

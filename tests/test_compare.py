@@ -131,7 +131,9 @@ def test_a_changed_recipe_is_not_mixed_with_an_old_run(compared, two_recipes, tm
     assert "different recipe" in res.runs[2].error and "optim.lr: 0.05 -> 0.2" in res.runs[2].error
     old = json.loads((done / "tiny_b" / "seed0" / "summary.json").read_text())
     assert json.loads((out / "tiny_b" / "seed0" / "summary.json").read_text()) == old  # left untouched
-    assert read_csv(out / "results.csv")["tiny_b"]["status"] == "failed"
+    # the complete results already there are kept; this attempt's tables are written beside them
+    assert read_csv(out / "results.failed.csv")["tiny_b"]["status"] == "failed"
+    assert (out / "results.csv").read_text() == (done / "results.csv").read_text()
 
 
 def test_failing_recipes_are_reported_and_the_others_complete(tmp_path, tiny_recipe_data):
@@ -157,7 +159,8 @@ def test_failing_recipes_are_reported_and_the_others_complete(tmp_path, tiny_rec
     md = (out / "results.md").read_text()
     assert "## Failures" in md and "**no_data**" in md and "| good | ok | 1/1 |" in md
     assert "failed" in (out / "results.tex").read_text()
-    assert (out / "bad_param" / "seed0" / "error.txt").exists()
+    assert (out / "no_data" / "seed0" / "error.txt").exists()
+    assert not (out / "bad_param").exists()  # its plugin parameters were checked before anything trained
 
 
 def test_cli_compare_runs_each_run_in_its_own_process(tmp_path, tiny_recipe_data, capsys):

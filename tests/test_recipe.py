@@ -31,7 +31,8 @@ def test_extends_list_later_base_wins(tmp_path):
 def test_set_overrides_are_converted_to_schema_types(tmp_path):
     path = write(tmp_path / "r.yaml", {"name": "x"})
     r = load_recipe(path, ["schedule.epochs=3", "optim.lr=1", "data.root=123", "run.amp=false",
-                           "data.augment.crop_scale=[0.2, 1]", "plugins.byol_target.momentum=0.9"])
+                           "data.augment.crop_scale=[0.2, 1]", "plugins.byol_target.momentum=0.9",
+                           "plugins.byol_target.enabled=true"])  # an override alone never adds a plugin
     assert r.schedule.epochs == 3 and isinstance(r.optim.lr, float) and r.optim.lr == 1.0
     assert r.data.root == "123" and r.run.amp is False and r.data.augment.crop_scale == (0.2, 1.0)
     assert r.plugins["byol_target"] == {"momentum": 0.9}

@@ -45,6 +45,7 @@ import math
 import os
 import pickle
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -662,12 +663,53 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _image_files(folder: Path) -> list[str]:
+def _warn(text: str) -> None:
+    """A warning line on stderr (rank 0 only), as the trainer's."""
+    from .. import distributed
+
+    if distributed.is_main():
+        tqdm.write(f"clusterkit: warning: {text}", file=sys.stderr)
+
+
+def _image_files(folder: Path, loops: list[str] | None = None) -> list[str]:
+    """Image files under ``folder``, recursively, following directory symlinks except those
+    that lead back to a folder already on the way (a loop such as ``ln -s .. loop``, which
+    would otherwise repeat the tree); those are appended to ``loops``."""
     files = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = os.path.realpath(dirpath)
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            link = os.path.join(dirpath, d)
+            target = os.path.realpath(link)
+            if os.path.islink(link) and (here == target or here.startswith(target.rstrip(os.sep) + os.sep)
+                                         or target == os.path.realpath(folder)):
+                if loops is not None:
+                    loops.append(link)
+                continue
+            keep.append(d)
+        dirnames[:] = keep
         files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
     return files
+
+
+def _drop_duplicates(paths: list[str], targets: list[int]) -> tuple[list[str], list[int]]:
+    """Keep the first of files reached through more than one path (symlinks), with a warning."""
+    seen: dict[str, str] = {}
+    kept_paths, kept_targets, twice = [], [], []
+    for path, target in zip(paths, targets):
+        real = os.path.realpath(path)
+        if real in seen:
+            twice.append((seen[real], path))
+            continue
+        seen[real] = path
+        kept_paths.append(path)
+        kept_targets.append(target)
+    if twice:
+        first, again = twice[0]
+        _warn(f"{len(twice)} image file(s) were found twice through symbolic links (e.g. '{first}' and "
+              f"'{again}'); each is used once, under the first path found.")
+    return kept_paths, kept_targets
 
 
 def _split_folders(info: DatasetInfo, root: Path, split: str) -> tuple[list[Path], list[Path]]:
@@ -706,6 +748,7 @@ def _scan_imagefolder(info: DatasetInfo, root: Path, split: str) -> tuple[list[s
     classes = sorted(set().union(*(_class_dirs(f) for f in everything)))
     paths: list[str] = []
     targets: list[int] = []
+    loops: list[str] = []
     for folder in folders:
         present = _class_dirs(folder)
         if not present:
@@ -714,7 +757,7 @@ def _scan_imagefolder(info: DatasetInfo, root: Path, split: str) -> tuple[list[s
                 f"sub-folder per class with the images inside). {info.prepare}. {_ROOT_HINT}"
             )
         for cls in present:
-            files = _image_files(folder / cls)
+            files = _image_files(folder / cls, loops)
             if not files:
                 raise DataError(
                     f"Dataset 'imagefolder': the class folder '{folder / cls}' holds no image files "
@@ -723,6 +766,10 @@ def _scan_imagefolder(info: DatasetInfo, root: Path, split: str) -> tuple[list[s
                 )
             paths.extend(files)
             targets.extend([classes.index(cls)] * len(files))
+    if loops:
+        _warn(f"{len(loops)} symbolic link(s) to a folder above them were not followed (they loop back into the "
+              f"tree, e.g. '{loops[0]}').")
+    paths, targets = _drop_duplicates(paths, targets)
     return classes, paths, targets
 
 
