@@ -135,13 +135,28 @@ def _run(args, recipe) -> int:
         rows.append(("k-means on pixels", summary["pixel_kmeans"]))
     width = max(len(r[0]) for r in rows)
     proto = summary["protocol"]
-    print(f"\n{recipe.name}: {proto['dataset']} ({proto['eval_split']} split), {summary['epochs']} epochs, "
-          f"{summary['wall_time_s']:.0f}s on {summary['device']}")
-    print(f"{'':{width}}    NMI    ACC    ARI")
-    for name, m in rows:
-        print(f"{name:{width}}  {_fmt(m.get('nmi'))}  {_fmt(m.get('acc'))}  {_fmt(m.get('ari'))}")
+    unlabeled = proto.get("labels") == "unlabeled"
+    print(f"\n{recipe.name}: {proto['dataset']} ({proto['eval_split']} split{', unlabeled' if unlabeled else ''}), "
+          f"{summary['epochs']} epochs, {summary['wall_time_s']:.0f}s on {summary['device']}")
+    if not unlabeled:
+        print(f"{'':{width}}    NMI    ACC    ARI")
+        for name, m in rows:
+            print(f"{name:{width}}  {_fmt(m.get('nmi'))}  {_fmt(m.get('acc'))}  {_fmt(m.get('ari'))}")
+    print(quality_line(summary.get("quality") or {}, recipe.e_step.k))
     print(f"\nsummary: {run_dir / 'summary.json'}")
     return 0
+
+
+def quality_line(q: dict, k: int) -> str:
+    """The label-free quality of a run on one line (what ``run`` prints last)."""
+    def f(key, digits=3):
+        v = q.get(key)
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    return (f"label-free quality (K = {k}): silhouette {f('silhouette')} (cosine, higher is better), "
+            f"Davies-Bouldin {f('davies_bouldin')} (lower), Calinski-Harabasz {f('calinski_harabasz', 1)}, "
+            f"size entropy {f('size_entropy')}, cluster shares {f('min_share')}-{f('max_share')}, "
+            f"mean confidence {f('mean_confidence')}")
 
 
 def cmd_plugins(args) -> int:
