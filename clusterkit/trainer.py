@@ -803,7 +803,8 @@ class Trainer:
             "quality": {k: eval_metrics.get(k) for k in QUALITY_KEYS},
             "pixel_kmeans": baseline,
             "protocol": {
-                "dataset": r.data.dataset, "labels": self.labels_protocol(), "train_split": r.data.split, "eval_split": r.data.eval_split or r.data.split,
+                "dataset": r.data.dataset, "labels": self.labels_protocol(), "train_split": r.data.split,
+                "eval_split": r.data.eval_split or r.data.split,
                 "test_data_used_for_training": r.data.split in ("test", "all"),
                 "prediction": "predict hook: " + (", ".join(self._impls("predict")) or "core k-means"),
                 "model_selection": "none (final epoch)",

@@ -209,3 +209,60 @@ def test_unlabeled_run_predicts_new_images(unlabeled_pair, tmp_path, capsys):
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert rows[0] == "path,cluster,confidence" and len(rows) == 7
     assert all(0 <= int(r.split(",")[1]) < 10 for r in rows[1:])
+
+
+def test_torchrun_two_processes_on_an_unlabeled_folder(tmp_path):
+    """torchrun, 2 gloo processes, a flat folder: rank 0 alone writes an unlabeled summary."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY
+
+    _pngs(tmp_path / "flat", 24)
+    raw = {**TINY, "data": {**TINY["data"], "dataset": "imagefolder", "root": str(tmp_path / "flat"),
+                            "batch_size": 8, "eval_batch_size": 16},
+           "e_step": {"k": 3}, "schedule": {"epochs": 2, "warmup_epochs": 1},
+           "run": {**TINY["run"], "threads": 1, "device": "cpu"}, "eval": {"pixel_baseline": "never"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "clusterkit",
+           "run", "r.yaml", "--out", "out"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 processes)" in proc.stderr and proc.stdout.count("label-free quality") == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["protocol"]["labels"] == "unlabeled"
+    assert summary["metrics"]["nmi"] is None and summary["quality"]["size_entropy"] is not None
+    assert summary["steps"] == 2 * 3  # 24 images over 2 ranks: 12 per rank, 4 per step -> 3 steps per epoch
+    epochs = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if "seconds" in r] == [1, 2]
+
+
+def test_compare_reports_label_free_quality_of_unlabeled_runs(tmp_path, restore_threads):
+    import copy
+    import csv
+    import statistics
+
+    from clusterkit.compare import compare
+    from conftest import TINY
+
+    raw = copy.deepcopy(TINY)
+    raw["data"]["labels"] = "none"
+    raw["schedule"] = {"epochs": 1, "warmup_epochs": 0}
+    raw["run"]["threads"] = 1
+    recipe = tmp_path / "tiny_unlabeled.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    res = compare([str(recipe)], seeds=[0, 1], out=tmp_path / "cmp", isolate=False, echo=None)
+    assert res.ok
+    summaries = [r.summary for r in res.runs]
+    silhouettes = [s["quality"]["silhouette"] for s in summaries]
+    row = next(csv.DictReader((tmp_path / "cmp" / "results.csv").open()))
+    assert row["nmi_mean"] == "" and row["acc_mean"] == ""  # nothing from fake labels
+    assert float(row["silhouette_mean"]) == pytest.approx(statistics.mean(silhouettes))
+    assert float(row["silhouette_std"]) == pytest.approx(statistics.stdev(silhouettes))
+    md = (tmp_path / "cmp" / "results.md").read_text()
+    assert "## Label-free quality" in md
+    quality_row = md.split("## Label-free quality")[1].split("\n| tiny")[1].split("\n")[0]
+    assert f"{statistics.mean(silhouettes):.3f} ± {statistics.stdev(silhouettes):.3f}" in quality_row
+    assert "Label-free clustering quality" in (tmp_path / "cmp" / "results.tex").read_text()

@@ -101,7 +101,7 @@ def quality_metrics(features, labels, k: int | None = None, confidence=None, sam
     from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 
     x = features.detach().float().cpu().numpy() if torch.is_tensor(features) else np.asarray(features, np.float32)
-    x = x.reshape(len(x), -1).astype(np.float64)
+    x = x.reshape(len(x), -1).astype(np.float32, copy=False)
     y = _labels_numpy(labels)
     if len(x) != len(y):
         raise ValueError(f"{len(x)} feature rows but {len(y)} labels")
@@ -110,7 +110,7 @@ def quality_metrics(features, labels, k: int | None = None, confidence=None, sam
     if confidence is not None:
         c = confidence.detach().float().cpu().numpy() if torch.is_tensor(confidence) else np.asarray(confidence)
         out["mean_confidence"] = float(np.mean(c))
-    unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    unit = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float64)
     n_clusters = len(np.unique(y))
     if 2 <= n_clusters <= len(y) - 1:
         out["calinski_harabasz"] = float(calinski_harabasz_score(unit, y))
