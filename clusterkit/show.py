@@ -233,10 +233,10 @@ def _summary_lines(run_dir: Path, summary: dict | None, records: list[dict], rec
         b = summary["pixel_kmeans"]
         lines.append(f"k-means on the raw pixels:       NMI {_num(b['nmi'])}  ACC {_num(b['acc'])}  ARI {_num(b['ari'])}")
     used = "yes" if p.get("test_data_used_for_training") else "no"
-    labels = f" ({p['labels']})" if p.get("labels") else ""
-    lines.append(f"protocol: {p['dataset']}{labels}, trained on '{p['train_split']}', evaluated on '{p['eval_split']}' "
+    labels = f"; labels: {p['labels']}" if p.get("labels") else ""
+    lines.append(f"protocol: {p['dataset']}, trained on '{p['train_split']}', evaluated on '{p['eval_split']}' "
                  f"(test data used for training: {used}); prediction: {p['prediction']}; "
-                 f"model selection: {p['model_selection']}")
+                 f"model selection: {p['model_selection']}{labels}")
     spe = summary.get("seconds_per_epoch")
     lines.append(f"time: {summary['wall_time_s']:.1f} s ({_num(spe, 2)} s/epoch, {summary['epochs']} epochs, "
                  f"{summary['steps']} steps, {summary['num_train']} training images) on {summary['device']}; "
