@@ -149,7 +149,7 @@ def _plan(run_dir: Path, recipe) -> str:
             done = json.loads(summary.read_text())
         except (OSError, json.JSONDecodeError):
             done = {}
-        if done.get("recipe_hash") == recipe.hash():
+        if done.get("recipe_hash") == recipe.hash() or _same_recipe(run_dir, recipe):
             return "reuse"
         raise RunDirError(f"'{run_dir}' holds a finished run of a different recipe "
                           f"({_recipe_change(run_dir, recipe)}). Delete that folder to rerun it, or pass "
@@ -157,6 +157,20 @@ def _plan(run_dir: Path, recipe) -> str:
     if latest_checkpoint(run_dir / "checkpoints") is not None:
         return "resume"
     return "start"
+
+
+def _same_recipe(run_dir: Path, recipe) -> bool:
+    """Whether the run's recipe.yaml, re-read through today's schema, is ``recipe``: a run made
+    before a key was added to clusterkit (at its default, e.g. data.labels) is the same recipe,
+    though its hash differs."""
+    import yaml
+
+    from .recipe import load_recipe
+
+    try:
+        return load_recipe(data=yaml.safe_load((run_dir / "recipe.yaml").read_text())).to_dict() == recipe.to_dict()
+    except Exception:  # noqa: BLE001 - unreadable: not the same
+        return False
 
 
 def _recipe_change(run_dir: Path, recipe) -> str:

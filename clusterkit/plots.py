@@ -301,7 +301,7 @@ def plot_montage(images, labels, confidence, path: str | Path, targets=None,
                 canvas[y:y + ch + 2 * pad, x:x + cw + 2 * pad] = (0.85, 0.1, 0.1)
                 wrong += 1
             canvas[y + pad:y + pad + ch, x + pad:x + pad + cw] = _cell(images[i], scale)
-    fig = _figure(1.6 + per_cluster * 0.62, 0.8 + len(clusters) * 0.62)
+    fig = _figure(2.0 + per_cluster * 0.62, 0.8 + len(clusters) * 0.62)
     ax = fig.subplots()
     ax.imshow(canvas, interpolation="nearest" if max(h, w) <= 64 else "antialiased")
     ax.set_yticks([(r + 0.5) * (ch + 2 * pad) for r in range(len(clusters))], row_labels, fontsize=7)

@@ -266,3 +266,24 @@ def test_compare_reports_label_free_quality_of_unlabeled_runs(tmp_path, restore_
     quality_row = md.split("## Label-free quality")[1].split("\n| tiny")[1].split("\n")[0]
     assert f"{statistics.mean(silhouettes):.3f} ± {statistics.stdev(silhouettes):.3f}" in quality_row
     assert "Label-free clustering quality" in (tmp_path / "cmp" / "results.tex").read_text()
+
+
+def test_compare_reuses_a_run_made_before_data_labels_existed(tmp_path):
+    """A finished run whose recipe.yaml lacks data.labels (an older clusterkit) is the same recipe."""
+    import copy
+
+    from clusterkit.compare import _plan
+    from clusterkit.recipe import load_recipe
+    from conftest import TINY
+
+    recipe = load_recipe(data=copy.deepcopy(TINY))
+    old = recipe.to_dict()
+    del old["data"]["labels"]
+    run = tmp_path / "seed0"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(yaml.safe_dump(old))
+    (run / "summary.json").write_text(json.dumps({"recipe_hash": "0123456789ab"}))
+    assert _plan(run, recipe) == "reuse"
+    changed = load_recipe(data={**copy.deepcopy(TINY), "schedule": {"epochs": 7}})
+    with pytest.raises(Exception, match="different recipe"):
+        _plan(run, changed)
