@@ -7,6 +7,8 @@
     clusterkit plot RUN_DIR [--out DIR]            (a compare folder: its convergence plot)
     clusterkit predict RUN_DIR --images DIR_OR_FILES... [--out preds.csv]
     clusterkit show RUN_DIR [--base RECIPE_OR_RUN_DIR]
+    clusterkit choose-k RUN_DIR [--k 2:30] [--criterion silhouette] [--out DIR] [--force]
+    clusterkit export RUN_DIR --to DIR [--link | --copy] [--top N]
 
 User mistakes print one paragraph and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -84,6 +86,29 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--base", metavar="RECIPE_OR_RUN_DIR",
                       help="diff the recipe against this recipe file or run (default: clusterkit's defaults)")
     show.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    ck = sub.add_parser("choose-k", help="score K = 2..30 clusters of a run's final features without labels")
+    ck.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (holds checkpoints/)")
+    ck.add_argument("--k", default="2:30", metavar="RANGE",
+                    help="cluster counts: FIRST:LAST (inclusive), FIRST:LAST:STEP or a list 5,10,20 (default: 2:30)")
+    ck.add_argument("--criterion", default="silhouette", choices=["silhouette", "calinski_harabasz", "davies_bouldin"],
+                    help="the measure that chooses K (default: silhouette, cosine)")
+    ck.add_argument("--n-init", type=int, default=3, help="k-means restarts per K (default: 3)")
+    ck.add_argument("--out", help="folder for choose_k.csv/.json/.png (default: RUN_DIR/choose_k)")
+    ck.add_argument("--force", action="store_true", help="replace the files of an earlier choose-k in --out")
+    ck.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present, else cpu)")
+    ck.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    ex = sub.add_parser("export", help="write a run's images into one folder per cluster, most confident first")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (holds checkpoints/)")
+    ex.add_argument("--to", required=True, metavar="DIR", help="a new (or empty) folder for cluster_NN/ folders")
+    how = ex.add_mutually_exclusive_group()
+    how.add_argument("--link", dest="mode", action="store_const", const="link",
+                     help="symbolic links to the original files (the default)")
+    how.add_argument("--copy", dest="mode", action="store_const", const="copy", help="copies of the files")
+    ex.add_argument("--top", type=int, metavar="N", help="only each cluster's N most confident images")
+    ex.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present, else cpu)")
+    ex.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -176,13 +201,28 @@ def _train(args, recipe, run_dir: Path) -> int:
         rows.append(("k-means on pixels", summary["pixel_kmeans"]))
     width = max(len(r[0]) for r in rows)
     proto = summary["protocol"]
-    print(f"\n{recipe.name}: {proto['dataset']} ({proto['eval_split']} split), {summary['epochs']} epochs, "
-          f"{summary['wall_time_s']:.0f}s on {summary['device']}")
-    print(f"{'':{width}}    NMI    ACC    ARI")
-    for name, m in rows:
-        print(f"{name:{width}}  {_fmt(m.get('nmi'))}  {_fmt(m.get('acc'))}  {_fmt(m.get('ari'))}")
+    unlabeled = proto.get("labels") == "unlabeled"
+    print(f"\n{recipe.name}: {proto['dataset']} ({proto['eval_split']} split{', unlabeled' if unlabeled else ''}), "
+          f"{summary['epochs']} epochs, {summary['wall_time_s']:.0f}s on {summary['device']}")
+    if not unlabeled:
+        print(f"{'':{width}}    NMI    ACC    ARI")
+        for name, m in rows:
+            print(f"{name:{width}}  {_fmt(m.get('nmi'))}  {_fmt(m.get('acc'))}  {_fmt(m.get('ari'))}")
+    print(quality_line(summary.get("quality") or {}, recipe.e_step.k))
     print(f"\nsummary: {run_dir / 'summary.json'}")
     return 0
+
+
+def quality_line(q: dict, k: int) -> str:
+    """The label-free quality of a run on one line (what ``run`` prints last)."""
+    def f(key, digits=3):
+        v = q.get(key)
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    return (f"label-free quality (K = {k}): silhouette {f('silhouette')} (cosine, higher is better), "
+            f"Davies-Bouldin {f('davies_bouldin')} (lower), Calinski-Harabasz {f('calinski_harabasz', 1)}, "
+            f"size entropy {f('size_entropy')}, cluster shares {f('min_share')}-{f('max_share')}, "
+            f"mean confidence {f('mean_confidence')}")
 
 
 def cmd_plugins(args) -> int:
@@ -374,6 +414,35 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+def cmd_choose_k(args) -> int:
+    from .choose_k import choose_k, parse_ks
+
+    ks = parse_ks(args.k)
+    res = choose_k(args.run_dir, ks, out=args.out, criterion=args.criterion, n_init=args.n_init, force=args.force,
+                   device=args.device)
+    model = res["model"]
+    print(f"choose-k: {model.recipe.name} (epoch {model.epoch}), spherical k-means (n_init {args.n_init}) on the "
+          f"final features of {res['num_images']} images, K = {ks[0]}..{ks[-1]} (the run used K = {model.num_clusters})")
+    print(res["table"])
+    print(f"\n{res['recommendation'].text()}")
+    for path in res["files"]:
+        print(path)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    res = export_run(args.run_dir, args.to, args.mode or "link", args.top, args.device)
+    sizes = res["sizes"]
+    total = sum(sizes.values())
+    shown = ", ".join(f"{c}: {n}" for c, n in sizes.items())
+    print(f"clusterkit: {total} images of {res['model'].recipe.name} in {len(sizes)} clusters -> {res['to']} "
+          f"({res['exported']} {res['files_from']}{f', top {args.top} per cluster' if args.top else ''}); "
+          f"cluster sizes {shown}; every image's cluster and confidence: {res['csv']}")
+    return 0
+
+
 def main(argv=None) -> int:
     import signal
     import threading
@@ -391,7 +460,8 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     try:
         return {"run": cmd_run, "plugins": cmd_plugins, "new-plugin": cmd_new_plugin, "compare": cmd_compare, "plot": cmd_plot,
-                "predict": cmd_predict, "show": cmd_show}[args.command](args)
+                "predict": cmd_predict, "show": cmd_show, "choose-k": cmd_choose_k,
+                "export": cmd_export}[args.command](args)
     except ClusterkitError as exc:
         if args.debug:
             raise

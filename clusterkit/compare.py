@@ -23,7 +23,9 @@ reported in the tables with its error and the others go on.
 
 Outputs in ``OUT``: ``results.md``, ``results.csv`` and ``results.tex`` (NMI/ACC/ARI mean ±
 sample standard deviation, ddof = 1, over the seeds that finished; the best seed's value;
-per-seed values; seconds per epoch; total wall time; peak memory; parameter count),
+per-seed values; seconds per epoch; total wall time; peak memory; parameter count; and the
+label-free quality measures of :mod:`clusterkit.cluster.quality`, mean ± std, the only scores
+of unlabeled runs, whose NMI/ACC/ARI cells stay empty),
 ``compare.json`` (what ran, machine-readable) and ``convergence.png`` (matplotlib).
 """
 
@@ -55,6 +57,11 @@ IGNORED_KEYS = ("name", "description", "run.seed", "run.out_dir")
 #: How the tables state their spread.
 STD_NOTE = "mean ± sample standard deviation (ddof = 1) over the seeds that finished"
 METRIC_KEYS = ("nmi", "acc", "ari")
+#: Label-free quality measures in the tables (summary.json's "quality"), with short headers.
+QUALITY_COLUMNS = (("silhouette", "silhouette"), ("calinski_harabasz", "Calinski-Harabasz"),
+                   ("davies_bouldin", "Davies-Bouldin"), ("size_entropy", "size entropy"),
+                   ("min_share", "min share"), ("max_share", "max share"), ("mean_confidence", "mean confidence"))
+QUALITY_KEYS = tuple(key for key, _ in QUALITY_COLUMNS)
 
 
 @attrs.define
@@ -142,7 +149,7 @@ def _plan(run_dir: Path, recipe) -> str:
             done = json.loads(summary.read_text())
         except (OSError, json.JSONDecodeError):
             done = {}
-        if done.get("recipe_hash") == recipe.hash():
+        if done.get("recipe_hash") == recipe.hash() or _same_recipe(run_dir, recipe):
             return "reuse"
         raise RunDirError(f"'{run_dir}' holds a finished run of a different recipe "
                           f"({_recipe_change(run_dir, recipe)}). Delete that folder to rerun it, or pass "
@@ -150,6 +157,20 @@ def _plan(run_dir: Path, recipe) -> str:
     if latest_checkpoint(run_dir / "checkpoints") is not None:
         return "resume"
     return "start"
+
+
+def _same_recipe(run_dir: Path, recipe) -> bool:
+    """Whether the run's recipe.yaml, re-read through today's schema, is ``recipe``: a run made
+    before a key was added to clusterkit (at its default, e.g. data.labels) is the same recipe,
+    though its hash differs."""
+    import yaml
+
+    from .recipe import load_recipe
+
+    try:
+        return load_recipe(data=yaml.safe_load((run_dir / "recipe.yaml").read_text())).to_dict() == recipe.to_dict()
+    except Exception:  # noqa: BLE001 - unreadable: not the same
+        return False
 
 
 def _recipe_change(run_dir: Path, recipe) -> str:
@@ -269,6 +290,10 @@ def aggregate(label: str, path: str, runs: list[RunResult]) -> RecipeRow:
         row.mean[key] = _mean(values)
         row.std[key] = _sample_std(values)
         row.best[key] = max(values) if values else None
+    for key in QUALITY_KEYS:
+        values = [float(q[key]) for r in done if (q := r.summary.get("quality") or {}).get(key) is not None]
+        row.mean[key] = _mean(values)
+        row.std[key] = _sample_std(values)
     spe = [r.summary["seconds_per_epoch"] for r in done if r.summary.get("seconds_per_epoch") is not None]
     row.seconds_per_epoch = _mean(spe)
     row.wall_time_s = sum(r.summary["wall_time_s"] for r in done) if done else None
@@ -335,6 +360,17 @@ def write_markdown(res: CompareResult, seeds: Sequence[int], command: str, isola
         mean, std, n = baseline
         cells = ["k-means on pixels", "baseline", f"{n}/{n}"] + [_pm(mean[k], std[k]) for k in METRIC_KEYS]
         w("| " + " | ".join(_md_cell(c) for c in cells + ["–"] * 7) + " |\n")
+    if any(row.mean.get(k) is not None for row in res.rows for k in QUALITY_KEYS):
+        w("\n## Label-free quality\n\nOn the final features and predictions, no labels used "
+          "(clusterkit.cluster.quality): silhouette (cosine, on a seeded sample) and Calinski-Harabasz higher is "
+          "better, Davies-Bouldin lower is better; size entropy 1 = equal cluster sizes; min / max share: the "
+          "smallest / largest cluster's share of the data; mean confidence depends on the prediction rule. "
+          f"{STD_NOTE}.\n\n| recipe | " + " | ".join(h for _, h in QUALITY_COLUMNS) + " |\n|---|"
+          + "---:|" * len(QUALITY_COLUMNS) + "\n")
+        for row in res.rows:
+            digits = {"calinski_harabasz": 1}
+            cells = [row.label] + [_pm(row.mean.get(k), row.std.get(k), digits.get(k, 3)) for k in QUALITY_KEYS]
+            w("| " + " | ".join(_md_cell(c) for c in cells) + " |\n")
     w("\n## Per seed\n\n| recipe | seed | status | NMI | ACC | ARI | epochs | s / epoch | wall time (s) | "
       "peak memory (MB) | run |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
     for run in res.runs:
@@ -393,6 +429,8 @@ def write_csv(res: CompareResult, seeds: Sequence[int]) -> str:
     header = ["recipe", "recipe_file", "status", "seeds", "seeds_ok"]
     for k in METRIC_KEYS:
         header += [f"{k}_mean", f"{k}_std", f"{k}_best"]
+    for k in QUALITY_KEYS:
+        header += [f"{k}_mean", f"{k}_std"]
     for s in seeds:
         header += [f"{k}_seed{s}" for k in METRIC_KEYS]
     header += ["seconds_per_epoch", "wall_time_s", "peak_memory_mb", "num_params", "error"]
@@ -404,6 +442,8 @@ def write_csv(res: CompareResult, seeds: Sequence[int]) -> str:
                   sum(1 for r in row.runs if r.status == "ok")]
         for k in METRIC_KEYS:
             values += [_csv_num(row.mean.get(k)), _csv_num(row.std.get(k)), _csv_num(row.best.get(k))]
+        for k in QUALITY_KEYS:
+            values += [_csv_num(row.mean.get(k)), _csv_num(row.std.get(k))]
         for s in seeds:
             run = by_seed.get(s)
             m = run.summary["metrics"] if run is not None and run.status == "ok" and run.summary else {}
@@ -441,6 +481,7 @@ def write_tex(res: CompareResult, seeds: Sequence[int]) -> str:
                   .replace(",", "{,}")]
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", "",
+              *_tex_quality(res),
               "\\begin{table}[t]", "\\centering", "\\small",
               "\\caption{Per-seed clustering results (final epoch).}", "\\label{tab:clusterkit-compare-seeds}",
               "\\begin{tabular}{lrlccc}", "\\toprule", "Recipe & Seed & Status & NMI & ACC & ARI \\\\", "\\midrule"]
@@ -451,6 +492,23 @@ def write_tex(res: CompareResult, seeds: Sequence[int]) -> str:
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
     return "\n".join(lines)
+
+
+def _tex_quality(res: CompareResult) -> list[str]:
+    """The label-free quality table (none when no run reported quality)."""
+    if not any(row.mean.get(k) is not None for row in res.rows for k in QUALITY_KEYS):
+        return []
+    lines = ["\\begin{table}[t]", "\\centering", "\\small",
+             f"\\caption{{Label-free clustering quality, {_tex(STD_NOTE)}: silhouette (cosine), Calinski-Harabasz "
+             "(higher is better), Davies-Bouldin (lower is better), cluster-size entropy (1: equal sizes), the "
+             "smallest and largest cluster's share, mean confidence.}", "\\label{tab:clusterkit-compare-quality}",
+             "\\begin{tabular}{l" + "c" * len(QUALITY_KEYS) + "}", "\\toprule",
+             "Recipe & " + " & ".join(_tex(h) for _, h in QUALITY_COLUMNS) + " \\\\", "\\midrule"]
+    for row in res.rows:
+        cells = [_tex(row.label)] + [_pm(row.mean.get(k), row.std.get(k), 1 if k == "calinski_harabasz" else 3,
+                                         sep=" $\\pm$ ").replace("–", "--") for k in QUALITY_KEYS]
+        lines.append(" & ".join(cells) + " \\\\")
+    return lines + ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
 
 
 # -- the comparison --------------------------------------------------------------------------------
@@ -559,7 +617,9 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
                 result.status = "ok"
                 m = result.summary["metrics"]
                 done_in = "" if plan == "reuse" else f" in {time.perf_counter() - t0:.0f} s"
-                say(f"{head}: done{done_in}: NMI {_f(m.get('nmi'))}  ACC {_f(m.get('acc'))}  ARI {_f(m.get('ari'))}")
+                q = result.summary.get("quality") or {}
+                say(f"{head}: done{done_in}: NMI {_f(m.get('nmi'))}  ACC {_f(m.get('acc'))}  ARI {_f(m.get('ari'))}  "
+                    f"silhouette {_f(q.get('silhouette'))}")
             except KeyboardInterrupt:
                 raise
             except _ChildFailed as exc:
@@ -647,7 +707,7 @@ def _check_same_compare(out: Path, previous: dict, labels: list[str], seeds: lis
 
 def plot_comparison(out: Path, runs: list[RunResult]) -> Path:
     """``OUT/convergence.png``: every recipe's NMI/ACC/ARI curves (mean over seeds, min-max band)."""
-    from .plots import plot_convergence, require_matplotlib
+    from .plots import METRICS, QUALITY_CURVES, plot_convergence, require_matplotlib
     from .show import epoch_records
 
     require_matplotlib()
@@ -659,8 +719,10 @@ def plot_comparison(out: Path, runs: list[RunResult]) -> Path:
             baseline = baseline or (run.summary or {}).get("pixel_kmeans")
     same_data = len({json.dumps((r.summary or {}).get("protocol", {}).get("dataset")) for r in runs
                      if r.status == "ok"}) <= 1
+    labelled = any((r.summary or {}).get("metrics", {}).get("nmi") is not None for r in runs if r.status == "ok")
     return plot_convergence(groups, out / "convergence.png", title="Comparison",
-                            baseline=baseline if same_data else None)
+                            baseline=baseline if same_data else None,
+                            metrics=METRICS if labelled or not groups else QUALITY_CURVES)
 
 
 def plot_compare_dir(out: str | os.PathLike, plot_dir: str | os.PathLike | None = None) -> Path:

@@ -196,6 +196,36 @@ class ClusterModel:
             feats.append(f.float().cpu())
         return torch.cat(feats)
 
+    def eval_dataset(self):
+        """The run's evaluation data (``data.eval_split``, or the training split), read as the run
+        read it (same root, image size and ``data.labels``): an :class:`~clusterkit.data.ImageDataset`."""
+        from .data import load_dataset
+
+        d = self.recipe.data
+        return load_dataset(d.dataset, d.root, d.eval_split or d.split, d.decode_size or d.image_size, cache=d.cache,
+                            skip_corrupt=d.skip_corrupt, labels=d.labels)
+
+    @torch.no_grad()
+    def embed_dataset(self, ds, batch_size: int | None = None, progress: bool = True) -> torch.Tensor:
+        """Features (N, D) of every image of the :class:`~clusterkit.data.ImageDataset` ``ds``, in
+        order, on the model's device: the run's evaluation transform and ``embed`` hook, in batches
+        of ``data.eval_batch_size`` (a progress bar on stderr with ``progress``)."""
+        from tqdm.auto import tqdm
+
+        t = self.trainer
+        bs = batch_size or self.recipe.data.eval_batch_size
+        feats = []
+        for start in tqdm(range(0, len(ds), bs), desc=f"embedding {len(ds)} images", unit="batch", leave=False,
+                          disable=not progress):
+            images = ds.__getitems__(range(start, min(start + bs, len(ds))))[0]
+            x = eval_transform(images.to(t.device), self.image_size, self.info)
+            with torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.use_amp):
+                f = t.pm.hook.embed(state=t.state, images=x)
+                if f is None:
+                    f = t.state.model["backbone"](x)
+            feats.append(f.float())
+        return torch.cat(feats)
+
     @torch.no_grad()
     def predict(self, images: Any, batch_size: int | None = None) -> Prediction:
         """Cluster and confidence of each image by the run's own prediction rule (``fit=False``:

@@ -12,6 +12,11 @@ Per run (``clusterkit plot RUN_DIR`` -> ``RUN_DIR/plots/``):
   matched class, images the classes disagree with framed in red, as its Fig. 2;
 * ``confusion.png``: true class against Hungarian-matched predicted class.
 
+An unlabeled run (``data.labels: none``, or a folder without class folders) has no classes:
+``convergence.png`` then shows the label-free quality measures (silhouette, Davies-Bouldin,
+size entropy) versus epoch, the t-SNE and the montage are drawn by cluster alone (no red
+frames; each row is titled with its cluster's size and share), and there is no confusion matrix.
+
 Per comparison (``clusterkit compare`` -> ``OUT/convergence.png``): the convergence
 curves of every recipe, the mean over seeds with a min-max band.
 
@@ -33,9 +38,13 @@ import torch
 from .errors import ClusterkitError
 
 __all__ = ["MissingDependency", "require_matplotlib", "plot_convergence", "plot_losses", "plot_tsne",
-           "plot_montage", "plot_confusion", "plot_run", "METRICS"]
+           "plot_montage", "plot_confusion", "plot_run", "METRICS", "QUALITY_CURVES"]
 
 METRICS = (("nmi", "NMI"), ("acc", "ACC"), ("ari", "ARI"))
+#: What the convergence plot shows for an unlabeled run.
+QUALITY_CURVES = (("silhouette", "silhouette (cosine, higher is better)"),
+                  ("davies_bouldin", "Davies-Bouldin (lower is better)"),
+                  ("size_entropy", "size entropy (1 = equal sizes)"))
 DPI = 120
 #: t-SNE optimisation steps (scikit-learn's default is 1000; 500 settle for a few thousand points in half the time).
 TSNE_ITERATIONS = 500
@@ -87,8 +96,9 @@ def _series(records: list[dict], key: str) -> dict[int, float]:
 
 
 def plot_convergence(groups: dict[str, list[list[dict]]], path: str | Path, title: str | None = None,
-                     baseline: dict | None = None) -> Path:
-    """NMI, ACC and ARI versus epoch, one line per group (a recipe or a run).
+                     baseline: dict | None = None, metrics: Sequence[tuple[str, str]] = METRICS) -> Path:
+    """NMI, ACC and ARI (or ``metrics``: ``(key, title)`` pairs, e.g. :data:`QUALITY_CURVES`)
+    versus epoch, one line per group (a recipe or a run).
 
     ``groups``: label -> one list of epoch records (``metrics.jsonl``) per seed.  The line
     is the mean over seeds at the epochs every seed evaluated, the band their min-max.
@@ -97,10 +107,10 @@ def plot_convergence(groups: dict[str, list[list[dict]]], path: str | Path, titl
     fig = _figure(12, 3.8)
     from matplotlib.ticker import MaxNLocator
 
-    axes = fig.subplots(1, 3, sharex=True)
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharex=True))
     colors = _colors(max(len(groups), 1))
     multi = any(len(runs) > 1 for runs in groups.values())
-    for ax, (key, name) in zip(axes, METRICS):
+    for ax, (key, name) in zip(axes, metrics):
         for color, (label, runs) in zip(colors, groups.items()):
             per_seed = [_series(records, key) for records in runs]
             per_seed = [s for s in per_seed if s]
@@ -125,7 +135,8 @@ def plot_convergence(groups: dict[str, list[list[dict]]], path: str | Path, titl
     if handles:
         axes[0].legend(handles, labels, fontsize=8, loc="lower right")
     band = "mean over seeds, band: min-max over seeds" if multi else "one seed per line"
-    fig.suptitle(f"{title or 'Convergence'}: NMI / ACC / ARI vs. epoch ({band})", fontsize=11)
+    names = " / ".join(name.split(" (")[0] for _, name in metrics)
+    fig.suptitle(f"{title or 'Convergence'}: {names} vs. epoch ({band})", fontsize=11)
     return _save(fig, path)
 
 
@@ -283,14 +294,14 @@ def plot_montage(images, labels, confidence, path: str | Path, targets=None,
         top = members[np.argsort(-conf[members], kind="stable")][:per_cluster]
         matched = mapping.get(c, -1)
         to = "" if t is None else f"\n→ {class_name(matched)}" if matched != -1 else "\n→ no class (unmatched)"
-        row_labels.append(f"cluster {c} (n={sizes[c]}){to}")
+        row_labels.append(f"cluster {c} (n={sizes[c]}, {sizes[c] / len(labels):.0%}){to}")
         for j, i in enumerate(top):
             y, x = r * (ch + 2 * pad), j * (cw + 2 * pad)
             if t is not None and t[i] != matched:
                 canvas[y:y + ch + 2 * pad, x:x + cw + 2 * pad] = (0.85, 0.1, 0.1)
                 wrong += 1
             canvas[y + pad:y + pad + ch, x + pad:x + pad + cw] = _cell(images[i], scale)
-    fig = _figure(1.6 + per_cluster * 0.62, 0.8 + len(clusters) * 0.62)
+    fig = _figure(2.0 + per_cluster * 0.62, 0.8 + len(clusters) * 0.62)
     ax = fig.subplots()
     ax.imshow(canvas, interpolation="nearest" if max(h, w) <= 64 else "antialiased")
     ax.set_yticks([(r + 0.5) * (ch + 2 * pad) for r in range(len(clusters))], row_labels, fontsize=7)
@@ -363,7 +374,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, max_points:
     The model is rebuilt from the last checkpoint; the evaluation data is embedded and
     predicted by the method's own rule, as the run's final evaluation did.  Returns the PNG paths.
     """
-    from .data import load_dataset
     from .inference import load
     from .show import epoch_records
 
@@ -373,20 +383,21 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, max_points:
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
     name = f"{model.recipe.name} (epoch {model.epoch})"
     records = epoch_records(run_dir)
+    ds = model.eval_dataset()
+    targets = ds.targets if ds.has_labels else None  # unlabeled: nothing to match clusters to
     paths = [plot_convergence({model.recipe.name: [records]}, out / "convergence.png", title=name,
-                              baseline=(model.summary or {}).get("pixel_kmeans")),
+                              baseline=(model.summary or {}).get("pixel_kmeans"),
+                              metrics=METRICS if targets is not None else QUALITY_CURVES),
              plot_losses(records, out / "losses.png", title=name)]
-    d = model.recipe.data
-    ds = load_dataset(d.dataset, d.root, d.eval_split or d.split, d.decode_size or d.image_size, cache=d.cache,
-                      skip_corrupt=d.skip_corrupt)
     t = model.trainer
-    feats = t._embed_dataset(ds)
+    feats = model.embed_dataset(ds)
     pred = t.predict(feats, fit=True)  # the run's own evaluation rule on its evaluation data
     labels, conf = pred.labels.cpu(), pred.confidence.float().cpu()
     seed = model.recipe.run.seed
-    paths.append(plot_tsne(feats.cpu(), labels, out / "tsne.png", targets=ds.targets, class_names=ds.classes,
+    paths.append(plot_tsne(feats.cpu(), labels, out / "tsne.png", targets=targets, class_names=ds.classes,
                            max_points=max_points, seed=seed, title=name))
-    paths.append(plot_montage(ds.all_images(), labels, conf, out / "montage.png", targets=ds.targets,
+    paths.append(plot_montage(ds.all_images(), labels, conf, out / "montage.png", targets=targets,
                               class_names=ds.classes, title=name))
-    paths.append(plot_confusion(ds.targets, labels, out / "confusion.png", class_names=ds.classes, title=name))
+    if targets is not None:
+        paths.append(plot_confusion(targets, labels, out / "confusion.png", class_names=ds.classes, title=name))
     return paths

@@ -51,6 +51,11 @@ class DataConfig:
         "training data: train split, test split, or all = train+test (the clustering papers' protocol)"))
     eval_split: Literal["train", "test", "all"] | None = field(default=None, metadata=_doc(
         "data the metrics are computed on; default: the training data"))
+    labels: Literal["auto", "folders", "none"] = field(default="auto", metadata=_doc(
+        "how labels are read (they are only ever used for NMI/ACC/ARI, never for training). auto: the "
+        "dataset's own labels; for imagefolder, class folders when every image sits in one, else unlabeled. "
+        "folders: imagefolder's class folders (an error without them). none: unlabeled, whatever the "
+        "dataset: only the label-free quality measures are reported"))
     image_size: int = field(default=32, validator=positive, metadata=_doc("side of the augmented views"))
     decode_size: int | None = field(default=None, validator=in_range(1, None), metadata=_doc(
         "imagefolder: side the files are resized to when decoded (null: image_size). Set it to the files' "

@@ -24,6 +24,7 @@ import attrs
 import yaml
 
 from .checkpoint import read_summary
+from .cluster.quality import QUALITY_KEYS
 from .errors import RecipeError, RunDirError
 
 __all__ = ["show_run", "epoch_records", "step_records", "resolved_dict", "recipe_diff", "differing_keys",
@@ -31,7 +32,10 @@ __all__ = ["show_run", "epoch_records", "step_records", "resolved_dict", "recipe
 
 #: Keys of an epoch record in metrics.jsonl that are not loss terms.
 NOT_A_LOSS = frozenset({"epoch", "step", "lr", "stage", "nmi", "acc", "ari", "collapse_share", "feature_std",
-                        "seconds"})
+                        "seconds", *QUALITY_KEYS})
+#: Quality columns of the per-epoch table (short headers).
+TABLE_QUALITY = (("silhouette", "silh"), ("davies_bouldin", "DB"), ("size_entropy", "size_H"),
+                 ("min_share", "min_sh"), ("mean_confidence", "conf"))
 
 _ABSENT = "(absent)"
 
@@ -206,22 +210,34 @@ def _summary_lines(run_dir: Path, summary: dict | None, records: list[dict], rec
         total = recipe.get("schedule", {}).get("epochs", "?")
         lines = [f"{name}  ({run_dir})  UNFINISHED: {done} of {total} epochs logged, no summary.json yet. "
                  f"Continue it with: clusterkit run RECIPE --resume {run_dir}"]
-        last = next((r for r in reversed(records) if "nmi" in r), None)
+        last = next((r for r in reversed(records) if r.get("nmi") is not None), None)
         if last:
             lines.append(f"last evaluation (epoch {last['epoch']}): NMI {_num(last['nmi'])}  ACC {_num(last['acc'])}  "
                          f"ARI {_num(last['ari'])}")
         return lines
     m, p = summary["metrics"], summary["protocol"]
-    lines = [f"{summary['name']}  ({run_dir})  finished, seed {summary['seed']}, recipe hash {summary['recipe_hash']}",
-             f"metrics (final epoch {summary['epochs']}):  NMI {_num(m.get('nmi'))}  ACC {_num(m.get('acc'))}  "
-             f"ARI {_num(m.get('ari'))}"]
+    lines = [f"{summary['name']}  ({run_dir})  finished, seed {summary['seed']}, recipe hash {summary['recipe_hash']}"]
+    if p.get("labels") == "unlabeled":
+        lines.append(f"metrics (final epoch {summary['epochs']}):  unlabeled data: no NMI/ACC/ARI, label-free quality "
+                     "only")
+    else:
+        lines.append(f"metrics (final epoch {summary['epochs']}):  NMI {_num(m.get('nmi'))}  ACC {_num(m.get('acc'))}  "
+                     f"ARI {_num(m.get('ari'))}")
+    q = summary.get("quality") or {}
+    if q:
+        lines.append(f"label-free quality: silhouette {_num(q.get('silhouette'))} (cosine; higher is better)  "
+                     f"Davies-Bouldin {_num(q.get('davies_bouldin'))} (lower)  Calinski-Harabasz "
+                     f"{_num(q.get('calinski_harabasz'), 1)}  size entropy {_num(q.get('size_entropy'))}  "
+                     f"cluster shares {_num(q.get('min_share'))}-{_num(q.get('max_share'))}  mean confidence "
+                     f"{_num(q.get('mean_confidence'))}")
     if summary.get("pixel_kmeans"):
         b = summary["pixel_kmeans"]
         lines.append(f"k-means on the raw pixels:       NMI {_num(b['nmi'])}  ACC {_num(b['acc'])}  ARI {_num(b['ari'])}")
     used = "yes" if p.get("test_data_used_for_training") else "no"
+    labels = f"; labels: {p['labels']}" if p.get("labels") else ""
     lines.append(f"protocol: {p['dataset']}, trained on '{p['train_split']}', evaluated on '{p['eval_split']}' "
                  f"(test data used for training: {used}); prediction: {p['prediction']}; "
-                 f"model selection: {p['model_selection']}")
+                 f"model selection: {p['model_selection']}{labels}")
     spe = summary.get("seconds_per_epoch")
     lines.append(f"time: {summary['wall_time_s']:.1f} s ({_num(spe, 2)} s/epoch, {summary['epochs']} epochs, "
                  f"{summary['steps']} steps, {summary['num_train']} training images) on {summary['device']}; "
@@ -239,13 +255,19 @@ def _summary_lines(run_dir: Path, summary: dict | None, records: list[dict], rec
 
 
 def metrics_table(records: list[dict]) -> list[str]:
-    """The per-epoch table: epoch, [stage], loss terms, NMI, ACC, ARI, lr, seconds."""
+    """The per-epoch table: epoch, [stage], loss terms, NMI, ACC, ARI (when the data has labels),
+    label-free quality (silhouette, Davies-Bouldin, size entropy, smallest share, mean confidence),
+    lr, seconds."""
     if not records:
         return ["(metrics.jsonl holds no epoch records yet)"]
     cols = ["epoch"] + (["stage"] if any("stage" in r for r in records) else [])
-    cols += loss_terms(records) + ["nmi", "acc", "ari", "lr", "seconds"]
+    cols += loss_terms(records)
+    cols += [c for c in ("nmi", "acc", "ari") if any(r.get(c) is not None for r in records)]
+    quality = [(key, short) for key, short in TABLE_QUALITY if any(r.get(key) is not None for r in records)]
+    cols += [key for key, _ in quality] + ["lr", "seconds"]
     cells = [[_num(r.get(c)) if c not in ("epoch", "stage") else str(r.get(c, "-")) for c in cols]
              for r in records]
+    cols = [dict(quality).get(c, c) for c in cols]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
@@ -267,6 +289,7 @@ def show_run(run_dir: str | Path, base: str | None = None, out: TextIO | None = 
     label, diff = recipe_diff(run_dir, base)
     lines = _summary_lines(run_dir, summary, records, recipe)
     lines += ["", f"recipe vs. {label}:"] + ([f"  {d}" for d in diff] or ["  (no differences)"])
-    lines += ["", "per epoch (metrics.jsonl; loss terms are epoch means, NMI/ACC/ARI where evaluated):"]
+    lines += ["", "per epoch (metrics.jsonl; loss terms are epoch means, metrics where evaluated; silh: silhouette, "
+              "DB: Davies-Bouldin, size_H: size entropy, min_sh: smallest cluster's share, conf: mean confidence):"]
     lines += metrics_table(records)
     print("\n".join(lines), file=out)

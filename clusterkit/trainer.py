@@ -24,10 +24,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .checkpoint import (atomic_write_text, latest_checkpoint, load_latest_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state)
-from .cluster import cluster_metrics, kmeans
+from .checkpoint import (atomic_write_text, latest_checkpoint, load_latest_checkpoint,
+                         rng_state, save_checkpoint, set_rng_state)
+from .cluster import cluster_metrics, kmeans, quality_metrics
 from .cluster.kmeans import assign as kmeans_assign
+from .cluster.quality import QUALITY_KEYS
 from .data import eval_transform, load_dataset
 from .data.pipeline import TrainPipeline, build_train_pipeline
 from .data.guides import guide_text, train_data_missing
@@ -282,9 +283,10 @@ class Trainer:
         eval_split = d.eval_split or d.split
         try:
             size = d.decode_size or d.image_size
-            train = load_dataset(d.dataset, d.root, d.split, size, cache=d.cache, skip_corrupt=d.skip_corrupt)
+            train = load_dataset(d.dataset, d.root, d.split, size, cache=d.cache, skip_corrupt=d.skip_corrupt,
+                                 labels=d.labels)
             evald = train if eval_split == d.split else load_dataset(
-                d.dataset, d.root, eval_split, size, cache=d.cache, skip_corrupt=d.skip_corrupt)
+                d.dataset, d.root, eval_split, size, cache=d.cache, skip_corrupt=d.skip_corrupt, labels=d.labels)
         except DataError as exc:
             if d.guide is None or not train_data_missing(exc):
                 raise
@@ -599,15 +601,25 @@ class Trainer:
         self._feature_memo = {}
 
     def evaluate(self) -> dict:
-        """Cluster metrics of the eval data, plus ``collapse_share`` and ``feature_std``."""
+        """Metrics of the eval data: NMI/ACC/ARI when it has labels (none when unlabeled), the
+        label-free quality measures (:mod:`clusterkit.cluster.quality`), ``collapse_share`` and
+        ``feature_std``."""
         feats = self._features("train" if self.eval_ds is self.train_ds else "eval")
         pred = self.predict(feats)
         self.last_prediction = pred
-        metrics = cluster_metrics(self.eval_ds.targets, pred.labels.cpu())
+        metrics = cluster_metrics(self.eval_ds.targets, pred.labels.cpu()) if self.eval_ds.has_labels else {}
+        metrics.update(quality_metrics(feats, pred.labels, self.recipe.e_step.k, pred.confidence,
+                                       seed=self.recipe.run.seed))
         e = self.recipe.eval
         report = collapse_report(feats, pred.labels, self.recipe.e_step.k, e.collapse_share, e.collapse_std_ratio)
         self._record_collapse(report["warnings"], "evaluation")
         return {**metrics, "collapse_share": report["collapse_share"], "feature_std": report["feature_std"]}
+
+    def labels_protocol(self) -> str:
+        """summary.json's ``protocol.labels``: "unlabeled", or what the labels were used for."""
+        if not self.eval_ds.has_labels:
+            return "unlabeled"
+        return "labelled (labels used for NMI/ACC/ARI only, never for training)"
 
     def _check_pseudo_labels(self) -> None:
         """After an E-step: warn when one pseudo-label cluster holds too much of the data."""
@@ -633,8 +645,9 @@ class Trainer:
                       "features may have collapsed to a point.")
 
     def pixel_baseline(self) -> dict | None:
-        """k-means on the raw pixels of the eval data (summary.json's ``pixel_kmeans``; rank 0 only)."""
-        if not distributed.is_main():
+        """k-means on the raw pixels of the eval data (summary.json's ``pixel_kmeans``; rank 0 only;
+        None for unlabeled data, which has nothing to score it against)."""
+        if not distributed.is_main() or not self.eval_ds.has_labels:
             return None
         mode = self.recipe.eval.pixel_baseline
         n = len(self.eval_ds)
@@ -900,7 +913,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(r))
         baseline = self.pixel_baseline()
         t_start = time.perf_counter()
-        eval_metrics = next((h for h in reversed(history) if "nmi" in h), {})
+        eval_metrics = next((h for h in reversed(history) if "collapse_share" in h), {})  # last evaluation
         every = r.run.sync_every
         for epoch in range(start_epoch, r.schedule.epochs):
             self._enter_epoch(epoch)
@@ -953,7 +966,8 @@ class Trainer:
             self._write_jsonl(metrics)
             self._checkpoint(epoch, history, wall_before + time.perf_counter() - t_start)
             if main:  # the per-epoch result line stays with run.progress: false (only the bars go)
-                shown = " ".join(f"{k} {metrics[k]:.3f}" for k in ("loss", "nmi", "acc", "ari") if k in metrics)
+                shown = " ".join(f"{k} {metrics[k]:.3f}" for k in ("loss", "nmi", "acc", "ari", "silhouette",
+                                                                   "size_entropy") if metrics.get(k) is not None)
                 tqdm.write(f"epoch {epoch + 1}/{r.schedule.epochs}  {shown}  ({metrics['seconds']:.1f}s"
                            f"{_eta(history, r.schedule.epochs - epoch - 1)})", file=sys.stderr)
         wall = wall_before + time.perf_counter() - t_start
@@ -961,9 +975,11 @@ class Trainer:
         summary = {
             "name": r.name, "run_dir": str(self.run_dir), "recipe_hash": r.hash(), "seed": r.run.seed,
             "metrics": {k: eval_metrics.get(k) for k in ("nmi", "acc", "ari")},
+            "quality": {k: eval_metrics.get(k) for k in QUALITY_KEYS},
             "pixel_kmeans": baseline,
             "protocol": {
-                "dataset": r.data.dataset, "train_split": r.data.split, "eval_split": r.data.eval_split or r.data.split,
+                "dataset": r.data.dataset, "labels": self.labels_protocol(), "train_split": r.data.split,
+                "eval_split": r.data.eval_split or r.data.split,
                 "test_data_used_for_training": r.data.split in ("test", "all"),
                 "prediction": "predict hook: " + (", ".join(self._impls("predict")) or "core k-means"),
                 "model_selection": "none (final epoch)",

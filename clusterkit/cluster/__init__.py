@@ -2,8 +2,10 @@
 
 from clusterkit.cluster.kmeans import KMeansResult, assign, kmeans, pairwise_scores
 from clusterkit.cluster.metrics import cluster_acc, cluster_metrics, hungarian_match
+from clusterkit.cluster.quality import QUALITY_KEYS, quality_metrics
 
 __all__ = [
+    "QUALITY_KEYS",
     "KMeansResult",
     "assign",
     "cluster_acc",
@@ -11,4 +13,5 @@ __all__ = [
     "hungarian_match",
     "kmeans",
     "pairwise_scores",
+    "quality_metrics",
 ]

@@ -17,6 +17,7 @@ from clusterkit.data.augment import (
 from clusterkit.data.datasets import (
     DATASETS,
     IMAGE_EXTENSIONS,
+    LABEL_MODES,
     SPLITS,
     DatasetInfo,
     ImageDataset,
@@ -28,6 +29,7 @@ from clusterkit.data.datasets import (
 __all__ = [
     "DATASETS",
     "IMAGE_EXTENSIONS",
+    "LABEL_MODES",
     "SPLITS",
     "AugmentParams",
     "BatchedTwoView",

@@ -21,6 +21,13 @@ stl10          binary ``stl10_binary/`` (labelled part only)  3 x 96 x 96 10
 imagefolder    ``ROOT/<class>/<image>`` files decoded with PIL 3 x S x S   folders
 ============== ============================================== =========== =======
 
+Labels (``labels=``): ``"auto"`` (the default) keeps a dataset's own labels; for
+``imagefolder`` it reads class folders when every image sits in one, and treats the
+images as unlabeled otherwise (a flat folder, or images next to sub-folders).
+``"folders"`` insists on class folders (``imagefolder`` only); ``"none"`` drops the
+labels of any dataset.  An unlabeled dataset has ``has_labels == False``, no
+``classes`` and ``targets`` of ``-1``: nothing may score it against labels.
+
 Splits: ``"train"``, ``"test"`` and ``"all"`` (train followed by test, the
 whole-dataset protocol of the deep-clustering papers).  ``digits`` has no
 official split, so all three return the same 1797 images.
@@ -65,12 +72,15 @@ __all__ = [
     "SPLITS",
     "DatasetInfo",
     "ImageDataset",
+    "LABEL_MODES",
     "collate_batched",
     "load_dataset",
     "read_synsets",
 ]
 
 SPLITS = ("train", "test", "all")
+#: How labels are read (``data.labels``): see the module doc.
+LABEL_MODES = ("auto", "folders", "none")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _ROOT_HINT = "Then set data.root in the recipe or pass --set data.root=PATH."
 
@@ -161,10 +171,12 @@ DATASETS: dict[str, DatasetInfo] = {
         std=(0.229, 0.224, 0.225),
         hflip=True,
         channels=3,
-        prepare="Arrange the images as ROOT/<class>/<image> with one folder per class (extensions "
+        prepare="Put the images in ROOT (extensions "
         + " ".join(IMAGE_EXTENSIONS)
-        + "), or split as ROOT/train/<class>/<image> and ROOT/test/<class>/<image> (val/ is "
-        "accepted for test/). "
+        + "): a flat folder or any tree of them is unlabeled data (data.labels: none, or auto "
+        "when some image sits outside a sub-folder); for labelled data arrange them as "
+        "ROOT/<class>/<image> with one folder per class, or split as ROOT/train/<class>/<image> and "
+        "ROOT/test/<class>/<image> (val/ is accepted for test/). "
         + _IMAGENET_HINT,
     ),
 }
@@ -204,13 +216,17 @@ class _LazyImages:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """A labelled image dataset held in memory (or decoded lazily from files).
+    """An image dataset held in memory (or decoded lazily from files), labelled or not.
 
     Attributes:
         name: dataset name (a key of :data:`DATASETS`).
         split: ``"train"``, ``"test"`` or ``"all"``.
-        classes: class names; ``targets`` index into this list.
-        targets: ``LongTensor (N,)`` ground-truth labels (for evaluation only).
+        classes: class names; ``targets`` index into this list (empty when unlabeled).
+        targets: ``LongTensor (N,)`` ground-truth labels (for evaluation only); all ``-1``
+            when the dataset is unlabeled (``targets=None`` at construction).
+        has_labels: whether ``targets`` are real labels.
+        paths: the image files, one per image, for datasets read from files
+            (``imagefolder``); None for datasets stored in array files.
         info: the dataset's :class:`DatasetInfo`.
         images: ``uint8 Tensor (N, C, H, W)`` when held in memory, None when the
             files are decoded lazily (``imagefolder`` with ``cache=False``).
@@ -228,20 +244,27 @@ class ImageDataset(torch.utils.data.Dataset):
         name: str,
         split: str,
         classes: Sequence[str],
-        targets: torch.Tensor | np.ndarray | Sequence[int],
+        targets: torch.Tensor | np.ndarray | Sequence[int] | None,
         info: DatasetInfo,
         images: torch.Tensor | _LazyImages,
         *,
         root: str | None = None,
         skipped: Sequence[str] = (),
+        paths: Sequence[str] | None = None,
     ):
         self.name = name
         self.split = split
-        self.classes = list(classes)
+        self.has_labels = targets is not None
+        self.classes = list(classes) if self.has_labels else []
+        if targets is None:
+            targets = np.full(len(images), -1, dtype=np.int64)
         self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1)
         self.info = info
         self.root = root
         self.skipped = list(skipped)
+        self.paths = list(paths) if paths is not None else None
+        if self.paths is not None and len(self.paths) != len(images):
+            raise ValueError(f"{len(self.paths)} paths for {len(images)} images")
         if isinstance(images, _LazyImages):
             self.images: torch.Tensor | None = None
             self._lazy: _LazyImages | None = images
@@ -264,7 +287,7 @@ class ImageDataset(torch.utils.data.Dataset):
         shape = tuple(self.images.shape[1:]) if self.images is not None else "lazy"
         return (
             f"ImageDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
-            f"classes={len(self.classes)}, image={shape})"
+            f"classes={len(self.classes) if self.has_labels else 'unlabeled'}, image={shape})"
         )
 
     def _index(self, i: int) -> int:
@@ -336,6 +359,7 @@ def load_dataset(
     *,
     cache: bool = True,
     skip_corrupt: bool = False,
+    labels: str = "auto",
 ) -> ImageDataset:
     """Load dataset ``name`` from ``root``.
 
@@ -351,6 +375,7 @@ def load_dataset(
             decode lazily in ``__getitem__`` (False).
         skip_corrupt: ``imagefolder`` only: drop unreadable files (listed in
             ``dataset.skipped``) instead of raising :class:`DataError`.
+        labels: ``"auto"``, ``"folders"`` or ``"none"`` (see the module doc).
 
     Returns:
         an :class:`ImageDataset` of ``uint8`` images.
@@ -372,14 +397,32 @@ def load_dataset(
         )
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise DataError(f"Dataset '{name}': image_size must be a positive integer, got {image_size!r}.")
+    if labels not in LABEL_MODES:
+        raise DataError(f"Dataset '{name}': unknown labels mode '{labels}'. Use one of "
+                        f"{', '.join(LABEL_MODES)} (data.labels).")
+    if labels == "folders" and name != "imagefolder":
+        raise DataError(
+            f"Dataset '{name}': data.labels = folders reads class folders, which only 'imagefolder' has. "
+            f"'{name}' has its own labels: use data.labels: auto to keep them or none to drop them."
+        )
     info = DATASETS[name]
     if name == "digits":
-        return _load_digits(info, split)
-    root_path = _resolve_root(name, info, root)
-    loader = _LOADERS[name]
-    if name == "imagefolder":
-        return loader(info, root_path, split, image_size, cache=cache, skip_corrupt=skip_corrupt)
-    return loader(info, root_path, split)
+        ds = _load_digits(info, split)
+    else:
+        root_path = _resolve_root(name, info, root)
+        loader = _LOADERS[name]
+        if name == "imagefolder":
+            return loader(info, root_path, split, image_size, cache=cache, skip_corrupt=skip_corrupt,
+                          labels=labels)
+        ds = loader(info, root_path, split)
+    return _unlabeled(ds) if labels == "none" else ds
+
+
+def _unlabeled(ds: ImageDataset) -> ImageDataset:
+    """``ds`` with its labels dropped (the same images, shared)."""
+    images = ds.images if ds.images is not None else ds._lazy
+    return ImageDataset(ds.name, ds.split, [], None, ds.info, images, root=ds.root, skipped=ds.skipped,
+                        paths=ds.paths)
 
 
 def read_synsets(name: str) -> list[str]:
@@ -740,9 +783,32 @@ def _split_folders(info: DatasetInfo, root: Path, split: str) -> tuple[list[Path
     return {"train": [train], "test": [test], "all": everything}[split], everything
 
 
-def _scan_imagefolder(info: DatasetInfo, root: Path, split: str) -> tuple[list[str], list[str], list[int]]:
-    """``(classes, paths, targets)`` of the image files of ``split``."""
+def _direct_images(folder: Path) -> list[str]:
+    """Image files directly in ``folder`` (not in its sub-folders), sorted."""
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and _is_image(p.name))
+
+
+def _scan_imagefolder(
+    info: DatasetInfo, root: Path, split: str, labels: str = "folders"
+) -> tuple[list[str] | None, list[str], list[int] | None]:
+    """``(classes, paths, targets)`` of the image files of ``split``; ``classes`` and
+    ``targets`` are None when the images are read as unlabeled (``labels``: see the module doc)."""
     folders, everything = _split_folders(info, root, split)
+    if labels == "auto":
+        # class folders when every image sits in one: no image directly in a split folder
+        loose = any(_direct_images(f) for f in everything)
+        labels = "none" if loose or not any(_class_dirs(f) for f in everything) else "folders"
+    if labels == "none":
+        paths = [p for folder in folders for p in _image_files(folder)]
+        if not paths:
+            where = " or ".join(f"'{f}'" for f in folders)
+            raise DataError(
+                f"Dataset 'imagefolder': {where} holds no image files: it contains no class folders and "
+                f"no images, at any depth (accepted extensions: {' '.join(IMAGE_EXTENSIONS)}, any case; "
+                "names starting with a dot are ignored). Point data.root at the folder that holds your "
+                f"images. {_ROOT_HINT}"
+            )
+        return None, paths, None
     # Classes are the union over all split folders, so that a target means the
     # same class whichever split is loaded.
     classes = sorted(set().union(*(_class_dirs(f) for f in everything)))
@@ -753,8 +819,9 @@ def _scan_imagefolder(info: DatasetInfo, root: Path, split: str) -> tuple[list[s
         present = _class_dirs(folder)
         if not present:
             raise DataError(
-                f"Dataset 'imagefolder': '{folder}' contains no class folders (it must hold one "
-                f"sub-folder per class with the images inside). {info.prepare}. {_ROOT_HINT}"
+                f"Dataset 'imagefolder': '{folder}' contains no class folders (data.labels: folders needs "
+                f"one sub-folder per class with the images inside; use data.labels: none or auto to "
+                f"cluster the images without labels). {info.prepare}. {_ROOT_HINT}"
             )
         for cls in present:
             files = _image_files(folder / cls, loops)
@@ -774,11 +841,13 @@ def _scan_imagefolder(info: DatasetInfo, root: Path, split: str) -> tuple[list[s
 
 
 def _load_imagefolder(
-    info: DatasetInfo, root: Path, split: str, image_size: int, *, cache: bool, skip_corrupt: bool
+    info: DatasetInfo, root: Path, split: str, image_size: int, *, cache: bool, skip_corrupt: bool,
+    labels: str = "auto",
 ) -> ImageDataset:
-    """Decode ``ROOT[/split]/<class>/<image>`` files to RGB ``image_size`` squares."""
+    """Decode ``ROOT[/split]/<class>/<image>`` files (or, unlabeled, any tree of image files)
+    to RGB ``image_size`` squares."""
     name = "imagefolder"
-    classes, paths, targets = _scan_imagefolder(info, root, split)
+    classes, paths, targets = _scan_imagefolder(info, root, split, labels)
     errors: list[str | None] = [None] * len(paths)
     images = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8) if cache else None
     workers = min(16, os.cpu_count() or 1)
@@ -808,13 +877,22 @@ def _load_imagefolder(
             f"{info.prepare}."
         )
     keep = [i for i, err in enumerate(errors) if err is None]
+    if len(keep) < 2:
+        only = paths[keep[0]] if keep else paths[0]
+        raise DataError(
+            f"Dataset 'imagefolder': '{root}' holds only one readable image ('{only}'), and clustering "
+            "needs at least two (and at least e_step.k, the number of clusters). Add images to the folder "
+            "or point data.root at a folder that holds more."
+        )
     skipped = [paths[i] for i in bad]
-    kept_targets = [targets[i] for i in keep]
+    kept_targets = [targets[i] for i in keep] if targets is not None else None
+    kept_paths = [paths[i] for i in keep]
     if images is not None:
         data: torch.Tensor | _LazyImages = images[keep] if bad else images
     else:
-        data = _LazyImages([paths[i] for i in keep], image_size)
-    return ImageDataset(name, split, classes, kept_targets, info, data, root=str(root), skipped=skipped)
+        data = _LazyImages(kept_paths, image_size)
+    return ImageDataset(name, split, classes or [], kept_targets, info, data, root=str(root), skipped=skipped,
+                        paths=kept_paths)
 
 
 _LOADERS: dict[str, Callable[..., ImageDataset]] = {
