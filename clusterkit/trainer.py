@@ -703,7 +703,7 @@ class Trainer:
         """
         state = self.state
         cache = StepCache([self._model_format(v) for v in views], index, self.producers, state)
-        self._call("on_step_start", cache=cache)
+        self._call_state_hook("on_step_start", cache)
         terms = self.step_losses(cache)
         total = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -722,13 +722,7 @@ class Trainer:
         self._call("before_optimizer_step", cache=cache)
         self.optimizer.step()
         state.step += 1
-        try:
-            self._call("after_step", cache=cache)
-        except ClusterkitError:
-            raise
-        except Exception:  # a plugin failing on NaN/inf (a diverged step) is a divergence, said as such
-            self._check_diverged_after_step()
-            raise
+        self._call_state_hook("after_step", cache)
         terms["loss"] = total.detach()
         return {k: v.detach() for k, v in terms.items()}
 
@@ -746,9 +740,21 @@ class Trainer:
         self.state.epoch, self.state.step_in_epoch, self.state.step = step // spe, step % spe, step
         self._nonfinite(self.term_names[term], torch.tensor(value))
 
-    def _check_diverged_after_step(self) -> None:
-        """An after_step hook raised: a DivergenceError instead when the step diverged (a noted
-        non-finite loss term, or parameters that the optimiser step made NaN/inf)."""
+    def _call_state_hook(self, hook: str, cache: StepCache) -> None:
+        """Call ``on_step_start`` or ``after_step``, the hooks that update plugin state (EMA,
+        banks, regrouping k-means) and so fail first on a diverged model: such a failure is
+        reported as the divergence it is (:meth:`_check_diverged`)."""
+        try:
+            self._call(hook, cache=cache)
+        except ClusterkitError:
+            raise
+        except Exception:  # a plugin failing on NaN/inf (a diverged step) is a divergence, said as such
+            self._check_diverged(hook)
+            raise
+
+    def _check_diverged(self, hook: str) -> None:
+        """A ``hook`` implementation raised: a DivergenceError instead when the run diverged (a
+        noted non-finite loss term, or parameters that an optimiser step made NaN/inf)."""
         self._check_finite()
         bad = [name for name, p in self.state.model.named_parameters() if not torch.isfinite(p).all()]
         if not bad:
@@ -756,7 +762,7 @@ class Trainer:
         s = self.state
         where = f"at epoch {s.epoch + 1}, step {s.step_in_epoch + 1} (after {s.step} optimiser steps)"
         raise DivergenceError(f"The model's parameters became NaN or infinite {where} ({len(bad)} tensors, e.g. "
-                              f"'{bad[0]}'), so the after_step hooks could not go on; the run stopped and "
+                              f"'{bad[0]}'), so the {hook} hooks could not go on; the run stopped and "
                               f"{self._kept_checkpoint()}.")
 
     def _kept_checkpoint(self) -> str:

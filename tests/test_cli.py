@@ -109,7 +109,7 @@ def test_plugins_lists_builtins_with_hooks_and_params():
     assert res.returncode == 0
     for name in ("byol_target", "kmeans_e_step", "diffused_sampling", "prototype_aggregation", "momentum_grouping"):
         assert f"{name}  [built-in]" in res.stdout
-    assert "hooks:  setup, register_outputs, embed, after_step" in res.stdout
+    assert "hooks:  setup, register_outputs, embed, before_optimizer_step, after_step" in res.stdout
     assert "hooks:  e_step, predict" in res.stdout
     assert "sigma: float = 0.001" in res.stdout
     one = run_cli("plugins", "--params", "diffused_sampling")

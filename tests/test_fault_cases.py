@@ -257,15 +257,27 @@ def test_3_a_changed_compare_does_not_replace_earlier_results(tmp_path):
 
 
 def test_3_a_failed_rerun_keeps_complete_results(tmp_path):
-    recipe = write(tmp_path / "bad.yaml", tiny(name="bad", plugins__diffused_sampling={"sigma": -1.0}))
+    # the recipe loads, but its run fails (no data where it points): a failed row, not a refusal
+    recipe = write(tmp_path / "bad.yaml", tiny(name="bad", data__dataset="imagefolder",
+                                               data__root=str(tmp_path / "no-such-folder")))
     out = tmp_path / "cmp"
     before = _old_compare(out, "bad", [0])
     res = run_cli("compare", recipe, "--seeds", "0", "--out", out, "--no-plots")
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
-    assert "plugins.diffused_sampling.sigma" in (out / "results.failed.md").read_text()
+    assert "no-such-folder" in (out / "results.failed.md").read_text()
     assert "are kept" in flat(res.stderr)
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k in before} == before  # the old results, byte for byte
+
+
+def test_3_a_compare_whose_recipes_all_fail_to_load_changes_nothing(tmp_path):
+    recipe = write(tmp_path / "bad.yaml", tiny(name="bad", plugins__diffused_sampling={"sigma": -1.0}))
+    out = tmp_path / "cmp"
+    before = _old_compare(out, "bad", [0])
+    res = run_cli("compare", recipe, "--seeds", "0", "--out", out, "--no-plots")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "plugins.diffused_sampling.sigma" in flat(res.stderr)
+    assert snapshot(out) == before  # nothing written, the old results byte for byte
 
 
 def test_3_plot_of_a_compare_folder_writes_to_out(tmp_path, finished_run):
