@@ -320,6 +320,8 @@ class Trainer:
             _warn(f"schedule.warmup_epochs = {sched.warmup_epochs} is not below schedule.epochs = {sched.epochs}: "
                   f"the learning rate never leaves its linear warm-up{also}. Lower schedule.warmup_epochs or raise "
                   "schedule.epochs.")
+        if not ds.has_labels:  # unlabeled data (data.labels): no classes to count
+            return
         classes = sorted(set(np.asarray(ds.targets).tolist()))
         if len(classes) != 1:
             return

@@ -337,6 +337,9 @@ def test_hadis_recipes_load_validate_and_are_propos_plus_hsd(dataset, pcl_weight
     hadis, propos = recipe.to_dict(), load_recipe(RECIPES / f"propos_{dataset}.yaml").to_dict()
     hadis_plugins, propos_plugins = hadis.pop("plugins"), propos.pop("plugins")
     hadis.pop("name"), propos.pop("name")
+    if dataset == "cifar10":  # the official configs: HaDis 1 x 256, ProPos 4 x 128 with shuffling BN
+        assert (hadis["data"].pop("batch_size"), propos["data"].pop("batch_size")) == (256, 512)
+        assert propos_plugins["byol_target"].pop("shuffle_bn") is True
     assert hadis == propos  # the same data, model, optimiser and schedule as ProPos
     hadis_plugins.pop("hardness_aware_distillation")
     propos_plugins["prototype_aggregation"]["weight"] = pcl_weight
