@@ -1080,16 +1080,19 @@ def _estep_header(args, commits: dict) -> list[str]:
         "",
         "What the harness cannot make identical (inherent to the two code bases, not to be confused with "
         "training differences):",
-        "- clusterkit's `imagefolder` decodes the 28 px PNGs resized to 32 px (PIL bilinear) once at load, so its "
-        "random crops are cut from the upsampled image; the official RandomResizedCrop cuts the native 28 px "
-        "image and resizes the crop to 32 px. The E-step images: official ProPos `PIL.Image.resize` (bicubic, "
-        "Pillow's default), official DigPro bilinear, clusterkit bilinear.",
+        "- Augmentation: both cut the random crops from the stored 28 px images (clusterkit's recipes set "
+        "`data.decode_size: 28`) and resize them to 32 px, but the official code does it per image with PIL in "
+        "two loader workers (ColorJitter rounding to uint8 after each operation), clusterkit on the whole batch "
+        "as float tensors with its own random stream. The E-step images: official ProPos `PIL.Image.resize` "
+        "(bicubic, Pillow's default), official DigPro bilinear, clusterkit bilinear.",
         "- The official data order comes from a DistributedSampler with its default seed 0, so both official "
         "seeds see the same order (the seed changes the init, the augmentation draws and the noise); "
         "clusterkit's order depends on the run's seed.",
         "- s/epoch: clusterkit's includes writing its per-epoch checkpoint; the official runs have checkpoints "
         "off (they would keep one file per epoch) but include the official logger's per-iteration work. Runs "
-        "are one at a time, but the machine may be shared with other work.",
+        "are one at a time, but the machine may be shared with other work. In the run recorded in "
+        "benchmarks/results/parity.md other jobs shared the 2 cores and the official seed-0 runs were paused "
+        "for a while (their epoch-3 times include the pause): the s/epoch columns there are not timings.",
         "",
     ]
 
