@@ -1,7 +1,7 @@
 """Framework overhead: a DigPro training step through clusterkit's hooks vs. the same step as one plain function.
 
-The hook path is ``Trainer._train_step(images, index)`` of a trainer built for a DigPro
-recipe (default ``recipes/quickstart.yaml``: byol_target, kmeans_e_step,
+The hook path is ``Trainer.step`` after the batched augmentation (:func:`hook_step`) of a
+trainer built for a DigPro recipe (default ``recipes/quickstart.yaml``: byol_target, kmeans_e_step,
 diffused_sampling, prototype_aggregation, momentum_grouping).  The plain path is one
 function written directly against the same modules of ``trainer.state.model`` (a deep
 copy of them, with a deep copy of the optimiser), the same augmentation object
@@ -23,7 +23,7 @@ StepCache, no loss-term bookkeeping, no finiteness check.
    and of the minima, the median of the paired differences, and the share of a hook step
    spent outside the plain computation, (hook - plain) / hook.  The target (issue 6) is a
    hook path at most 5% slower.
-3. Dispatch micro-timings: the cost of one ``trainer._call`` of a hook whose only
+3. Dispatch micro-timings: the cost of one ``trainer.hooks.call`` of a hook whose only
    implementation returns at once, of the trainer's non-finite watch, and of StepCache
    construction and lookups, each alone, for scale (pieces whose internals changed are left out).
 
@@ -102,14 +102,19 @@ def build_trainer(recipe_path: str, overrides: list[str], threads: int, device: 
     run_dir = Path(tempfile.mkdtemp(prefix="clusterkit-overhead-"))  # the step writes nothing there
     atexit.register(shutil.rmtree, run_dir, ignore_errors=True)
     trainer = Trainer(recipe, run_dir)
-    trainer._build()
+    trainer.build()
     torch.set_num_threads(threads)
     epoch = recipe.schedule.warmup_epochs
-    trainer._enter_epoch(epoch)
-    trainer._call("on_epoch_start")
-    trainer._call("e_step")
-    trainer._set_lr(epoch * trainer.state.steps_per_epoch)
+    trainer.begin_epoch(epoch)
+    trainer.set_lr(epoch * trainer.state.steps_per_epoch)
     return trainer
+
+
+def hook_step(trainer: Trainer, images: torch.Tensor, index: torch.Tensor):
+    """The trainer's step on a uint8 batch: the batched augmentation, then ``Trainer.step``
+    (``train_step`` without its lr schedule and epoch accounting)."""
+    views, index = trainer.pipeline.views((images, None, index))
+    return trainer.step(views, index)
 
 
 def plugin_params(trainer: Trainer) -> dict:
@@ -256,7 +261,7 @@ def check_equivalence(trainer: Trainer, plain: PlainStep, images, index, steps: 
     first = {}
     for i in range(steps):
         torch.manual_seed(seed + i)
-        hook = trainer._train_step(images, index)
+        hook = hook_step(trainer, images, index)
         torch.manual_seed(seed + i)
         flat = plain(images, index)
         if hook is None:
@@ -298,7 +303,7 @@ def timed(fn, images, index, device) -> float:
 
 def interleaved(trainer: Trainer, plain: PlainStep, images, index, warmup: int, steps: int, seed: int) -> dict:
     """Pairs of (hook, plain) steps, the order alternating per pair, the RNG re-seeded alike."""
-    hook_fn, device = trainer._train_step, trainer.device
+    hook_fn, device = (lambda images, index: hook_step(trainer, images, index)), trainer.device
     hook_t, plain_t, regroup_pair = [], [], []
     every = plain.regroup_every
     gc.collect()
@@ -344,10 +349,10 @@ def dispatch_microtimings(trainer: Trainer, images, index, repeats: int) -> dict
 
     out = {}
     try:  # on_step_start's only implementation (momentum_grouping without extra_ema) returns at once
-        if trainer._impls("on_step_start") == ["momentum_grouping"] and \
+        if trainer.hooks.names("on_step_start") == ["momentum_grouping"] and \
                 not trainer.plugins["momentum_grouping"].params.extra_ema:
-            out["`_call` of a hook whose one implementation returns at once (on_step_start)"] = \
-                best(lambda: trainer._call("on_step_start", cache=cache))
+            out["`hooks.call` of a hook whose one implementation returns at once (on_step_start)"] = \
+                best(lambda: trainer.hooks.call("on_step_start", cache=cache))
     except (AttributeError, TypeError, KeyError):
         pass
     watch = getattr(trainer, "nonfinite", None)
@@ -400,7 +405,7 @@ def fmt_us(x: float) -> str:
 def step_hooks_sentence(trainer: Trainer) -> str:
     hooks = ("on_step_start", "compute_losses", "after_step")
     try:
-        impls = {h: trainer._impls(h) for h in hooks}
+        impls = {h: trainer.hooks.names(h) for h in hooks}
     except (AttributeError, TypeError):
         return ""
     listed = "; ".join(f"{h}: {', '.join(impls[h]) or 'none'}" for h in hooks)
@@ -476,7 +481,7 @@ def report(args, trainer: Trainer, images, eq: dict, res: dict, micro: dict, loa
         "| path | median ms | min ms | mean ms |",
         "|---|---:|---:|---:|",
         *[f"| {label} | {fmt_ms(x['median'])} | {fmt_ms(x['min'])} | {fmt_ms(x['mean'])} |"
-          for label, x in (("hooks (`Trainer._train_step`)", hook), ("plain function", plain))],
+          for label, x in (("hooks (`Trainer.step`)", hook), ("plain function", plain))],
         "",
         f"- Ratio hook / plain: **{ratio_med:.4f}** (medians), {ratio_min:.4f} (minima); median of the per-pair "
         f"ratios {ratio_pair:.4f} (quartiles {' / '.join(f'{q:.4f}' for q in quartiles(pair_ratios))}).",

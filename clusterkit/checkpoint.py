@@ -158,3 +158,31 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_training_state(state, plugins: dict, core_predictor, ckpt: dict) -> None:
+    """Load a checkpoint's model weights and training state into a built run: ``state.model``,
+    ``step``, ``epoch`` (the checkpoint's, 0-based), ``pseudo_labels``, ``centers``,
+    ``extra``, each plugin's :meth:`~clusterkit.plugin.Plugin.load_state_dict` and the core
+    k-means rule's centres.  The one loading path of ``--resume`` and of ``clusterkit.load``.
+
+    ``plugins``: {name: plugin instance}; ``core_predictor``: the trainer's
+    :class:`~clusterkit.cluster.KMeansPredictor` (used when no plugin predicts).
+    Checkpoints of clusterkit before plugin state dicts kept the k-means centres in ``extra``
+    (``core.predict_centers``, ``<plugin>.predict_centers``); those are read too.
+    """
+    state.model.load_state_dict(ckpt["model"])
+    state.step, state.epoch = ckpt["step"], ckpt["epoch"]
+    to = state.device
+    state.pseudo_labels = None if ckpt["pseudo_labels"] is None else ckpt["pseudo_labels"].to(to)
+    state.centers = None if ckpt["centers"] is None else ckpt["centers"].to(to)
+    extra = dict(ckpt.get("extra") or {})
+    saved = ckpt.get("plugins")
+    if saved is None:  # an older checkpoint: the centres were extra keys
+        saved = {name: {"predict_centers": extra.pop(f"{name}.predict_centers")}
+                 for name in plugins if f"{name}.predict_centers" in extra}
+    state.extra = extra
+    for name, plugin in plugins.items():
+        plugin.load_state_dict(saved.get(name, {}))
+    core = ckpt.get("core") or {"predict": {"centers": extra.pop("core.predict_centers", None)}}
+    core_predictor.load_state_dict(core["predict"])

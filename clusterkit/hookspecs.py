@@ -4,7 +4,8 @@ A plugin is a class with methods marked ``@hookimpl`` whose names are the hook
 names below.  An implementation may take any subset of a spec's arguments (pluggy
 passes them by name), so specs can grow arguments without breaking plugins.
 
-The loop (``clusterkit/trainer.py``)::
+The loop (``Trainer.fit`` in ``clusterkit/trainer.py``: build, begin_run, then per epoch
+begin_epoch, train_step per batch, end_epoch; finally summary)::
 
     setup                    once: add modules to state.model, return parameter groups
     register_outputs         once: name the per-step tensors you can produce ("q", "k", ...)
@@ -20,7 +21,22 @@ The loop (``clusterkit/trainer.py``)::
             after_step       after the optimiser step (EMA, memory banks, state updates)
         evaluate:  embed -> predict -> NMI/ACC/ARI
         on_epoch_end
-        checkpoint
+        checkpoint               state.model, pseudo-labels, centres, each plugin's state_dict()
+
+The trainer calls the implementations one by one (``clusterkit.plugin_manager.HookDispatcher``):
+in pluggy's order, each with the arguments it names, and an error names its plugin.  Hook
+wrappers (``wrapper=True`` / ``hookwrapper=True``) are refused when the recipe is loaded.
+
+The state contract:
+
+* ``compute_losses`` has no side effects; state changes are applied in ``after_step``, which
+  runs only after a real optimiser step (a non-finite step may be skipped).
+* A plugin's state that must survive a resume lives in ``state.model`` (modules and buffers)
+  or is returned by ``Plugin.state_dict()`` and restored by ``Plugin.load_state_dict()``;
+  both are in every checkpoint.
+* ``state.features(split)`` returns the same tensor object until the next optimiser step;
+  work memoised on that object (``kmeans_e_step``'s k-means) is valid while it is the same.
+* ``state.log(name, value)`` records a scalar for the current epoch only.
 
 Shared objects:
 
@@ -134,7 +150,8 @@ def predict(state, features, fit):
 
     ``fit`` is True when the trainer evaluates: ``features`` are the whole evaluation
     set, and a rule fitted to the data (k-means) is fitted here; keep what it needs to
-    predict new data (e.g. the centres) in ``state.extra``, which the checkpoint saves.
+    predict new data (e.g. the centres) in the plugin and return it from
+    ``Plugin.state_dict()``, which the checkpoint saves.
     ``fit`` is False when a finished run predicts new images (``clusterkit predict``,
     ``clusterkit.load``): apply the kept rule (assign to the saved centres), never refit.
     A rule without fitted state (a cluster head) may ignore ``fit``.

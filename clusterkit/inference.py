@@ -41,9 +41,49 @@ from .data import DATASETS, IMAGE_EXTENSIONS, eval_transform
 from .errors import DataError, RunDirError
 from .state import Prediction
 
-__all__ = ["ClusterModel", "load", "find_images", "read_image"]
+__all__ = ["ClusterModel", "load", "build_for_inference", "find_images", "read_image"]
 
 _LUMA = (0.299, 0.587, 0.114)
+
+
+def build_for_inference(recipe, run_dir: Path, ckpt: dict, info, num_train: int, device: str | None = None):
+    """A :class:`~clusterkit.trainer.Trainer` holding a checkpoint's model and plugins, built
+    without data, optimiser or training (for ``clusterkit.load``, ``predict`` and ``plot``).
+
+    The plugins' ``setup`` and ``register_outputs`` run as in training, then the checkpoint is
+    loaded by the one loading path ``--resume`` uses too
+    (:func:`~clusterkit.checkpoint.restore_training_state`); the model is left in eval mode.
+    ``info``: the dataset's :class:`~clusterkit.data.DatasetInfo` (channels); ``device``:
+    default CUDA when present, unless the recipe says cpu (a GPU run predicts on a laptop too).
+    """
+    import attrs
+    from torch import nn
+
+    from .checkpoint import restore_training_state
+    from .models import create_backbone
+    from .plugin_manager import load_plugins
+    from .state import TrainState
+    from .trainer import Trainer
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and recipe.run.device != "cpu" else "cpu"
+    trainer = Trainer(recipe, run_dir)
+    trainer.device = torch.device(device)
+    trainer.pm, trainer.plugins = load_plugins(recipe.plugins, allow=recipe.allow_plugins)
+    cfg = attrs.evolve(recipe.model, pretrained=False)  # the weights come from the checkpoint
+    model = nn.ModuleDict({"backbone": create_backbone(cfg, in_chans=info.channels)})
+    steps = max(1, ckpt["step"] // (ckpt["epoch"] + 1))
+    trainer.state = TrainState(recipe=recipe, device=trainer.device, model=model, num_train=num_train,
+                               steps_per_epoch=steps)
+    trainer.hooks = trainer.dispatcher_class(trainer.pm, trainer.state)
+    trainer.core_predictor = trainer.make_core_predictor()
+    trainer.hooks.call("setup")
+    trainer.hooks.call("register_outputs")
+    model.to(trainer.device)
+    restore_training_state(trainer.state, trainer.plugins, trainer.core_predictor, ckpt)
+    model.eval()
+    trainer.use_amp = recipe.run.amp and trainer.device.type == "cuda"
+    return trainer
 
 
 def _run_files(run_dir: Path) -> tuple[Path, dict, dict | None]:
@@ -75,7 +115,6 @@ class ClusterModel:
 
     def __init__(self, run_dir: str | os.PathLike, device: str | None = None):
         from .recipe import load_recipe
-        from .trainer import Trainer
 
         self.run_dir = Path(run_dir)
         self.checkpoint, ckpt, self.summary = _run_files(self.run_dir)
@@ -91,8 +130,7 @@ class ClusterModel:
         self.finished = self.summary is not None
         num_train = self.summary["num_train"] if self.summary else (
             len(ckpt["pseudo_labels"]) if torch.is_tensor(ckpt.get("pseudo_labels")) else 0)
-        self.trainer = Trainer(self.recipe, self.run_dir)
-        self.trainer.build_for_inference(ckpt, self.info, num_train, device)
+        self.trainer = build_for_inference(self.recipe, self.run_dir, ckpt, self.info, num_train, device)
         self.device = self.trainer.device
 
     def __repr__(self) -> str:
@@ -183,18 +221,10 @@ class ClusterModel:
     def embed(self, images: Any, batch_size: int | None = None) -> torch.Tensor:
         """Features (B, D) of ``images`` (CPU float32): the ``embed`` hook in eval mode, in
         batches of ``data.eval_batch_size`` as the run's evaluation."""
-        t = self.trainer
         x = self.transform(images)
         bs = batch_size or self.recipe.data.eval_batch_size
-        feats = []
-        for start in range(0, len(x), bs):
-            chunk = x[start:start + bs].to(t.device)
-            with torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.use_amp):
-                f = t.pm.hook.embed(state=t.state, images=chunk)
-                if f is None:
-                    f = t.state.model["backbone"](chunk)
-            feats.append(f.float().cpu())
-        return torch.cat(feats)
+        return torch.cat([self.trainer.embed(x[start:start + bs].to(self.device)).float().cpu()
+                          for start in range(0, len(x), bs)])
 
     def eval_dataset(self):
         """The run's evaluation data (``data.eval_split``, or the training split), read as the run
@@ -209,22 +239,9 @@ class ClusterModel:
     def embed_dataset(self, ds, batch_size: int | None = None, progress: bool = True) -> torch.Tensor:
         """Features (N, D) of every image of the :class:`~clusterkit.data.ImageDataset` ``ds``, in
         order, on the model's device: the run's evaluation transform and ``embed`` hook, in batches
-        of ``data.eval_batch_size`` (a progress bar on stderr with ``progress``)."""
-        from tqdm.auto import tqdm
-
-        t = self.trainer
-        bs = batch_size or self.recipe.data.eval_batch_size
-        feats = []
-        for start in tqdm(range(0, len(ds), bs), desc=f"embedding {len(ds)} images", unit="batch", leave=False,
-                          disable=not progress):
-            images = ds.__getitems__(range(start, min(start + bs, len(ds))))[0]
-            x = eval_transform(images.to(t.device), self.image_size, self.info)
-            with torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.use_amp):
-                f = t.pm.hook.embed(state=t.state, images=x)
-                if f is None:
-                    f = t.state.model["backbone"](x)
-            feats.append(f.float())
-        return torch.cat(feats)
+        of ``data.eval_batch_size`` (a progress bar on stderr with ``progress``), as the run's
+        evaluation embedded its data (:meth:`Trainer.embed_dataset`, ``eval.bn`` included)."""
+        return self.trainer.embed_dataset(ds, batch_size, progress=progress)
 
     @torch.no_grad()
     def predict(self, images: Any, batch_size: int | None = None) -> Prediction:

@@ -43,5 +43,37 @@ class Plugin:
     def __init__(self, params=None):
         self.params = params if params is not None else self.Params()
 
+    # -- helpers for common parameters --------------------------------------------------------
+    def seed(self, state) -> int:
+        """The plugin's own ``seed`` parameter, or the run's ``run.seed`` when it is null or absent."""
+        own = getattr(self.params, "seed", None)
+        return state.recipe.run.seed if own is None else own
+
+    def warmup_gated(self, state) -> bool:
+        """True while the plugin's ``warmup_gate`` parameter holds its loss (or noise) off: during
+        the first ``schedule.warmup_epochs`` epochs (False without such a parameter)."""
+        return bool(getattr(self.params, "warmup_gate", False)) and state.in_warmup
+
+    # -- checkpointed state ---------------------------------------------------------------------
+    # A plugin's state lives in one of two places, both saved in every checkpoint and restored
+    # by --resume and by clusterkit.load:
+    #   * tensors that belong to the model (weights, EMA targets, banks, group features): modules
+    #     and buffers in ``state.model`` (added in ``setup``);
+    #   * anything else it must keep (e.g. the centres its prediction rule fitted): returned by
+    #     ``state_dict`` and given back to ``load_state_dict`` (torch.save-able values; tensors
+    #     on the CPU).  Plain attributes not covered by either are lost on resume
+    #     (``clusterkit.testing.check_checkpoint_roundtrip`` finds them).
+
+    def state_dict(self) -> dict:
+        """The plugin's checkpointed state outside ``state.model`` (default: none)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore what :meth:`state_dict` returned (called before training resumes, or when a
+        finished run is loaded for prediction)."""
+        if state_dict:
+            raise TypeError(f"plugin {self.name!r} was given checkpointed state {sorted(state_dict)} but does not "
+                            "define load_state_dict")
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self.params!r}>"

@@ -30,10 +30,14 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, RecipeError
+from .errors import ClusterkitError, PluginError, RecipeError
 from .schema import build, did_you_mean, field_docs
 
 GROUP = "clusterkit.plugins"
+#: Hooks that a plugin switched off by the recipe's ``stages`` does not receive.  setup,
+#: register_outputs, embed and predict always run, so modules and outputs exist throughout.
+STAGED_HOOKS = frozenset({"on_epoch_start", "e_step", "on_step_start", "compute_losses",
+                          "before_optimizer_step", "after_step", "on_epoch_end"})
 #: Set to 1 to load only clusterkit's built-in plugins plus those a recipe's allow_plugins names.
 AUTOLOAD_ENV = "CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD"
 #: The distribution whose entry points are the built-in plugins (always allowed).
@@ -238,7 +242,80 @@ def load_plugins(plugin_params: dict[str, dict], available: dict[str, PluginInfo
     # run in the order the recipe lists the plugins (tryfirst/trylast still take precedence).
     for name in reversed(list(instances)):
         pm.register(instances[name], name=name)
+    refuse_wrappers(pm)
     return pm, instances
+
+
+def refuse_wrappers(pm: pluggy.PluginManager) -> None:
+    """PluginError for a hook wrapper (``@hookimpl(wrapper=True)`` or ``hookwrapper=True``).
+
+    clusterkit calls each implementation itself (:class:`HookDispatcher`), so that an error
+    names its plugin and a stage can switch a plugin off; a wrapper would get a generator
+    call instead of its hook's arguments, so it is refused when the recipe is loaded."""
+    for hook in hook_names():
+        for impl in getattr(pm.hook, hook).get_hookimpls():
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                raise PluginError(
+                    f"Plugin '{impl.plugin_name}' implements hook '{hook}' as a hook wrapper (wrapper=True or "
+                    "hookwrapper=True), which clusterkit does not support: the trainer calls every "
+                    "implementation itself, one after the other. Make it a plain @hookimpl (use tryfirst=True "
+                    "or trylast=True to run before or after the others).")
+
+
+class HookDispatcher:
+    """Calls the hooks of one run's plugins, in pluggy's order, the way the trainer needs.
+
+    * Each implementation gets the arguments it names (pluggy's rule); ``state`` is always
+      offered.
+    * An exception raised inside a plugin carries a note naming the plugin and the hook (a
+      :class:`~clusterkit.errors.ClusterkitError`, already one paragraph, passes unchanged).
+    * ``inactive`` (set by the trainer at each epoch from the recipe's ``stages``): plugins
+      whose :data:`STAGED_HOOKS` are not called.
+
+    Subclasses may override :meth:`call_one` to observe single calls (``clusterkit.testing``
+    records what each ``setup`` added).
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, state=None):
+        self.pm = pm
+        self.state = state
+        self.inactive: frozenset[str] = frozenset()
+
+    def impls(self, hook: str) -> list:
+        """The implementations of ``hook`` in call order (pluggy's: last registered first,
+        tryfirst/trylast applied), without those of inactive plugins for a staged hook."""
+        impls = list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+        if hook in STAGED_HOOKS and self.inactive:
+            return [impl for impl in impls if impl.plugin_name not in self.inactive]
+        return impls
+
+    def names(self, hook: str) -> list[str]:
+        """Names of the plugins that :meth:`call` would call for ``hook``, in order."""
+        return [impl.plugin_name for impl in self.impls(hook)]
+
+    def call_one(self, impl, hook: str, kwargs: dict) -> Any:
+        """Call one implementation with the arguments it asks for; errors name the plugin."""
+        try:
+            return impl.function(*[kwargs[a] for a in impl.argnames])
+        except ClusterkitError:  # a user's mistake, already one paragraph
+            raise
+        except Exception as exc:
+            exc.add_note(f"clusterkit: raised by plugin '{impl.plugin_name}' in hook '{hook}'")
+            raise
+
+    def call(self, hook: str, **kwargs) -> list[tuple[str, Any]]:
+        """Every implementation of ``hook``; returns [(plugin name, result)] in call order."""
+        kwargs.setdefault("state", self.state)
+        return [(impl.plugin_name, self.call_one(impl, hook, kwargs)) for impl in self.impls(hook)]
+
+    def first(self, hook: str, **kwargs) -> Any:
+        """The first result that is not None (a ``firstresult`` hook: embed, predict), or None."""
+        kwargs.setdefault("state", self.state)
+        for impl in self.impls(hook):
+            result = self.call_one(impl, hook, kwargs)
+            if result is not None:
+                return result
+        return None
 
 
 def describe(info: PluginInfo) -> dict:

@@ -42,7 +42,9 @@ class TrainState:
     Written by the core: ``epoch`` (0-based, current), ``step`` (global optimiser steps
     done), ``step_in_epoch``, ``steps_per_epoch``.  Written by E-step plugins:
     ``pseudo_labels`` (N,) and ``centers`` (K, D).  ``extra`` is a picklable dict that
-    is saved in checkpoints for state that is not a tensor in ``model``.
+    is saved in checkpoints (kept for older plugins; a plugin's own state belongs in its
+    ``state_dict()``, see :class:`clusterkit.plugin.Plugin`).  ``scalars``: what plugins
+    logged this epoch (:meth:`log`; cleared at each epoch's start).
     """
 
     recipe: Any
@@ -89,11 +91,14 @@ class TrainState:
 
     def features(self, split: str = "train") -> torch.Tensor:
         """Embeddings (N, D) of a split ("train" = the training data, "eval" = the evaluation
-        data), from the ``embed`` hook in eval mode; computed once per optimiser step."""
+        data), from the ``embed`` hook in eval mode; computed once per optimiser step: until the
+        next step every call returns the same tensor object, so work memoised on that object
+        (``kmeans_e_step`` reuses an evaluation's k-means for the next E-step) stays valid."""
         return self.feature_fn(split)
 
     def log(self, name: str, value) -> None:
-        """Record an extra scalar for the progress bar and metrics.jsonl."""
+        """Record a scalar for this epoch: shown in the progress bar, written in metrics.jsonl's
+        step records and the epoch's record; cleared when the next epoch starts."""
         self.scalars[name] = float(value)
 
 

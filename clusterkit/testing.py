@@ -39,7 +39,6 @@ from __future__ import annotations
 import atexit
 import copy
 import contextlib
-import json
 import re
 import shutil
 import tempfile
@@ -51,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import BatchedTwoView, DatasetInfo, ImageDataset
-from .plugin_manager import PluginInfo, autoload_disabled, discover, implemented_hooks
+from .plugin_manager import HookDispatcher, PluginInfo, autoload_disabled, discover, implemented_hooks
 from .recipe import deep_merge, load_recipe
 from .state import StepCache
 from .trainer import Trainer
@@ -105,44 +104,49 @@ def synthetic_dataset(n: int = 256, classes: int = 4, size: int = 8, seed: int =
                         pixels)
 
 
+class _RecordingDispatcher(HookDispatcher):
+    """The trainer's hook dispatcher, recording for each plugin's ``setup`` the ``state.model``
+    keys it added (``setup_keys``) and the parameters of the ParamGroups it returned
+    (``setup_params``)."""
+
+    def __init__(self, pm, state=None):
+        super().__init__(pm, state)
+        self.setup_keys: dict[str, list[str]] = {}
+        self.setup_params: dict[str, list] = {}
+
+    def call_one(self, impl, hook: str, kwargs: dict) -> Any:
+        if hook != "setup":
+            return super().call_one(impl, hook, kwargs)
+        model = kwargs["state"].model
+        before = set(model.keys())
+        result = super().call_one(impl, hook, kwargs)
+        self.setup_keys[impl.plugin_name] = [k for k in model.keys() if k not in before]
+        self.setup_params[impl.plugin_name] = [p for g in (result or []) for p in g.params]
+        return result
+
+
 class TinyTrainer(Trainer):
     """The real :class:`~clusterkit.trainer.Trainer`, plus: ``data.dataset: synthetic`` is built in
     memory, and ``setup_keys[plugin]`` records the ``state.model`` keys each plugin's ``setup`` added
     (``setup_params[plugin]``: the parameters it returned in ParamGroups)."""
 
     synthetic_size = 256
+    dispatcher_class = _RecordingDispatcher
 
-    def _load_data(self):
+    def load_data(self):
         d = self.recipe.data
         if d.dataset != "synthetic":
-            return super()._load_data()
+            return super().load_data()
         ds = synthetic_dataset(self.synthetic_size, self.recipe.e_step.k, d.image_size, self.recipe.run.seed)
         return ds, ds
 
-    def _hookimpls(self, hook: str) -> list:
-        impls = super()._hookimpls(hook)
-        if hook != "setup":
-            return impls
-        self.setup_keys: dict[str, list[str]] = getattr(self, "setup_keys", {})
-        self.setup_params: dict[str, list] = getattr(self, "setup_params", {})
-        return [_RecordingSetup(impl, self) for impl in impls]
+    @property
+    def setup_keys(self) -> dict[str, list[str]]:
+        return self.hooks.setup_keys
 
-
-class _RecordingSetup:
-    """A setup hook implementation that records what the plugin added to ``state.model``."""
-
-    def __init__(self, impl, trainer: TinyTrainer):
-        self.plugin_name = impl.plugin_name
-        self.argnames = impl.argnames
-        self._impl, self._trainer = impl, trainer
-
-    def function(self, *args):
-        model = self._trainer.state.model
-        before = set(model.keys())
-        result = self._impl.function(*args)
-        self._trainer.setup_keys[self.plugin_name] = [k for k in model.keys() if k not in before]
-        self._trainer.setup_params[self.plugin_name] = [p for g in (result or []) for p in g.params]
-        return result
+    @property
+    def setup_params(self) -> dict[str, list]:
+        return self.hooks.setup_params
 
 
 # -- building a tiny run -----------------------------------------------------------------------------------
@@ -215,14 +219,10 @@ def _keep_threads():
 
 
 def _epoch_records(run_dir: Path) -> list[dict]:
-    """The per-epoch records of metrics.jsonl (those with ``seconds``), without the timing."""
-    records = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "seconds" in record:
-            record.pop("seconds")
-            records.append(record)
-    return records
+    """The per-epoch records of metrics.jsonl, without the timing."""
+    from .show import epoch_records
+
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in epoch_records(run_dir)]
 
 
 def train_tiny(plugin, params: dict | None = None, *, name: str | None = None,
@@ -285,19 +285,16 @@ def check_losses(plugin, params: dict | None = None, *, name: str | None = None,
 
 def _check_step(trainer: TinyTrainer, backbone: bool) -> StepReport:
     name = trainer.plugin_name
-    trainer._build()
+    trainer.build()
     state = trainer.state
-    trainer._enter_epoch(0)
-    trainer._call("on_epoch_start")
-    trainer._call("e_step")
-    trainer._set_lr(0)
-    images, _, index = next(iter(trainer.loader))
-    views = trainer.augment(images.to(trainer.device))
-    cache = StepCache(views, index.to(trainer.device), trainer.producers, state)
-    trainer._call("on_step_start", cache=cache)
+    trainer.begin_epoch(0)
+    trainer.set_lr(0)
+    views, index = trainer.pipeline.views(next(iter(trainer.loader)))  # either data.pipeline
+    cache = StepCache(views, index, trainer.producers, state)
+    trainer.hooks.call("on_step_start", cache=cache)
     own: dict[str, Any] = {}
     total = []
-    for impl, result in trainer._call("compute_losses", cache=cache):
+    for impl, result in trainer.hooks.call("compute_losses", cache=cache):
         for term, value in (result or {}).items():
             total.append(value)
             if impl == name:
@@ -392,11 +389,13 @@ def check_checkpoint_roundtrip(plugin, params: dict | None = None, *, name: str 
                                overrides: dict | None = None, run_dir: str | Path | None = None) -> dict:
     """Train ``epochs`` epochs, then resume from the checkpoint before the last epoch (in a new
     trainer with new plugin instances, as after a crash) and train the last epoch again: the
-    model, optimiser, training state (pseudo-labels, centres, ``state.extra``) and every
+    model, optimiser, training state (pseudo-labels, centres, ``state.extra``, every plugin's
+    ``state_dict()``) and every
     metrics record must come out identical.  Returns the summary of the resumed run.
 
     A difference means state that a resume loses: keep it in ``state.model`` (modules,
-    buffers: ``register_buffer``) or in ``state.extra``, never in plain attributes."""
+    buffers: ``register_buffer``) or in the plugin's ``state_dict()`` / ``load_state_dict()``,
+    never in plain attributes only."""
     if epochs < 2:
         raise ValueError("a round-trip needs epochs >= 2 (one to checkpoint, one to resume into)")
     run_dir = Path(run_dir) if run_dir is not None else _scratch_dir()
@@ -414,7 +413,7 @@ def check_checkpoint_roundtrip(plugin, params: dict | None = None, *, name: str 
         resumed = make_trainer(plugin, params, resume=True, **kwargs).fit()
     again = torch.load(last, weights_only=False)
     problems = []
-    for part in ("model", "optimizer", "pseudo_labels", "centers", "extra", "step"):
+    for part in ("model", "optimizer", "pseudo_labels", "centers", "extra", "plugins", "core", "step"):
         diff = _differences(uninterrupted[part], again[part], part)
         if diff:
             shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
@@ -425,9 +424,9 @@ def check_checkpoint_roundtrip(plugin, params: dict | None = None, *, name: str 
         raise PluginCheckError(
             f"plugin '{name}': checkpoint round-trip failed: after resuming from the checkpoint of epoch "
             f"{epochs - 1}, these differ from the uninterrupted run: {'; '.join(problems)}. State that must "
-            "survive a resume belongs in state.model (modules, register_buffer) or state.extra, not in plain "
-            "attributes of the plugin; random numbers must come from torch's global RNG (restored on resume) "
-            "or from cache.randn / cache.rand.")
+            "survive a resume belongs in state.model (modules, register_buffer) or in the plugin's "
+            "state_dict()/load_state_dict(), not in plain attributes only; random numbers must come from "
+            "torch's global RNG (restored on resume) or from cache.randn / cache.rand.")
     if resumed["metrics"] != full["metrics"]:
         raise PluginCheckError(f"plugin '{name}': checkpoint round-trip failed: final metrics {resumed['metrics']} "
                                f"after the resume, {full['metrics']} without it.")
@@ -457,7 +456,7 @@ def _freeze_batch_norm(model: torch.nn.Module) -> None:
 def _equivalence_batches(raw: dict, available, steps: int, global_batch: int, seed: int) -> list[tuple]:
     """``steps`` global batches: (view0, view1, index), the same for every process count."""
     trainer = TinyTrainer(load_recipe(data=raw), _scratch_dir(), available_plugins=available)
-    train, _ = trainer._load_data()
+    train, _ = trainer.load_data()
     d = trainer.recipe.data
     augment = BatchedTwoView(d.augment, d.image_size, train.info, second=d.augment_second)
     gen = torch.Generator().manual_seed(seed)
@@ -478,10 +477,8 @@ def _equivalence_run(raw: dict, available, batches: list[tuple], out: str) -> No
     from . import distributed
 
     trainer = TinyTrainer(load_recipe(data=raw), Path(out).parent, available_plugins=available)
-    trainer._build()
-    trainer._enter_epoch(0)
-    trainer._call("on_epoch_start")
-    trainer._call("e_step")
+    trainer.build()
+    trainer.begin_epoch(0)
     rank, world = distributed.rank(), distributed.world_size()
     model = trainer.state.model
     record = {"pseudo_labels": trainer.state.pseudo_labels, "steps": []}
@@ -489,8 +486,8 @@ def _equivalence_run(raw: dict, available, batches: list[tuple], out: str) -> No
         rows = slice(rank * (len(index) // world), (rank + 1) * (len(index) // world))
         model.train()
         _freeze_batch_norm(model)
-        trainer._set_lr(trainer.state.epoch * trainer.state.steps_per_epoch)
-        terms = trainer._step([v0[rows], v1[rows]], index[rows])
+        trainer.set_lr(trainer.state.epoch * trainer.state.steps_per_epoch)
+        terms = trainer.step([v0[rows], v1[rows]], index[rows])
         if terms is None:
             raise PluginCheckError("a loss term was not finite during the distributed equivalence check")
         names = sorted(terms)

@@ -15,7 +15,9 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import attrs
 import numpy as np
 import torch
 from torch import nn
@@ -24,10 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .checkpoint import (atomic_write_text, latest_checkpoint, load_latest_checkpoint,
+from .checkpoint import (atomic_write_text, latest_checkpoint, load_latest_checkpoint, restore_training_state,
                          rng_state, save_checkpoint, set_rng_state)
-from .cluster import cluster_metrics, kmeans, quality_metrics
-from .cluster.kmeans import assign as kmeans_assign
+from .cluster import KMeansPredictor, cluster_metrics, kmeans, quality_metrics
 from .cluster.quality import QUALITY_KEYS
 from .data import eval_transform, load_dataset
 from .data.pipeline import TrainPipeline, build_train_pipeline
@@ -37,18 +38,14 @@ from .guards import collapse_report
 from .models import create_backbone
 from .models.backbones import require_local_weights
 from .models.recalibrate import recalibrated_batchnorm
-from .plugin_manager import load_plugins
+from .plugin_manager import STAGED_HOOKS, HookDispatcher, load_plugins
 from .recipe import Recipe, check_stages, dump_recipe, load_recipe
 from .runlock import LOCK_NAME, lock_run_dir
 from .state import ParamGroup, Prediction, StepCache, TrainState
 
-__all__ = ["Trainer", "make_run_dir", "check_resumable", "RUN_OUTPUTS", "lr_at", "lr_for_step",
+__all__ = ["Trainer", "make_run_dir", "check_resumable", "trim_metrics_log", "RUN_OUTPUTS", "lr_at", "lr_for_step",
            "DivergenceError", "STAGED_HOOKS"]
 
-#: Hooks that a plugin switched off by the recipe's ``stages`` does not receive.  setup,
-#: register_outputs, embed and predict always run, so modules and outputs exist throughout.
-STAGED_HOOKS = frozenset({"on_epoch_start", "e_step", "on_step_start", "compute_losses",
-                          "before_optimizer_step", "after_step", "on_epoch_end"})
 
 
 class DivergenceError(RecipeError):
@@ -68,7 +65,7 @@ class _StepLosses(nn.Module):
     def __init__(self, trainer: "Trainer"):
         super().__init__()
         self.model = trainer.state.model
-        self._compute = trainer._compute_terms
+        self._compute = trainer.compute_terms
 
     def forward(self, cache: StepCache) -> dict[str, torch.Tensor]:
         return self._compute(cache)
@@ -214,6 +211,23 @@ def _clear_run_outputs(path: Path) -> None:
               f"write there: {', '.join(others)}.")
 
 
+def trim_metrics_log(run_dir: Path, epochs_done: int, step: int) -> None:
+    """metrics.jsonl after a crash: keep the records up to the checkpoint (``epochs_done`` epochs,
+    ``step`` optimiser steps), drop those of the killed epoch and a line torn by the kill."""
+    log = Path(run_dir) / "metrics.jsonl"
+    if not log.exists():
+        return
+    keep = []
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step and record.get("epoch", 0) <= epochs_done:
+            keep.append(line)
+    atomic_write_text(log, "".join(line + "\n" for line in keep))
+
+
 def _eta(history: list[dict], epochs_left: int) -> str:
     """``", ETA 3m 20s"``: the time the remaining epochs take at the mean pace of the last
     (up to five) epochs; empty at the end."""
@@ -244,27 +258,48 @@ def _versions() -> dict:
     return out
 
 
-def _diff(a, b, prefix="") -> list[str]:
-    """Human-readable differences between two nested dicts."""
-    lines = []
-    for key in sorted(set(a) | set(b), key=str):
-        path = f"{prefix}{key}"
-        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if isinstance(va, dict) and isinstance(vb, dict):
-            lines += _diff(va, vb, path + ".")
-        elif va != vb:
-            lines.append(f"{path}: {va!r} -> {vb!r}")
-    return lines
+def _diff(a: dict, b: dict) -> list[str]:
+    """``"key: old -> new"`` lines for the dotted keys where two nested dicts differ."""
+    from .show import differing_keys
+
+    return [f"{key}: {va!r} -> {vb!r}" for key, (va, vb) in differing_keys([a, b])]
 
 
 class Trainer:
-    """Runs one recipe: ``Trainer(recipe, run_dir).fit()`` returns the summary dict."""
+    """Runs one recipe: ``Trainer(recipe, run_dir).fit()`` returns the summary dict.
+
+    :meth:`fit` is the composition of the public steps, which notebooks, benchmarks and
+    ``clusterkit.testing`` may also call one by one::
+
+        trainer.build()                      # plugins, data, model, optimiser
+        first = trainer.begin_run()          # resume or start; recipe.yaml, pixel baseline
+        for epoch in range(first, epochs):
+            trainer.begin_epoch(epoch)       # stage, data order, on_epoch_start, e_step
+            for batch in trainer.loader:
+                trainer.train_step(batch)    # lr, augment, one optimiser step, logging
+            trainer.end_epoch()              # evaluate, on_epoch_end, metrics, checkpoint
+        trainer.summary()                    # summary.json
+
+    Lower level: :meth:`set_lr`, :meth:`step` (one optimiser step on given views),
+    :meth:`evaluate`, :meth:`embed_dataset`, :meth:`predict`; ``hooks`` (a
+    :class:`~clusterkit.plugin_manager.HookDispatcher`) calls the plugins.
+    """
+
+    #: the hook dispatcher class (``clusterkit.testing`` uses one that records ``setup``)
+    dispatcher_class: type[HookDispatcher] = HookDispatcher
 
     def __init__(self, recipe: Recipe, run_dir: Path, resume: bool = False, available_plugins=None):
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.available_plugins = available_plugins
+        self.history: list[dict] = []          # the per-epoch records of this run (resumed ones included)
+        self.eval_metrics: dict = {}           # the last evaluation's metrics
+        self.last_prediction: Prediction | None = None
+        self.skipped_steps = 0
+        self.collapse_warnings: list[dict] = []
+        self._feature_memo: dict = {}
+        self._epoch: _EpochProgress | None = None
 
     # -- construction ------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -278,7 +313,9 @@ class Trainer:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device(want)
 
-    def _load_data(self):
+    def load_data(self):
+        """(training dataset, evaluation dataset) of the recipe's ``data`` section, checked
+        against ``e_step.k``, ``data.batch_size`` and the process count."""
         d = self.recipe.data
         eval_split = d.eval_split or d.split
         try:
@@ -349,15 +386,9 @@ class Trainer:
         return build_train_pipeline(self.train_ds, d, batch_size=d.batch_size // world, device=self.device,
                                     sampler=sampler, generator=torch.Generator())
 
-    def _seed_epoch(self, epoch: int) -> None:
-        """The data order of epoch ``epoch``: a function of (run.seed, epoch) only."""
-        sampler = self.loader.sampler
-        if isinstance(sampler, torch.utils.data.DistributedSampler):
-            sampler.set_epoch(epoch)
-        else:
-            self.loader.generator.manual_seed(self.recipe.run.seed * 100_003 + epoch)
-
-    def _build(self):
+    def build(self) -> None:
+        """Load the plugins and the data, build the model, the plugins' modules, the optimiser
+        and (under torchrun) DDP: everything a run needs before its first epoch."""
         r = self.recipe
         check_stages(r)
         if r.run.threads:
@@ -369,12 +400,13 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         self.device = self._device()
         self.pm, self.plugins = load_plugins(r.plugins, self.available_plugins, allow=r.allow_plugins)
-        if not self.pm.hook.compute_losses.get_hookimpls():  # checked before the data is loaded
+        self.hooks = self.dispatcher_class(self.pm)
+        if not self.hooks.impls("compute_losses"):  # checked before the data is loaded
             raise RecipeError("No plugin in the recipe returns a loss (compute_losses), so there is nothing to "
                               f"train{' (the recipe has no plugins)' if not r.plugins else ''}; add at least one "
                               "loss plugin under plugins:, e.g. diffused_sampling, or start from "
                               "recipes/quickstart.yaml.")
-        self.train_ds, self.eval_ds = self._load_data()
+        self.train_ds, self.eval_ds = self.load_data()
         self._warn_about_setup()
         info = self.train_ds.info
         require_local_weights(r.model)
@@ -384,12 +416,13 @@ class Trainer:
         steps = len(self.loader)
         self.state = TrainState(recipe=r, device=self.device, model=model, num_train=len(self.train_ds),
                                 steps_per_epoch=steps, feature_fn=self._features)
-        self.inactive: set[str] = set()
-        groups = [g for _, result in self._call("setup") if result for g in result]
+        self.hooks.state = self.state
+        self.core_predictor = self.make_core_predictor()
+        groups = [g for _, result in self.hooks.call("setup") if result for g in result]
         model.to(self.device)
         producers: dict = {"h": self._backbone_output}
         overridable = {"h"}  # the core's default, which one plugin may replace (a masked encoder)
-        for impl, result in self._call("register_outputs"):
+        for impl, result in self.hooks.call("register_outputs"):
             for name, fn in (result or {}).items():
                 if name in overridable:
                     overridable.discard(name)
@@ -407,9 +440,11 @@ class Trainer:
             # augmentations and the plugins' own random draws then differ per rank
             seed_everything(r.run.seed + 7919 * distributed.rank())
         self.nonfinite = _NonfiniteWatch(self.device)
-        self._feature_memo: dict = {}
-        self.skipped_steps = 0
-        self.collapse_warnings: list[dict] = []
+        self._feature_memo = {}
+
+    def make_core_predictor(self) -> KMeansPredictor:
+        """The core's prediction rule when no plugin predicts: spherical k-means."""
+        return KMeansPredictor(self.recipe.e_step.k, metric="cosine", seed=self.recipe.run.seed)
 
     def _fast_paths(self, model: nn.ModuleDict) -> None:
         """SyncBatchNorm (torchrun), channels_last and torch.compile, as the recipe asks."""
@@ -447,49 +482,6 @@ class Trainer:
         """The default step output ``h``: pooled backbone features (B, D) of view ``view``."""
         return self.state.model["backbone"](cache.views[view])
 
-    def _hookimpls(self, hook: str) -> list:
-        """The implementations of ``hook`` in pluggy's call order (last registered first),
-        without those of plugins the current stage switches off."""
-        impls = reversed(getattr(self.pm.hook, hook).get_hookimpls())
-        if hook in STAGED_HOOKS and self.inactive:
-            return [impl for impl in impls if impl.plugin_name not in self.inactive]
-        return list(impls)
-
-    def _enter_epoch(self, epoch: int) -> None:
-        """Set the epoch, its stage and the plugins that stage switches off."""
-        state, r = self.state, self.recipe
-        previous = state.stage
-        state.epoch = epoch
-        stage = r.stage_at(epoch)
-        state.stage = stage.name if stage is not None else None
-        self.inactive = r.inactive_plugins(epoch)
-        if stage is not None and stage.name != previous and r.run.progress:
-            active = [name for name in r.plugins if name not in self.inactive]
-            tqdm.write(f"stage '{stage.name}' from epoch {epoch + 1}: {', '.join(active)}", file=sys.stderr)
-
-    def _impls(self, hook: str) -> list[str]:
-        """Names of the plugins implementing ``hook``, in call order."""
-        return [impl.plugin_name for impl in self._hookimpls(hook)]
-
-    def _call(self, hook: str, **kwargs) -> list[tuple[str, object]]:
-        """Call every implementation of ``hook`` in pluggy's order; returns [(plugin name, result)].
-
-        Each implementation gets the arguments it asks for (pluggy's rule).  An exception
-        raised inside a plugin is annotated with the plugin's name and the hook.
-        """
-        kwargs["state"] = self.state
-        out = []
-        for impl in self._hookimpls(hook):
-            try:
-                result = impl.function(*[kwargs[a] for a in impl.argnames])
-            except ClusterkitError:  # a user's mistake, already one paragraph
-                raise
-            except Exception as exc:
-                exc.add_note(f"clusterkit: raised by plugin '{impl.plugin_name}' in hook '{hook}'")
-                raise
-            out.append((impl.plugin_name, result))
-        return out
-
     def _optimizer(self, groups: list[ParamGroup]) -> torch.optim.Optimizer:
         o = self.recipe.optim
         seen: set[int] = set()
@@ -512,13 +504,24 @@ class Trainer:
 
     # -- features and evaluation -------------------------------------------------------------------
     @torch.no_grad()
-    def _embed_dataset(self, ds) -> torch.Tensor:
-        """Features (N, D) of every image of ``ds`` in order.  Under torchrun each process embeds
-        its contiguous shard and the shards are all-gathered, so every rank holds all N rows."""
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Features (B, D) of evaluation images (B, C, S, S), already transformed, on the device:
+        the first ``embed`` hook that returns a value, else the backbone's pooled output."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            f = self.hooks.first("embed", images=images)
+            return self.state.model["backbone"](images) if f is None else f
+
+    @torch.no_grad()
+    def embed_dataset(self, ds, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+        """Features (N, D) of every image of ``ds`` in order, in eval mode, with the evaluation
+        transform, in batches of ``data.eval_batch_size`` (``eval.bn: recalibrate``: BatchNorm
+        statistics re-estimated on these images first).  Under torchrun each process embeds its
+        contiguous shard and the shards are all-gathered, so every rank holds all N rows.
+        ``progress``: a progress bar on stderr (rank 0)."""
         model = self.state.model
         was_training = model.training
         model.eval()
-        bs = self.recipe.data.eval_batch_size
+        bs = batch_size or self.recipe.data.eval_batch_size
         size = self.recipe.data.image_size
         first, last = distributed.shard_range(len(ds))
         # an empty shard (more processes than images) embeds one image to learn the width
@@ -530,15 +533,12 @@ class Trainer:
                 images, _, _ = ds.__getitems__(list(range(start, stop)))
                 yield eval_transform(images.to(self.device, non_blocking=True), size, ds.info), stop - start
 
-        def embed(x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                f = self.pm.hook.embed(state=self.state, images=x)
-                return model["backbone"](x) if f is None else f
-
         recalibrate = self.recipe.eval.bn == "recalibrate"
-        with (recalibrated_batchnorm(model, embed, (x for x, _ in batches())) if recalibrate
+        with (recalibrated_batchnorm(model, self.embed, (x for x, _ in batches())) if recalibrate
               else contextlib.nullcontext()):
-            feats = [embed(x).float()[: n if last > first else 0] for x, n in batches()]
+            feats = [self.embed(x).float()[: n if last > first else 0]
+                     for x, n in tqdm(batches(), total=len(starts), desc=f"embedding {len(ds)} images", unit="batch",
+                                      leave=False, disable=not (progress and distributed.is_main()), file=sys.stderr)]
         model.train(was_training)
         return distributed.gather_rows(torch.cat(feats), len(ds))
 
@@ -547,60 +547,18 @@ class Trainer:
         key = (id(ds), self.state.step)
         if key not in self._feature_memo:
             self._feature_memo = {k: v for k, v in self._feature_memo.items() if k[1] == self.state.step}
-            self._feature_memo[key] = self._embed_dataset(ds)
+            self._feature_memo[key] = self.embed_dataset(ds)
         return self._feature_memo[key]
 
     def predict(self, features: torch.Tensor, fit: bool = True) -> Prediction:
         """Predictions for ``features`` (N, D) by the predict hook.  ``fit=True`` (evaluation):
-        a rule fitted to data is fitted to these features and kept in ``state.extra``;
-        ``fit=False`` (new images of a finished run): the kept rule is applied."""
-        pred = self.pm.hook.predict(state=self.state, features=features, fit=fit)
-        if pred is None:  # no plugin predicts: spherical k-means on the features
-            if fit:
-                res = kmeans(features, self.recipe.e_step.k, metric="cosine", seed=self.recipe.run.seed)
-                self.state.extra["core.predict_centers"] = res.centers.detach().cpu()
-                conf = (torch.nn.functional.normalize(features, dim=1) * res.centers[res.labels]).sum(1)
-                pred = Prediction(res.labels, conf)
-            else:
-                centers = self.state.extra.get("core.predict_centers")
-                if centers is None:
-                    raise RunDirError("This run's checkpoint holds no k-means centres of its final evaluation "
-                                      "(it was written by an older clusterkit), so new images cannot be assigned "
-                                      "to them. Resume or rerun the run with this version to write them.")
-                labels, conf = kmeans_assign(features, centers.to(features.device), metric="cosine")
-                pred = Prediction(labels, conf)
+        a rule fitted to data is fitted to these features and keeps what it needs;
+        ``fit=False`` (new images of a finished run): the kept rule is applied.  Without a
+        predict plugin, the core's spherical k-means (:class:`~clusterkit.cluster.KMeansPredictor`)."""
+        pred = self.hooks.first("predict", features=features, fit=fit)
+        if pred is None:
+            pred = self.core_predictor.fit(features) if fit else self.core_predictor.assign(features)
         return pred
-
-    def build_for_inference(self, ckpt: dict, info, num_train: int, device: str | None = None) -> None:
-        """Rebuild a checkpoint's model and plugins without data, optimiser or training (for
-        ``clusterkit.load``, ``predict`` and ``plot``): the plugins' ``setup`` and
-        ``register_outputs`` run as in training, then the checkpoint's weights and training
-        state (``extra``, centres, pseudo-labels) are loaded; the model is left in eval mode.
-        ``info``: the dataset's :class:`~clusterkit.data.DatasetInfo` (channels)."""
-        import attrs
-
-        r = self.recipe
-        if device is None:  # CUDA when present (unless the recipe says cpu): a GPU run predicts on a laptop too
-            device = "cuda" if torch.cuda.is_available() and r.run.device != "cpu" else "cpu"
-        self.device = torch.device(device)
-        self.pm, self.plugins = load_plugins(r.plugins, self.available_plugins, allow=r.allow_plugins)
-        cfg = attrs.evolve(r.model, pretrained=False)  # the weights come from the checkpoint
-        model = nn.ModuleDict({"backbone": create_backbone(cfg, in_chans=info.channels)})
-        steps = max(1, ckpt["step"] // (ckpt["epoch"] + 1))
-        self.state = TrainState(recipe=r, device=self.device, model=model, num_train=num_train,
-                                steps_per_epoch=steps)
-        self.inactive = set()
-        self._call("setup")
-        self._call("register_outputs")
-        model.load_state_dict(ckpt["model"])
-        model.to(self.device).eval()
-        s = self.state
-        s.step, s.epoch = ckpt["step"], ckpt["epoch"]
-        s.pseudo_labels = None if ckpt["pseudo_labels"] is None else ckpt["pseudo_labels"].to(self.device)
-        s.centers = None if ckpt["centers"] is None else ckpt["centers"].to(self.device)
-        s.extra = ckpt["extra"]
-        self.use_amp = r.run.amp and self.device.type == "cuda"
-        self._feature_memo = {}
 
     def evaluate(self) -> dict:
         """Metrics of the eval data: NMI/ACC/ARI when it has labels (none when unlabeled), the
@@ -662,7 +620,7 @@ class Trainer:
         return cluster_metrics(self.eval_ds.targets, res.labels.cpu())
 
     # -- the loop ----------------------------------------------------------------------------------
-    def _set_lr(self, iteration: int) -> float:
+    def set_lr(self, iteration: int) -> float:
         """Set every parameter group's lr for training iteration ``iteration`` (0-based)."""
         lr = lr_for_step(iteration, self.state.steps_per_epoch, self.recipe.schedule, self.base_lr)
         for g in self.optimizer.param_groups:
@@ -673,17 +631,12 @@ class Trainer:
         """Images in the model's memory format (channels_last when the recipe asks for it)."""
         return x.contiguous(memory_format=torch.channels_last) if self.recipe.run.channels_last else x
 
-    def _train_step(self, images: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """One optimiser step on a batch of uint8 images (B, C, H, W): augment, then :meth:`_step`."""
-        views = self.augment(images.to(self.device, non_blocking=True))
-        return self._step(views, index.to(self.device, non_blocking=True))
-
-    def _compute_terms(self, cache: StepCache) -> dict[str, torch.Tensor]:
+    def compute_terms(self, cache: StepCache) -> dict[str, torch.Tensor]:
         """The loss terms of the compute_losses hooks (float32 scalars); the forward of the
         (DDP-wrapped) :class:`_StepLosses`."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             terms: dict[str, torch.Tensor] = {}
-            for impl, result in self._call("compute_losses", cache=cache):
+            for impl, result in self.hooks.call("compute_losses", cache=cache):
                 for name, value in (result or {}).items():
                     if name in terms:
                         raise PluginError(f"Plugin '{impl}' returns loss term '{name}', which another plugin "
@@ -695,7 +648,7 @@ class Trainer:
         return {k: v.float() if torch.is_tensor(v) else torch.tensor(float(v), device=self.device)
                 for k, v in terms.items()}
 
-    def _step(self, views, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    def step(self, views, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """One optimiser step on two augmented views (B, C, S, S) and their dataset indices (B,).
 
         Returns the detached loss terms plus ``loss`` (their sum), or None when a non-finite
@@ -721,7 +674,7 @@ class Trainer:
         else:
             self.nonfinite.update(list(terms.values()), state.step)
             self.term_names = list(terms)
-        self._call("before_optimizer_step", cache=cache)
+        self.hooks.call("before_optimizer_step", cache=cache)
         self.optimizer.step()
         state.step += 1
         self._call_state_hook("after_step", cache)
@@ -747,7 +700,7 @@ class Trainer:
         banks, regrouping k-means) and so fail first on a diverged model: such a failure is
         reported as the divergence it is (:meth:`_check_diverged`)."""
         try:
-            self._call(hook, cache=cache)
+            self.hooks.call(hook, cache=cache)
         except ClusterkitError:
             raise
         except Exception:  # a plugin failing on NaN/inf (a diverged step) is a divergence, said as such
@@ -799,7 +752,7 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def _checkpoint(self, epoch: int, history: list, wall: float) -> None:
+    def _checkpoint(self, epoch: int, wall: float) -> None:
         """Rank 0 writes the checkpoint; under torchrun it holds every rank's RNG state."""
         s = self.state
         rng = rng_state()
@@ -813,12 +766,16 @@ class Trainer:
             "epoch": epoch, "step": s.step, "model": s.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": rng, "rng_ranks": rng_ranks, "world_size": distributed.world_size(),
             "pseudo_labels": s.pseudo_labels, "centers": s.centers, "extra": s.extra,
-            "history": history, "wall_time": wall, "recipe": self.recipe.to_dict(),
+            "plugins": {name: plugin.state_dict() for name, plugin in self.plugins.items()},
+            "core": {"predict": self.core_predictor.state_dict()},
+            "history": self.history, "wall_time": wall, "recipe": self.recipe.to_dict(),
             "recipe_hash": self.recipe.hash(), "skipped_steps": self.skipped_steps,
             "collapse_warnings": self.collapse_warnings,
         }, self.run_dir / "checkpoints", epoch, self.recipe.run.keep_last)
 
     def _restore(self) -> tuple[int, list, float]:
+        """Load the newest readable checkpoint (after checking the recipe is the same); returns
+        (first epoch to train, the per-epoch history so far, the wall time spent so far)."""
         found = load_latest_checkpoint(self.run_dir / "checkpoints")  # the newest readable one
         if found is None:
             raise RunDirError(f"Cannot resume '{self.run_dir}': it holds no checkpoint (checkpoints/epoch_*.pt). "
@@ -831,12 +788,9 @@ class Trainer:
             raise RunDirError(f"Cannot resume '{self.run_dir}' with a changed recipe: {diff}. Resume with the "
                               "recipe and --set overrides the run started with (its recipe.yaml), or start a new run.")
         s = self.state
-        s.model.load_state_dict(ckpt["model"])
+        restore_training_state(s, self.plugins, self.core_predictor, ckpt)
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        s.step, s.epoch = ckpt["step"], ckpt["epoch"] + 1
-        s.pseudo_labels = None if ckpt["pseudo_labels"] is None else ckpt["pseudo_labels"].to(self.device)
-        s.centers = None if ckpt["centers"] is None else ckpt["centers"].to(self.device)
-        s.extra = ckpt["extra"]
+        s.epoch = ckpt["epoch"] + 1
         self.skipped_steps = ckpt.get("skipped_steps", 0)
         self.collapse_warnings = list(ckpt.get("collapse_warnings", []))
         world, saved_world = distributed.world_size(), ckpt.get("world_size", 1)
@@ -847,7 +801,7 @@ class Trainer:
             _warn(f"resuming a run of {saved_world} process(es) with {world}: the data order and random draws "
                   "differ from an uninterrupted run from here on (the training itself is the same recipe).")
         if distributed.is_main():
-            self._trim_metrics_log(ckpt["epoch"] + 1, s.step)
+            trim_metrics_log(self.run_dir, ckpt["epoch"] + 1, s.step)
         return ckpt["epoch"] + 1, ckpt["history"], ckpt["wall_time"]
 
     def _extends(self, saved: dict, ckpt: dict) -> bool:
@@ -885,22 +839,6 @@ class Trainer:
         except RecipeError:
             return ckpt["recipe"]
 
-    def _trim_metrics_log(self, epochs_done: int, step: int) -> None:
-        """metrics.jsonl after a crash: keep the records up to the checkpoint, drop those of the
-        killed epoch and a line torn by the kill."""
-        log = self.run_dir / "metrics.jsonl"
-        if not log.exists():
-            return
-        keep = []
-        for line in log.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= step and record.get("epoch", 0) <= epochs_done:
-                keep.append(line)
-        atomic_write_text(log, "".join(line + "\n" for line in keep))
-
     def _epoch_means(self, sums: dict[str, torch.Tensor], done: int) -> dict[str, float]:
         """Mean loss terms of the epoch, averaged over the processes (one host sync)."""
         if not sums:
@@ -910,86 +848,138 @@ class Trainer:
                               for k in names])
         return dict(zip(names, distributed.all_reduce(packed, "mean").tolist()))
 
+    # -- the run ----------------------------------------------------------------------------------
     def fit(self) -> dict:
-        r = self.recipe
-        self._build()
-        main = distributed.is_main()
-        state = self.state
-        # a resume is checked (checkpoint, recipe) before anything is written into the directory
-        start_epoch, history, wall_before = (self._restore() if self.resume else (0, [], 0.0))
-        if main and not self.resume:
-            atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(r))
-        baseline = self.pixel_baseline()
-        t_start = time.perf_counter()
-        eval_metrics = next((h for h in reversed(history) if "collapse_share" in h), {})  # last evaluation
-        every = r.run.sync_every
-        for epoch in range(start_epoch, r.schedule.epochs):
-            self._enter_epoch(epoch)
-            t_epoch = time.perf_counter()
-            self._seed_epoch(epoch)  # data order: f(seed, epoch)
-            self._call("on_epoch_start")
-            if epoch == 0 or epoch % r.e_step.every == 0:
-                self._call("e_step")
-                self._check_pseudo_labels()
-            sums: dict[str, torch.Tensor] = {}
-            seen = done = 0
-            bar = tqdm(total=state.steps_per_epoch, desc=f"epoch {epoch + 1}/{r.schedule.epochs}", unit="step",
-                       disable=not (r.run.progress and main), leave=False, dynamic_ncols=True, file=sys.stderr)
-            for i, batch in enumerate(self.loader):
-                state.step_in_epoch = i
-                lr = self._set_lr(epoch * state.steps_per_epoch + i)
-                views, index = self.pipeline.views(batch)
-                terms = self._step(views, index)
-                bar.update(1)
-                if terms is None:  # a non-finite loss skipped (run.nonfinite: skip)
-                    continue
-                done += 1
-                for k, v in terms.items():
-                    sums[k] = sums[k] + v if k in sums else v.clone()
-                seen += index.shape[0] * distributed.world_size()
-                if state.step % r.run.log_every == 0:
-                    self._check_finite()
-                    logged = self._epoch_means(terms, 1)
-                    self._write_jsonl({"epoch": epoch + 1, "step": state.step, "lr": lr, **logged, **state.scalars})
-                if done % every == 0:  # the only host syncs of the loop: every run.sync_every steps
-                    self._check_finite()
-                    if bar.disable is False:
-                        shown = {k: float(v) / done for k, v in sums.items()}
-                        bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}
-                                        | {"img/s": f"{seen / (time.perf_counter() - t_epoch):.0f}"}, refresh=False)
-            bar.close()
-            self._check_finite()  # before anything is evaluated or checkpointed
-            if distributed.is_distributed():
-                distribute_bn(state.model, distributed.world_size(), reduce=True)  # one BN state on every rank
-            metrics = {"epoch": epoch + 1, "step": state.step, "lr": lr, **self._epoch_means(sums, done),
-                       **state.scalars}
-            if state.stage is not None:
-                metrics["stage"] = state.stage
-            if (epoch + 1) % r.eval.every == 0 or epoch + 1 == r.schedule.epochs:
-                eval_metrics = self.evaluate()
-                metrics.update(eval_metrics)
-            self._call("on_epoch_end", metrics=metrics)
-            metrics["seconds"] = time.perf_counter() - t_epoch
-            history.append(metrics)
-            self._write_jsonl(metrics)
-            self._checkpoint(epoch, history, wall_before + time.perf_counter() - t_start)
-            if main:  # the per-epoch result line stays with run.progress: false (only the bars go)
-                shown = " ".join(f"{k} {metrics[k]:.3f}" for k in ("loss", "nmi", "acc", "ari", "silhouette",
-                                                                   "size_entropy") if metrics.get(k) is not None)
-                tqdm.write(f"epoch {epoch + 1}/{r.schedule.epochs}  {shown}  ({metrics['seconds']:.1f}s"
-                           f"{_eta(history, r.schedule.epochs - epoch - 1)})", file=sys.stderr)
-        wall = wall_before + time.perf_counter() - t_start
-        epoch_secs = [h["seconds"] for h in history]
+        """Train the recipe (or resume it, ``resume=True``) to its last epoch; returns the
+        summary that is also written to ``summary.json``."""
+        self.build()
+        first_epoch = self.begin_run()
+        for epoch in range(first_epoch, self.recipe.schedule.epochs):
+            self.begin_epoch(epoch)
+            for batch in self.loader:
+                self.train_step(batch)
+            self.end_epoch()
+        return self.summary()
+
+    def begin_run(self) -> int:
+        """Resume from the run directory's checkpoint (``resume=True``; the checkpoint and the
+        recipe are checked before anything is written) or write ``recipe.yaml``; compute the
+        pixel baseline.  Returns the first epoch to train (0-based)."""
+        if self.resume:
+            first_epoch, self.history, self._wall_before = self._restore()
+        else:
+            first_epoch, self.history, self._wall_before = 0, [], 0.0
+            if distributed.is_main():
+                atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(self.recipe))
+        self.baseline = self.pixel_baseline()
+        self._t_start = time.perf_counter()
+        self.eval_metrics = next((h for h in reversed(self.history) if "collapse_share" in h), {})  # last evaluation
+        return first_epoch
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Enter epoch ``epoch`` (0-based): its stage and the plugins it switches off, its data
+        order (a function of run.seed and the epoch only), ``on_epoch_start``, and the E-step
+        when one is due (before the first epoch, then every ``e_step.every`` epochs)."""
+        state, r = self.state, self.recipe
+        previous = state.stage
+        state.epoch = epoch
+        stage = r.stage_at(epoch)
+        state.stage = stage.name if stage is not None else None
+        self.hooks.inactive = frozenset(r.inactive_plugins(epoch))
+        if stage is not None and stage.name != previous and r.run.progress:
+            active = [name for name in r.plugins if name not in self.hooks.inactive]
+            tqdm.write(f"stage '{stage.name}' from epoch {epoch + 1}: {', '.join(active)}", file=sys.stderr)
+        state.scalars.clear()  # what plugins log (state.log) belongs to the epoch that logged it
+        self._epoch = _EpochProgress(time.perf_counter(), tqdm(
+            total=state.steps_per_epoch, desc=f"epoch {epoch + 1}/{r.schedule.epochs}", unit="step",
+            disable=not (r.run.progress and distributed.is_main()), leave=False, dynamic_ncols=True, file=sys.stderr))
+        sampler = self.loader.sampler
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            sampler.set_epoch(epoch)
+        else:
+            self.loader.generator.manual_seed(r.run.seed * 100_003 + epoch)
+        self.hooks.call("on_epoch_start")
+        if epoch == 0 or epoch % r.e_step.every == 0:
+            self.hooks.call("e_step")
+            self._check_pseudo_labels()
+
+    def train_step(self, batch) -> dict[str, torch.Tensor] | None:
+        """One training iteration on a batch of :attr:`loader`: set the lr, make the two views
+        (``data.pipeline``), run :meth:`step`, and account for it (epoch means, metrics.jsonl
+        every ``run.log_every`` steps, the progress bar).  Returns the detached loss terms, or
+        None for a step skipped as non-finite (``run.nonfinite: skip``)."""
+        state, run, ep = self.state, self.recipe.run, self._epoch
+        state.step_in_epoch = ep.batches
+        ep.lr = self.set_lr(state.epoch * state.steps_per_epoch + ep.batches)
+        ep.batches += 1
+        views, index = self.pipeline.views(batch)
+        terms = self.step(views, index)
+        ep.bar.update(1)
+        if terms is None:
+            return None
+        ep.done += 1
+        for k, v in terms.items():
+            ep.sums[k] = ep.sums[k] + v if k in ep.sums else v.clone()
+        ep.seen += index.shape[0] * distributed.world_size()
+        # host syncs of the loop: here every run.log_every and run.sync_every steps (and in
+        # step() every step under run.nonfinite: skip)
+        if state.step % run.log_every == 0:
+            self._check_finite()
+            logged = self._epoch_means(terms, 1)
+            self._write_jsonl({"epoch": state.epoch + 1, "step": state.step, "lr": ep.lr, **logged, **state.scalars})
+        if ep.done % run.sync_every == 0:
+            self._check_finite()
+            if not ep.bar.disable:
+                shown = {k: float(v) / ep.done for k, v in ep.sums.items()} | state.scalars
+                ep.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}
+                                   | {"img/s": f"{ep.seen / (time.perf_counter() - ep.start):.0f}"}, refresh=False)
+        return terms
+
+    def end_epoch(self) -> dict:
+        """Close the epoch: evaluate when due (every ``eval.every`` epochs and at the last),
+        ``on_epoch_end``, the epoch's record in metrics.jsonl and the checkpoint.  Returns the
+        record (loss means, lr, NMI/ACC/ARI and quality measures when evaluated, seconds)."""
+        state, r, ep = self.state, self.recipe, self._epoch
+        epoch = state.epoch
+        ep.bar.close()
+        self._check_finite()  # before anything is evaluated or checkpointed
+        if distributed.is_distributed():
+            distribute_bn(state.model, distributed.world_size(), reduce=True)  # one BN state on every rank
+        metrics = {"epoch": epoch + 1, "step": state.step, "lr": ep.lr, **self._epoch_means(ep.sums, ep.done),
+                   **state.scalars}
+        if state.stage is not None:
+            metrics["stage"] = state.stage
+        if (epoch + 1) % r.eval.every == 0 or epoch + 1 == r.schedule.epochs:
+            self.eval_metrics = self.evaluate()
+            metrics.update(self.eval_metrics)
+        self.hooks.call("on_epoch_end", metrics=metrics)
+        metrics["seconds"] = time.perf_counter() - ep.start
+        self.history.append(metrics)
+        self._write_jsonl(metrics)
+        self._checkpoint(epoch, self._wall_before + time.perf_counter() - self._t_start)
+        if distributed.is_main():  # the per-epoch result line stays with run.progress: false (only the bars go)
+            shown = " ".join(f"{k} {metrics[k]:.3f}" for k in ("loss", "nmi", "acc", "ari", "silhouette",
+                                                               "size_entropy") if metrics.get(k) is not None)
+            tqdm.write(f"epoch {epoch + 1}/{r.schedule.epochs}  {shown}  ({metrics['seconds']:.1f}s"
+                       f"{_eta(self.history, r.schedule.epochs - epoch - 1)})", file=sys.stderr)
+        return metrics
+
+    def summary(self) -> dict:
+        """The run's summary (rank 0 also writes it to ``summary.json``): final metrics and
+        label-free quality, the pixel baseline, the evaluation protocol, time, memory, versions."""
+        r, state = self.recipe, self.state
+        wall = self._wall_before + time.perf_counter() - self._t_start
+        epoch_secs = [h["seconds"] for h in self.history]
         summary = {
             "name": r.name, "run_dir": str(self.run_dir), "recipe_hash": r.hash(), "seed": r.run.seed,
-            "metrics": {k: eval_metrics.get(k) for k in ("nmi", "acc", "ari")},
-            "quality": {k: eval_metrics.get(k) for k in QUALITY_KEYS},
-            "pixel_kmeans": baseline,
+            "metrics": {k: self.eval_metrics.get(k) for k in ("nmi", "acc", "ari")},
+            "quality": {k: self.eval_metrics.get(k) for k in QUALITY_KEYS},
+            "pixel_kmeans": self.baseline,
             "protocol": {
                 "dataset": r.data.dataset, "labels": self.labels_protocol(), "train_split": r.data.split,
                 "eval_split": r.data.eval_split or r.data.split,
                 "test_data_used_for_training": r.data.split in ("test", "all"),
-                "prediction": "predict hook: " + (", ".join(self._impls("predict")) or "core k-means"),
+                "prediction": "predict hook: " + (", ".join(self.hooks.names("predict")) or "core k-means"),
                 "model_selection": "none (final epoch)",
             },
             "epochs": r.schedule.epochs, "steps": state.step, "num_train": len(self.train_ds),
@@ -1002,6 +992,20 @@ class Trainer:
             "skipped_steps": self.skipped_steps, "collapse_warnings": self.collapse_warnings,
             "versions": _versions(),
         }
-        if main:
+        if distributed.is_main():
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
+
+
+@attrs.define
+class _EpochProgress:
+    """What the trainer counts during one epoch: its start time, progress bar, batches begun,
+    optimiser steps done, images seen, summed loss terms (on the device) and the last lr."""
+
+    start: float
+    bar: Any
+    batches: int = 0
+    done: int = 0
+    seen: int = 0
+    sums: dict = attrs.field(factory=dict)
+    lr: float = 0.0

@@ -92,10 +92,9 @@ def test_sync_bn_on_a_cpu_torchrun_job_is_a_clear_error(monkeypatch, tmp_path, r
     raw = copy.deepcopy(TINY)
     raw["run"].update({"sync_bn": True, "device": "cpu", "threads": 1})
     trainer = Trainer(load_recipe(data=raw), tmp_path)
-    trainer._build()
     monkeypatch.setattr("clusterkit.distributed.is_distributed", lambda: True)
     with pytest.raises(RecipeError, match="SyncBatchNorm runs on GPUs only"):
-        trainer._fast_paths(trainer.state.model)
+        trainer.build()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,12 +137,11 @@ def test_a_digpro_step_reads_no_tensor_value_on_the_host(monkeypatch, restore_th
     plugins = {"byol_target": {"hidden_dim": 32, "out_dim": 16}, "diffused_sampling": {},
                "prototype_aggregation": {"warmup_gate": False}, "kmeans_e_step": {"n_init": 1}}
     trainer = make_trainer("momentum_grouping", {"regroup_every": 1000, "bank_size": 64}, with_plugins=plugins)
-    trainer._build()
-    trainer._enter_epoch(0)
-    trainer._call("e_step")
+    trainer.build()
+    trainer.begin_epoch(0)
     batches = iter(trainer.loader)
     views, index = trainer.pipeline.views(next(batches))
-    trainer._step(views, index)  # the first step reads the counters' buffers once
+    trainer.step(views, index)  # the first step reads the counters' buffers once
     views, index = trainer.pipeline.views(next(batches))
 
     def forbidden(name):
@@ -153,7 +151,7 @@ def test_a_digpro_step_reads_no_tensor_value_on_the_host(monkeypatch, restore_th
 
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden(name))
-    terms = trainer._step(views, index)
+    terms = trainer.step(views, index)
     monkeypatch.undo()
     assert set(terms) >= {"momentum_grouping", "prototype_aggregation", "diffused_sampling", "loss"}
     assert trainer.state.step == 2

@@ -25,7 +25,7 @@ from clusterkit.plugin import Plugin, hookimpl
 from clusterkit.plugin_manager import PluginInfo, discover
 from clusterkit.recipe import load_recipe
 from clusterkit.guards import collapse_report
-from clusterkit.trainer import DivergenceError, Trainer
+from clusterkit.trainer import DivergenceError, Trainer, trim_metrics_log
 
 
 @pytest.fixture(autouse=True)
@@ -155,7 +155,7 @@ def test_resume_drops_a_torn_metrics_line_and_the_killed_epoch(tmp_path, tiny_re
     run.mkdir()
     lines = [{"epoch": 1, "step": 2}, {"epoch": 1, "step": 7, "nmi": 0.5}, {"epoch": 2, "step": 8}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"epoch": 2, "st')
-    Trainer(load_recipe(data=tiny_recipe_data), run)._trim_metrics_log(epochs_done=1, step=7)
+    trim_metrics_log(run, epochs_done=1, step=7)
     assert [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] == lines[:2]
 
 

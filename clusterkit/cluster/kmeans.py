@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .. import distributed as dist
 
-__all__ = ["KMeansResult", "assign", "kmeans", "pairwise_scores"]
+__all__ = ["KMeansPredictor", "KMeansResult", "assign", "kmeans", "pairwise_scores"]
 
 METRICS = ("euclidean", "cosine")
 INITS = ("k-means++", "random")
@@ -525,3 +525,67 @@ def pairwise_scores(x: torch.Tensor, centers: torch.Tensor, metric: str = "eucli
     if metric == "cosine":
         return F.normalize(x, dim=1) @ F.normalize(centers, dim=1).T
     return _chunked_costs(_augment_points(x, metric), centers, metric, max(x.shape[0], 1)).T
+
+
+class KMeansPredictor:
+    """The k-means prediction rule of a run, with the state that predicting new images needs.
+
+    :meth:`fit` (an evaluation): k-means on the evaluation features (N, D), keeping the centres
+    (K, D); :meth:`assign` (new images of a finished run): nearest kept centre, never a refit.
+    The confidence is the cosine to the assigned centre (metric cosine) or minus the euclidean
+    distance to it.  Used by the core when no plugin predicts and by ``kmeans_e_step``, so both
+    predict by the same code; :meth:`state_dict` / :meth:`load_state_dict` carry the centres
+    through checkpoints.
+
+    ``owner`` names the rule in the error raised when :meth:`assign` has no centres
+    (``missing_error``, a :class:`~clusterkit.errors.ClusterkitError` subclass).
+    """
+
+    def __init__(self, k: int, *, metric: str = "cosine", n_init: int = 10, max_iter: int = 300, tol: float = 1e-4,
+                 seed: int = 0, distributed: bool = False, owner: str = "the core's k-means",
+                 missing_error: type[Exception] | None = None):
+        self.k, self.metric, self.seed, self.distributed = k, metric, seed, distributed
+        self.n_init, self.max_iter, self.tol = n_init, max_iter, tol
+        self.owner = owner
+        self.missing_error = missing_error
+        self.centers: torch.Tensor | None = None
+
+    def cluster(self, features: torch.Tensor) -> KMeansResult:
+        """k-means of ``features`` (N, D) with this rule's settings."""
+        return kmeans(features, self.k, metric=self.metric, n_init=self.n_init, max_iter=self.max_iter, tol=self.tol,
+                      seed=self.seed, distributed=self.distributed)
+
+    def fit(self, features: torch.Tensor, result: KMeansResult | None = None):
+        """Predictions for ``features`` (N, D) by a k-means fitted to them (``result``: an
+        already computed k-means of exactly these features); the centres are kept."""
+        result = self.cluster(features) if result is None else result
+        self.centers = result.centers.detach().cpu()
+        return self._prediction(features, result.labels, result.centers)
+
+    def assign(self, features: torch.Tensor):
+        """Predictions for new ``features`` (N, D): the nearest kept centre."""
+        if self.centers is None:
+            from clusterkit.errors import RunDirError
+
+            error = self.missing_error or RunDirError
+            raise error(f"{self.owner} cannot assign new images: the checkpoint holds no k-means centres of an "
+                        "evaluation (it was written before any evaluation, or by an older clusterkit). Resume or "
+                        "rerun the run with this version to write them.")
+        centers = self.centers.to(features.device, features.dtype)
+        labels, _ = assign(features, centers, metric=self.metric)
+        return self._prediction(features, labels, centers)
+
+    def _prediction(self, features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor):
+        from clusterkit.state import Prediction
+
+        if self.metric == "cosine":
+            conf = (torch.nn.functional.normalize(features, dim=1) * centers[labels]).sum(1)
+        else:
+            conf = -(features - centers[labels]).norm(dim=1)
+        return Prediction(labels, conf)
+
+    def state_dict(self) -> dict:
+        return {"centers": self.centers}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.centers = state.get("centers")

@@ -72,7 +72,8 @@ from clusterkit import DIRECTIONS, Plugin, hookimpl
 from clusterkit.cluster import kmeans
 from clusterkit.errors import PluginError
 from clusterkit.schema import in_range, non_negative, positive
-from clusterkit_plugins.propos.byol_target import ema_update
+from clusterkit_plugins.propos.byol_target import (PREDICTOR, PROJECTOR, TARGET_BACKBONE, TARGET_PROJECTOR,
+                                                    ema_update)
 
 MODULE_KEY = "momentum_grouping"
 
@@ -322,9 +323,6 @@ class MomentumGrouping(Plugin):
     def regroup_every(self, state) -> int:
         return self.params.regroup_every or state.num_clusters
 
-    def seed(self, state) -> int:
-        return state.recipe.run.seed if self.params.seed is None else self.params.seed
-
     @staticmethod
     def memory(state) -> GroupMemory:
         return state.model[MODULE_KEY]
@@ -334,7 +332,7 @@ class MomentumGrouping(Plugin):
         """p(q) (B, D) of a view (no noise) for this process's samples, computed once per step
         and kept in the cache as ("p", view)."""
         if ("p", view) not in cache:
-            cache.put("p", view, state.model["predictor"](cache["q", view]))
+            cache.put("p", view, state.model[PREDICTOR](cache["q", view]))
         return cache["p", view]
 
     @classmethod
@@ -375,11 +373,11 @@ class MomentumGrouping(Plugin):
     @hookimpl(trylast=True)  # after byol_target's setup, which builds the projector it reads
     def setup(self, state):
         model = state.model
-        for needed in ("projector", "predictor", "target_projector", "target_backbone"):
+        for needed in (PROJECTOR, PREDICTOR, TARGET_PROJECTOR, TARGET_BACKBONE):
             if needed not in model:
                 raise PluginError(f"momentum_grouping needs state.model['{needed}'], which byol_target builds. "
                                   "Add byol_target to the recipe's plugins.")
-        dim = projection_dim(model["projector"])
+        dim = projection_dim(model[PROJECTOR])
         p = self.params
         memory = GroupMemory(self.num_groups(state), dim, p.bank_size)
         if p.group_init != "kmeans":
@@ -388,7 +386,7 @@ class MomentumGrouping(Plugin):
             memory.set_counter("initialized", True)
         if p.bank == "official":
             memory.fill_with_noise(self.seed(state) + 1)
-        model[MODULE_KEY] = memory.to(next(model["projector"].parameters()).device)
+        model[MODULE_KEY] = memory.to(next(model[PROJECTOR].parameters()).device)
 
     @hookimpl
     def on_step_start(self, state, cache):
@@ -402,8 +400,8 @@ class MomentumGrouping(Plugin):
                 self.regroup_now(state, iteration)
         if p.extra_ema and not regroups:
             m = state.model
-            ema_update(m["target_backbone"], m["backbone"], p.extra_ema_momentum)
-            ema_update(m["target_projector"], m["projector"], p.extra_ema_momentum)
+            ema_update(m[TARGET_BACKBONE], m["backbone"], p.extra_ema_momentum)
+            ema_update(m[TARGET_PROJECTOR], m[PROJECTOR], p.extra_ema_momentum)
 
     def init_groups_by_kmeans(self, state, cache) -> None:
         """group_init="kmeans": spherical k-means of the first global batch's norm(q) of both views.

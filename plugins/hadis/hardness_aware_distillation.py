@@ -61,6 +61,7 @@ from clusterkit import DIRECTIONS, Plugin, hookimpl
 from clusterkit.distributed import gather_with_grad
 from clusterkit.errors import PluginError
 from clusterkit.schema import non_negative, positive
+from clusterkit_plugins.propos.byol_target import PREDICTOR
 from clusterkit_plugins.propos.diffused_sampling import diffuse, diffusion_noise
 
 LOSS_NAME = "hardness_aware_distillation"
@@ -152,11 +153,11 @@ class HardnessAwareDistillation(Plugin):
             "doc": "sigma = 0 while schedule.warmup_epochs last, as diffused_sampling"})
 
     def sigma(self, state) -> float:
-        return 0.0 if (self.params.warmup_gate and state.in_warmup) else self.params.sigma
+        return 0.0 if self.warmup_gated(state) else self.params.sigma
 
     @hookimpl(trylast=True)  # after byol_target's setup, which builds the predictor
     def setup(self, state):
-        if "predictor" not in state.model:
+        if PREDICTOR not in state.model:
             raise PluginError("hardness_aware_distillation needs the predictor state.model['predictor'] and the "
                               "step outputs 'q' and 'k', which byol_target provides. Add byol_target to the "
                               "recipe's plugins.")
@@ -166,7 +167,7 @@ class HardnessAwareDistillation(Plugin):
         q, sigma = cache["q", view], self.sigma(state)
         if sigma > 0:
             q = diffuse(q, sigma, diffusion_noise(cache, view, q.shape[1], LOSS_NAME))
-        return state.model["predictor"](q)
+        return state.model[PREDICTOR](q)
 
     @hookimpl
     def compute_losses(self, state, cache):

@@ -174,9 +174,6 @@ class CrossLevelInteraction(Plugin):
         seed: int | None = attrs.field(default=None, metadata={
             "doc": "k-means seed (batch mode: + step); null: run.seed"})
 
-    def seed(self, state) -> int:
-        return state.recipe.run.seed if self.params.seed is None else self.params.seed
-
     @hookimpl
     def setup(self, state):
         state.model[MODULE_KEY] = PseudoLabels(state.num_train)

@@ -38,6 +38,12 @@ from clusterkit import ParamGroup, Plugin, distributed, hookimpl
 from clusterkit.models import MLPHead
 from clusterkit.schema import in_range, positive
 
+#: The ``state.model`` keys byol_target adds, which other plugins (diffused_sampling,
+#: momentum_grouping, hardness_aware_distillation) read.
+PROJECTOR = "projector"
+PREDICTOR = "predictor"
+TARGET_BACKBONE = "target_backbone"
+TARGET_PROJECTOR = "target_projector"
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
@@ -74,10 +80,10 @@ class BYOLTarget(Plugin):
                        "after_step: from the weights after the optimiser step"})
 
     def online(self, model: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
-        return model["projector"](model["backbone"](x))
+        return model[PROJECTOR](model["backbone"](x))
 
     def target(self, model: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
-        return model["target_projector"](model["target_backbone"](x))
+        return model[TARGET_PROJECTOR](model[TARGET_BACKBONE](x))
 
     @torch.no_grad()
     def shuffled_target(self, model: nn.ModuleDict, cache, v: int) -> torch.Tensor:
@@ -97,13 +103,13 @@ class BYOLTarget(Plugin):
     def setup(self, state):
         p, m = self.params, state.model
         dim = m["backbone"].num_features
-        m["projector"] = MLPHead(dim, p.hidden_dim, p.out_dim)
-        m["predictor"] = MLPHead(p.out_dim, p.hidden_dim, p.out_dim, init_std=p.predictor_init_std)
-        m["target_backbone"] = copy.deepcopy(m["backbone"])
-        m["target_projector"] = copy.deepcopy(m["projector"])
-        for name in ("target_backbone", "target_projector"):
+        m[PROJECTOR] = MLPHead(dim, p.hidden_dim, p.out_dim)
+        m[PREDICTOR] = MLPHead(p.out_dim, p.hidden_dim, p.out_dim, init_std=p.predictor_init_std)
+        m[TARGET_BACKBONE] = copy.deepcopy(m["backbone"])
+        m[TARGET_PROJECTOR] = copy.deepcopy(m[PROJECTOR])
+        for name in (TARGET_BACKBONE, TARGET_PROJECTOR):
             m[name].requires_grad_(False)
-        return [ParamGroup(list(m["predictor"].parameters()), lr_scale=p.predictor_lr_scale, name="predictor")]
+        return [ParamGroup(list(m[PREDICTOR].parameters()), lr_scale=p.predictor_lr_scale, name=PREDICTOR)]
 
     @hookimpl
     def register_outputs(self, state):
@@ -132,8 +138,8 @@ class BYOLTarget(Plugin):
     def update_target(self, state, iteration: int) -> None:
         m = state.model
         alpha = self.current_momentum(iteration, state)
-        ema_update(m["target_backbone"], m["backbone"], alpha)
-        ema_update(m["target_projector"], m["projector"], alpha)
+        ema_update(m[TARGET_BACKBONE], m["backbone"], alpha)
+        ema_update(m[TARGET_PROJECTOR], m[PROJECTOR], alpha)
         if self.params.cosine_increase:
             state.log("ema", alpha)
 

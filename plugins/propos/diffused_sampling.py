@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from clusterkit import DIRECTIONS, Plugin, hookimpl
 from clusterkit.schema import non_negative
+from clusterkit_plugins.propos.byol_target import PREDICTOR
 
 
 def diffused_sampling_loss(pred: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ class DiffusedSampling(Plugin):
             "doc": "sigma = 0 while schedule.warmup_epochs last (official)"})
 
     def sigma(self, state) -> float:
-        return 0.0 if (self.params.warmup_gate and state.in_warmup) else self.params.sigma
+        return 0.0 if self.warmup_gated(state) else self.params.sigma
 
     def diffused(self, state, cache, view: int) -> torch.Tensor:
         """q + sigma * eps of ``view`` (B, D); no draw while sigma is 0."""
@@ -63,7 +64,7 @@ class DiffusedSampling(Plugin):
 
     @hookimpl
     def compute_losses(self, state, cache):
-        predictor = state.model["predictor"]
+        predictor = state.model[PREDICTOR]
         losses = [diffused_sampling_loss(predictor(self.diffused(state, cache, a)), cache["k", b])
                   for a, b in DIRECTIONS]
         return {"diffused_sampling": self.params.weight * torch.stack(losses).mean()}

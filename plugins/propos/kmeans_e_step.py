@@ -6,9 +6,14 @@ clustered by cosine k-means++ (official: n_init 10, max_iter 300, tol 1e-4, seed
 the hard labels become ``state.pseudo_labels`` (N,) and the normalised centres
 ``state.centers`` (K, D).  Prediction is the same k-means on the evaluation features,
 with confidence = cosine to the assigned centre (metric cosine) or minus the euclidean
-distance to it.  The centres of that evaluation k-means are kept in ``state.extra``
-(so in every checkpoint); new images of a finished run (``predict(fit=False)``) are
-assigned to the final evaluation's centres, never re-clustered.
+distance to it (:class:`clusterkit.cluster.KMeansPredictor`, the rule the core also uses
+when no plugin predicts).  The centres of that evaluation k-means are the plugin's
+checkpointed state (:meth:`KMeansEStep.state_dict`); new images of a finished run
+(``predict(fit=False)``) are assigned to the final evaluation's centres, never re-clustered.
+
+One k-means serves an evaluation and the next E-step: ``state.features(split)`` returns the
+same tensor object until the next optimiser step (its documented contract), and
+:meth:`KMeansEStep.cluster` reuses its last result for that same object.
 """
 
 from __future__ import annotations
@@ -17,10 +22,9 @@ from typing import Literal
 
 import attrs
 import torch
-import torch.nn.functional as F
 
 from clusterkit import Plugin, Prediction, hookimpl
-from clusterkit.cluster import KMeansResult, assign, kmeans
+from clusterkit.cluster import KMeansPredictor, KMeansResult
 from clusterkit.errors import PluginError
 from clusterkit.schema import in_range, positive
 
@@ -41,16 +45,26 @@ class KMeansEStep(Plugin):
     def __init__(self, params=None):
         super().__init__(params)
         self._memo: tuple | None = None
+        #: (K, D) CPU centres of the last evaluation's k-means (checkpointed by state_dict)
+        self.predict_centers: torch.Tensor | None = None
+
+    def rule(self, state) -> KMeansPredictor:
+        """The k-means prediction rule of this run, holding the kept centres."""
+        p = self.params
+        rule = KMeansPredictor(
+            state.num_clusters, metric=p.metric, n_init=p.n_init, max_iter=p.max_iter, tol=p.tol,
+            seed=self.seed(state),
+            # every rank holds all features: the Lloyd sums are sharded over the ranks (identical result)
+            distributed=True, owner=f"Plugin '{self.name}'", missing_error=PluginError)
+        rule.centers = self.predict_centers
+        return rule
 
     def cluster(self, state, features: torch.Tensor) -> KMeansResult:
-        """k-means of ``features`` (N, D); reused while the features object is the same."""
+        """k-means of ``features`` (N, D); the last result is reused for the same tensor object
+        (``state.features`` returns one object per split and optimiser step)."""
         if self._memo is not None and self._memo[0] is features:
             return self._memo[1]
-        p = self.params
-        seed = state.recipe.run.seed if p.seed is None else p.seed
-        # every rank holds all features: the Lloyd sums are sharded over the ranks (identical result)
-        result = kmeans(features, state.num_clusters, metric=p.metric, n_init=p.n_init, max_iter=p.max_iter,
-                        tol=p.tol, seed=seed, distributed=True)
+        result = self.rule(state).cluster(features)
         self._memo = (features, result)
         return result
 
@@ -60,27 +74,18 @@ class KMeansEStep(Plugin):
         state.pseudo_labels = result.labels.to(state.device)
         state.centers = result.centers.to(state.device)
 
-    @property
-    def centers_key(self) -> str:
-        """Where the evaluation k-means centres live in ``state.extra``."""
-        return f"{self.name or 'kmeans_e_step'}.predict_centers"
-
     @hookimpl
     def predict(self, state, features, fit):
-        if fit:  # evaluation: k-means on the evaluation features; keep the centres for new data
-            result = self.cluster(state, features)
-            labels, centers = result.labels, result.centers
-            state.extra[self.centers_key] = centers.detach().cpu()
-        else:  # new data: assign to the centres of the last evaluation
-            if self.centers_key not in state.extra:
-                raise PluginError(
-                    f"Plugin '{self.name}' cannot assign new images: the checkpoint holds no k-means centres "
-                    f"of an evaluation (state.extra['{self.centers_key}']). It was written before any "
-                    "evaluation or by an older clusterkit; resume or rerun the run with this version.")
-            centers = state.extra[self.centers_key].to(features.device, features.dtype)
-            labels, _ = assign(features, centers, metric=self.params.metric)
-        if self.params.metric == "cosine":
-            conf = (F.normalize(features, dim=1) * centers[labels]).sum(1)
-        else:
-            conf = -(features - centers[labels]).norm(dim=1)
-        return Prediction(labels, conf)
+        rule = self.rule(state)
+        if not fit:  # new data: the centres of the last evaluation
+            return rule.assign(features)
+        pred = rule.fit(features, self.cluster(state, features))  # evaluation: k-means, centres kept
+        self.predict_centers = rule.centers
+        return pred
+
+    def state_dict(self) -> dict:
+        """``{"predict_centers": (K, D) CPU tensor, or None before the first evaluation}``."""
+        return {"predict_centers": self.predict_centers}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.predict_centers = state_dict.get("predict_centers")

@@ -89,7 +89,7 @@ class PrototypeAggregation(Plugin):
         if state.pseudo_labels is None:
             raise PluginError("prototype_aggregation needs pseudo-labels, but no E-step plugin published any. "
                               "Add kmeans_e_step (or another E-step plugin) to the recipe's plugins.")
-        if self.params.warmup_gate and state.in_warmup:
+        if self.warmup_gated(state):
             return {"prototype_aggregation": torch.zeros((), device=state.device)}
         labels = state.pseudo_labels[cache.global_index]          # (N,) of the global batch
         present = None
