@@ -82,7 +82,8 @@ def main() -> None:
         x = make_features(n, k)
         ours, ref = [], []
         for rep in range(args.repeats):
-            pair = [("ours", lambda: time_ours(x, k)), ("sk", lambda: time_sklearn(x, k, args.threads))]
+            pair = [("ours", lambda x=x, k=k: time_ours(x, k)),
+                    ("sk", lambda x=x, k=k: time_sklearn(x, k, args.threads))]
             if rep % 2:
                 pair.reverse()
             for name, fn in pair:
@@ -108,7 +109,8 @@ def main() -> None:
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
         f"load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f}.",
         "",
-        "| N | K | ours (s) | sklearn (s) | time ratio ours/sklearn | inertia ratio ours/sklearn | iters ours | iters sklearn |",
+        "| N | K | ours (s) | sklearn (s) | time ratio ours/sklearn | inertia ratio ours/sklearn "
+        "| iters ours | iters sklearn |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, k, t_o, t_s, ratio, inertia_ratio, it_o, it_s in rows:

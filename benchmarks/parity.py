@@ -240,7 +240,7 @@ def prepare_images(work: Path, limit: int) -> tuple[Path, str]:
     labels = _read_idx(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz")[:limit]
     for c in range(10):
         (folder / str(c)).mkdir(parents=True, exist_ok=True)
-    for i, (image, label) in enumerate(zip(images, labels)):
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         Image.fromarray(image, mode="L").save(folder / str(int(label)) / f"{i:05d}.png")
     done.write_text(f"{limit} images, first of t10k-images-idx3-ubyte.gz\n")
     log(f"wrote {limit} PNGs to {folder}")
@@ -517,11 +517,10 @@ def run_official_cc_child(args) -> None:
     (run_dir / "config").symlink_to(repo / "config", target_is_directory=True)  # train.py reads ./config/
     record_path = Path(args.record)
 
-    import torchvision  # noqa: E402  (after the shims and sys.path)
-    from torch.utils.data import DataLoader  # the original class, for the evaluation loader
-
     import cluster as official_cluster  # noqa: E402
+    import torchvision  # noqa: E402  (after the shims and sys.path)
     from modules import contrastive_loss, network, transform  # noqa: E402
+    from torch.utils.data import DataLoader  # the original class, for the evaluation loader
 
     holder: dict = {}
     losses: list[list[float]] = []

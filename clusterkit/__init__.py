@@ -8,11 +8,11 @@ backbones.  Start with ``clusterkit run recipes/quickstart.yaml``.
 
 __version__ = "0.1.0"
 
-from .hookspecs import hookimpl  # noqa: E402
-from .plugin import Plugin  # noqa: E402
 from . import distributed  # noqa: E402,F401
-from .state import DIRECTIONS, ParamGroup, Prediction, StepCache, TrainState  # noqa: E402
+from .hookspecs import hookimpl  # noqa: E402
 from .models import backbones as _backbones  # noqa: E402,F401  (registers resnet18_cifar & co in timm)
+from .plugin import Plugin  # noqa: E402
+from .state import DIRECTIONS, ParamGroup, Prediction, StepCache, TrainState  # noqa: E402
 
 __all__ = ["__version__", "hookimpl", "Plugin", "DIRECTIONS", "ParamGroup", "Prediction", "StepCache", "TrainState",
            "load"]

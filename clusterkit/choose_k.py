@@ -149,7 +149,7 @@ def format_table(rows: list[dict], rec: Recommendation | None = None) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = []
     for i, row in enumerate(cells):
-        line = "  ".join(v.rjust(w) for v, w in zip(row, widths))
+        line = "  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True))
         if rec is not None and i > 0 and rows[i - 1]["k"] == rec.k:
             line += "  <- " + QUALITY_NAMES[rec.criterion]
         lines.append(line)
@@ -178,7 +178,7 @@ def plot_choose_k(rows: list[dict], rec: Recommendation, path: str | Path, title
     fig = _figure(3.4 * len(panels), 3.4)
     axes = np.atleast_1d(fig.subplots(1, len(panels), sharex=True))
     ks = [r["k"] for r in rows]
-    for ax, key in zip(axes, panels):
+    for ax, key in zip(axes, panels, strict=True):
         values = [np.nan if r.get(key) is None else r[key] for r in rows]
         ax.plot(ks, values, marker="o", ms=3, color="tab:blue" if key != "nmi" else "0.5")
         ax.axvline(rec.k, color="tab:red", ls="--", lw=1)
@@ -250,7 +250,8 @@ def choose_k(run_dir: str | os.PathLike, ks: Sequence[int], *, out: str | os.Pat
         "recommendation": attrs.asdict(rec) | {"text": rec.text()}, "rows": rows}, indent=2))
     if plot:
         try:
-            files.append(plot_choose_k(rows, rec, out / "choose_k.png", title=f"{model.recipe.name} (epoch {model.epoch})"))
+            files.append(plot_choose_k(rows, rec, out / "choose_k.png",
+                                       title=f"{model.recipe.name} (epoch {model.epoch})"))
         except ClusterkitError as exc:  # matplotlib missing: the table stands on its own
             print(f"clusterkit: warning: no choose_k.png: {exc}", file=sys.stderr)
     return {"rows": rows, "recommendation": rec, "files": files, "table": table, "num_images": len(ds),

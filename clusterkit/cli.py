@@ -373,7 +373,7 @@ def cmd_predict(args) -> int:
     try:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["path", "cluster", "confidence"])
-        for path, label, conf in zip(files, pred.labels.tolist(), pred.confidence.tolist()):
+        for path, label, conf in zip(files, pred.labels.tolist(), pred.confidence.tolist(), strict=True):
             writer.writerow([str(path), label, f"{conf:.6f}"])
     finally:
         if args.out:
@@ -422,7 +422,8 @@ def cmd_choose_k(args) -> int:
                    device=args.device)
     model = res["model"]
     print(f"choose-k: {model.recipe.name} (epoch {model.epoch}), spherical k-means (n_init {args.n_init}) on the "
-          f"final features of {res['num_images']} images, K = {ks[0]}..{ks[-1]} (the run used K = {model.num_clusters})")
+          f"final features of {res['num_images']} images, K = {ks[0]}..{ks[-1]} "
+          f"(the run used K = {model.num_clusters})")
     print(res["table"])
     print(f"\n{res['recommendation'].text()}")
     for path in res["files"]:
@@ -459,8 +460,8 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     try:
-        return {"run": cmd_run, "plugins": cmd_plugins, "new-plugin": cmd_new_plugin, "compare": cmd_compare, "plot": cmd_plot,
-                "predict": cmd_predict, "show": cmd_show, "choose-k": cmd_choose_k,
+        return {"run": cmd_run, "plugins": cmd_plugins, "new-plugin": cmd_new_plugin, "compare": cmd_compare,
+                "plot": cmd_plot, "predict": cmd_predict, "show": cmd_show, "choose-k": cmd_choose_k,
                 "export": cmd_export}[args.command](args)
     except ClusterkitError as exc:
         if args.debug:

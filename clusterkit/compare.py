@@ -127,7 +127,7 @@ def _fmt_value(value) -> str:
 def _labels(paths: Sequence[str], names: Sequence[str | None]) -> list[str]:
     """Folder names: the recipe's name, or name-<file stem> where two recipes share a name."""
     labels = []
-    for path, name in zip(paths, names):
+    for path, name in zip(paths, names, strict=True):
         base = name or Path(path).stem
         clash = sum(1 for n in names if n == name) > 1
         labels.append(f"{base}-{Path(path).stem}" if clash and name else base)
@@ -574,20 +574,21 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
     # the difference table covers the recipes that loaded; align its columns with them
     say(f"compare: {len(paths)} recipes x {len(seeds)} seeds ({_seeds_text(seeds)}) -> {out}")
     if len(ok) > 1:
-        shown = [lab for lab, r in zip(labels, loaded) if r is not None]
+        shown = [lab for lab, r in zip(labels, loaded, strict=True) if r is not None]
         if differences:
             say(f"compare: the recipes differ in {len(differences)} key(s) ({', '.join(IGNORED_KEYS)} not compared):")
             for key, values in differences:
-                say(f"  {key}:  " + "  |  ".join(f"{lab} = {_fmt_value(v)}" for lab, v in zip(shown, values)))
+                say(f"  {key}:  " + "  |  ".join(f"{lab} = {_fmt_value(v)}"
+                                                  for lab, v in zip(shown, values, strict=True)))
         else:
             say("compare: the recipes are identical apart from their names")
-    for label, load_error in zip(labels, load_errors):
+    for label, load_error in zip(labels, load_errors, strict=True):
         if load_error is not None:  # said before anything trains; its rows are reported as failed
             say(f"compare: {label} cannot run and is reported as failed: {load_error}")
     runs: list[RunResult] = []
     total = len(paths) * len(seeds)
     n = 0
-    for path, label, recipe0, load_error in zip(paths, labels, loaded, load_errors):
+    for path, label, recipe0, load_error in zip(paths, labels, loaded, load_errors, strict=True):
         for seed in seeds:
             n += 1
             head = f"[{n}/{total}] {label} seed {seed}"
@@ -628,7 +629,8 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
             except Exception as exc:  # noqa: BLE001 - one failing run must not stop the others
                 result.error = _error_text(exc)
                 say(f"{head}: FAILED: {result.error}")
-    rows = [aggregate(label, path, [r for r in runs if r.label == label]) for path, label in zip(paths, labels)]
+    rows = [aggregate(label, path, [r for r in runs if r.label == label])
+            for path, label in zip(paths, labels, strict=True)]
     res = CompareResult(out, rows, runs, differences, [])
     out.mkdir(parents=True, exist_ok=True)
     if command is None:
@@ -651,7 +653,7 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
         (out / stale).unlink(missing_ok=True)
     (out / "compare.json").write_text(json.dumps({
         "command": command, "seeds": seeds, "overrides": overrides, "isolated": isolate,
-        "recipes": [{"label": lab, "path": p} for lab, p in zip(labels, paths)],
+        "recipes": [{"label": lab, "path": p} for lab, p in zip(labels, paths, strict=True)],
         "runs": [{"label": r.label, "seed": r.seed, "run_dir": str(r.run_dir) if r.run_dir else None,
                   "status": r.status, "how": r.how, "error": r.error} for r in runs],
         "differences": [{"key": k, "values": v} for k, v in differences],

@@ -144,7 +144,7 @@ def gather_rows(x: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
     sizes = [shard_range(n, r, world) for r in range(world)]
-    return torch.cat([p.narrow(dim, 0, stop - start) for p, (start, stop) in zip(parts, sizes)], dim=dim)
+    return torch.cat([p.narrow(dim, 0, stop - start) for p, (start, stop) in zip(parts, sizes, strict=True)], dim=dim)
 
 
 def local_rows(x: torch.Tensor) -> torch.Tensor:

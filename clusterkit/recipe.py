@@ -399,8 +399,8 @@ def _check_override_path(keys: list[str], text: str) -> None:
     """Reject ``--set`` on a core path that does not exist, with a did-you-mean."""
     from .schema import did_you_mean
 
-    cls = Recipe
-    path = []
+    cls: type | None = Recipe
+    path: list[str] = []
     for k in keys:
         if cls is None or not attrs.has(cls):
             return  # inside a free-form mapping (plugins.*, backbone_kwargs): checked later

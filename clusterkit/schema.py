@@ -30,8 +30,8 @@ import attrs
 
 from .errors import RecipeError
 
-__all__ = ["build", "unstructure", "did_you_mean", "field_docs", "in_range", "positive", "positive_finite", "non_negative",
-           "in_unit_interval"]
+__all__ = ["build", "unstructure", "did_you_mean", "field_docs", "in_range", "positive", "positive_finite",
+           "non_negative", "in_unit_interval"]
 
 
 def did_you_mean(word: str, choices) -> str:
@@ -117,7 +117,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise RecipeError(f"'{where}' must have {len(args)} items, got {len(value)}: {value!r}.")
-            items = [_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
         else:
             item_tp = args[0] if args else Any
             items = [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]

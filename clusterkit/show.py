@@ -232,7 +232,8 @@ def _summary_lines(run_dir: Path, summary: dict | None, records: list[dict], rec
                      f"{_num(q.get('mean_confidence'))}")
     if summary.get("pixel_kmeans"):
         b = summary["pixel_kmeans"]
-        lines.append(f"k-means on the raw pixels:       NMI {_num(b['nmi'])}  ACC {_num(b['acc'])}  ARI {_num(b['ari'])}")
+        lines.append(f"k-means on the raw pixels:       NMI {_num(b['nmi'])}  ACC {_num(b['acc'])}  "
+                     f"ARI {_num(b['ari'])}")
     used = "yes" if p.get("test_data_used_for_training") else "no"
     labels = f"; labels: {p['labels']}" if p.get("labels") else ""
     lines.append(f"protocol: {p['dataset']}, trained on '{p['train_split']}', evaluated on '{p['eval_split']}' "
@@ -269,8 +270,8 @@ def metrics_table(records: list[dict]) -> list[str]:
              for r in records]
     cols = [dict(quality).get(c, c) for c in cols]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return lines
 
 

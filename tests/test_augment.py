@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,8 +178,8 @@ def test_resized_crop_matches_torchvision_when_upscaling():
     boxes = torch.tensor([[0.0, 0.0, 12.0, 12.0], [2.0, 3.0, 6.0, 8.0], [5.0, 1.0, 7.0, 4.0]])
     flip = torch.tensor([False, True, False])
     out = resized_crop(images, boxes, 16, flip)
-    for i, (t, l, h, w) in enumerate(boxes.int().tolist()):
-        ref = TF.resized_crop(images[i], t, l, h, w, [16, 16], antialias=False)
+    for i, (top, left, h, w) in enumerate(boxes.int().tolist()):
+        ref = TF.resized_crop(images[i], top, left, h, w, [16, 16], antialias=False)
         ref = ref.flip(-1) if flip[i] else ref
         assert torch.allclose(out[i], ref, atol=1e-5)
 

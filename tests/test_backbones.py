@@ -85,7 +85,7 @@ def test_cifar_resnet18_initialises_like_torchvisions_resnet18_with_a_fresh_stem
     ours = _init_stats(timm.create_model("resnet18_cifar", num_classes=0))
     theirs = _init_stats(_official_cifar_resnet18())
     assert [kind for kind, _, _ in ours] == [kind for kind, _, _ in theirs]
-    for i, ((kind, s_ours, m_ours), (_, s_theirs, m_theirs)) in enumerate(zip(ours, theirs)):
+    for i, ((kind, s_ours, m_ours), (_, s_theirs, m_theirs)) in enumerate(zip(ours, theirs, strict=True)):
         if kind == "bn":  # weight 1 everywhere: no zero-initialised last BN per block
             assert (s_ours, m_ours) == (s_theirs, m_theirs) == (0.0, 1.0), i
         else:  # same init distribution: std within sampling error (the smallest conv has 1,728 weights)
@@ -102,7 +102,7 @@ def test_standard_resnet_with_zero_init_last_false_matches_torchvision():
     torch.manual_seed(0)
     ours = _init_stats(create_backbone(ModelConfig(backbone="resnet18", backbone_kwargs={"zero_init_last": False})))
     theirs = _init_stats(torchvision.models.resnet18())
-    for (kind, s_ours, m_ours), (_, s_theirs, m_theirs) in zip(ours, theirs):
+    for (kind, s_ours, m_ours), (_, s_theirs, m_theirs) in zip(ours, theirs, strict=True):
         if kind == "bn":
             assert (s_ours, m_ours) == (s_theirs, m_theirs)
         else:

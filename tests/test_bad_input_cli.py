@@ -129,7 +129,8 @@ def _unknown_backbone(tmp, raw):
 
 def _pretrained_without_weights(tmp, raw):
     raw["model"].update({"backbone": "resnet18", "pretrained": True, "backbone_kwargs": {}})
-    return [], "cannot download anything at run time; put the weights file on this machine and set model.pretrained_file"
+    return [], ("cannot download anything at run time; put the weights file on this machine and set "
+                "model.pretrained_file")
 
 
 def _pretrained_file_missing(tmp, raw):

@@ -33,7 +33,7 @@ def _params(state, names):
 def test_setup_copies_the_online_branch_and_freezes_the_target():
     state, _, groups = make_state()
     for online, target in (("backbone", "target_backbone"), ("projector", "target_projector")):
-        for a, b in zip(state.model[online].parameters(), state.model[target].parameters()):
+        for a, b in zip(state.model[online].parameters(), state.model[target].parameters(), strict=True):
             assert torch.equal(a, b) and not b.requires_grad
     (group,) = groups  # the predictor trains at 10x the lr
     assert group.lr_scale == 10.0 and group.name == "predictor"
@@ -43,11 +43,12 @@ def test_setup_copies_the_online_branch_and_freezes_the_target():
 
 def test_ema_update_is_parameters_only():
     torch.manual_seed(1)
-    online, target = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    online = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    target = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     online[1].running_mean.fill_(5.0)
     before = [p.detach().clone() for p in target.parameters()]
     ema_update(target, online, 0.9)
-    for b, o, t in zip(before, online.parameters(), target.parameters()):
+    for b, o, t in zip(before, online.parameters(), target.parameters(), strict=True):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
     assert torch.equal(target[1].running_mean, torch.zeros(3))  # BN buffers are the target's own
 
@@ -73,7 +74,7 @@ def test_ema_timing(timing):
     state.step += 1
     plugin.after_step(state)
     expected_online = seen if timing == "before_step" else stepped
-    for t0, o, t in zip(target0, expected_online, _params(state, ("target_backbone", "target_projector"))):
+    for t0, o, t in zip(target0, expected_online, _params(state, ("target_backbone", "target_projector")), strict=True):
         torch.testing.assert_close(t, 0.9 * t0 + 0.1 * o)
 
 

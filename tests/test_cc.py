@@ -16,8 +16,7 @@ from clusterkit.cli import main
 from clusterkit.errors import PluginError
 from clusterkit.plugin_manager import load_plugins
 from clusterkit.recipe import load_recipe
-from clusterkit_plugins.cc.cluster_contrast import (ClusterContrast, cluster_contrastive_loss,
-                                                    cluster_entropy_loss)
+from clusterkit_plugins.cc.cluster_contrast import ClusterContrast, cluster_contrastive_loss, cluster_entropy_loss
 from clusterkit_plugins.cc.heads import ContrastiveHeads
 from clusterkit_plugins.cc.instance_contrast import InstanceContrast, instance_contrastive_loss
 
@@ -36,7 +35,7 @@ def _unit(vec, eps=1e-8):
 
 
 def _dot(u, v):
-    return sum(x * y for x, y in zip(u, v))
+    return sum(x * y for x, y in zip(u, v, strict=True))
 
 
 def naive_nt_xent(vectors_a, vectors_b, tau):

@@ -354,7 +354,8 @@ def test_decode_size_keeps_the_stored_resolution_and_views_have_image_size(tmp_p
     for c in range(2):
         (tmp_path / "tree" / f"c{c}").mkdir(parents=True)
         for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "tree" / f"c{c}" / f"{i}.png")
+            image = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+            image.save(tmp_path / "tree" / f"c{c}" / f"{i}.png")
 
     class ViewShapes(Plugin):
         @attrs.define

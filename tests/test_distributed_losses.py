@@ -210,7 +210,7 @@ def _renaming(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor | None:
     """The permutation perm (k,) with b == perm[a] when the labellings a, b (N,) are the same
     partition of the rows into k clusters, else None."""
     perm = torch.full((k,), -1, dtype=torch.long)
-    for i, j in zip(a.tolist(), b.tolist()):
+    for i, j in zip(a.tolist(), b.tolist(), strict=True):
         if perm[i] == -1:
             perm[i] = j
         elif perm[i] != j:

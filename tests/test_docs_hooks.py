@@ -235,9 +235,9 @@ def test_hook_before_optimizer_step(recorded):
     assert [e[2] for e in befores] == list(range(12))  # state.step does not count the step yet
     assert all(e[3]["has_grad"] for e in befores)  # after backward
     # before the optimiser step: the weights are still those the losses saw, and they move after it
-    assert all(torch.equal(b[3]["weight"], s[3]["weight"]) for b, s in zip(befores, starts))
+    assert all(torch.equal(b[3]["weight"], s[3]["weight"]) for b, s in zip(befores, starts, strict=True))
     # (the last of the 12 iterations trains at lr 0: the official clock reads the cosine at its end)
-    assert all(not torch.equal(b[3]["weight"], a[3]["weight"]) for b, a in zip(befores[:-1], afters[:-1]))
+    assert all(not torch.equal(b[3]["weight"], a[3]["weight"]) for b, a in zip(befores[:-1], afters[:-1], strict=True))
 
 
 def test_hook_after_step(recorded):
@@ -245,7 +245,7 @@ def test_hook_after_step(recorded):
     assert [e[2] for e in afters] == list(range(1, 13))  # state.step counts the step just taken
     # after the optimiser step: the trainable head has moved since the step started (but in the
     # last iteration, which trains at lr 0: the official clock reads the cosine at its end)
-    assert all(not torch.equal(a[3]["weight"], s[3]["weight"]) for a, s in zip(afters[:-1], starts[:-1]))
+    assert all(not torch.equal(a[3]["weight"], s[3]["weight"]) for a, s in zip(afters[:-1], starts[:-1], strict=True))
 
 
 def test_hook_predict(recorded):

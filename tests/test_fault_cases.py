@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-
 from conftest import TINY
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -541,7 +540,8 @@ def test_8_root_one_level_too_high_and_warmup_as_long_as_the_run(tmp_path):
     res = run_cli("run", write(tmp_path / "r.yaml", raw), "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
     err = flat(res.stderr)
-    assert f"data.root '{root}' holds a single class folder, 'inner'" in err and f"Set data.root to '{root / 'inner'}'" in err
+    assert f"data.root '{root}' holds a single class folder, 'inner'" in err
+    assert f"Set data.root to '{root / 'inner'}'" in err
     assert "schedule.warmup_epochs = 1 is not below schedule.epochs = 1" in err
     assert "warm-up-gated losses of diffused_sampling, prototype_aggregation never turn on" in err
 

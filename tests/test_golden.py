@@ -187,8 +187,8 @@ def test_momentum_grouping_plugin_follows_digpro_clock_and_lightly_bank(monkeypa
         memory.groups.copy_(g["groups_init"])   # the official run's torch.rand init
     regroups = []
     original = mg.regroup
-    monkeypatch.setattr(mg, "regroup", lambda bank, l, **kw: (regroups.append((state.step, bank.clone())),
-                                                               original(bank, l, **kw))[1])
+    monkeypatch.setattr(mg, "regroup", lambda bank, num_groups, **kw: (regroups.append((state.step, bank.clone())),
+                                                                        original(bank, num_groups, **kw))[1])
     perm = torch.arange(k_groups)
     written = 0
     for rec in g["iterations"]:
@@ -316,7 +316,7 @@ def test_lr_for_step_with_the_official_clock_matches_cosine_annealing_lr():
                                    "lr_clock": "official"}, "schedule")
     scale = BYOLTarget.Params().predictor_lr_scale
     assert scale == s["lambda_predictor_lr"]
-    for n_iter, lr, pred_lr in zip(g["n_iter"], g["lr"], g["predictor_lr"]):
+    for n_iter, lr, pred_lr in zip(g["n_iter"], g["lr"], g["predictor_lr"], strict=True):
         ours = lr_for_step(n_iter - 1, s["iter_per_epoch"], sched, s["learning_rate"])
         assert math.isclose(ours, lr, rel_tol=1e-9, abs_tol=1e-12), (n_iter, ours, lr)
         assert math.isclose(ours * scale, pred_lr, rel_tol=1e-9, abs_tol=1e-12), (n_iter, ours * scale, pred_lr)
@@ -328,5 +328,6 @@ def test_ema_momentum_schedule_matches_official():
     s = g["schedule"]
     total = s["iter_per_epoch"] * s["epochs"]
     assert all(m == BYOLTarget.Params().momentum for m in g["momentum"])
-    for n_iter, m in zip(g["n_iter"], g["momentum_increase"]):   # clusterkit: state.step after the step = n_iter
+    # clusterkit: state.step after the step = n_iter
+    for n_iter, m in zip(g["n_iter"], g["momentum_increase"], strict=True):
         assert math.isclose(cosine_momentum(s["momentum_base"], n_iter, total), m, rel_tol=1e-12), n_iter

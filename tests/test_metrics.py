@@ -86,7 +86,7 @@ def test_matches_sklearn_on_random_labels():
     # brute force over all one-to-one maps of the 6 clusters onto 5 classes (+ one unmatched)
     from itertools import permutations
 
-    best = max(sum(np.sum((p == c) & (y == t)) for c, t in zip(perm, range(5)))
+    best = max(sum(np.sum((p == c) & (y == t)) for c, t in zip(perm, range(5), strict=True))
                for perm in permutations(range(6), 5))
     assert m["acc"] == pytest.approx(best / 300)
 

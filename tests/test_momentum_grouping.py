@@ -42,7 +42,8 @@ IN_DIM, FEAT_DIM, HIDDEN, OUT_DIM = 12, 16, 16, 8
 # ---------------------------------------------------------------------------------------------
 
 def _cos(u, v):
-    return sum(a * b for a, b in zip(u, v)) / (math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(b * b for b in v)))
+    dot = sum(a * b for a, b in zip(u, v, strict=True))
+    return dot / (math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(b * b for b in v)))
 
 
 def _naive_assign(k, groups):
@@ -56,18 +57,18 @@ def _naive_assign(k, groups):
 def _naive_update(groups, q, mu, beta):
     new = []
     for c, g in enumerate(groups.tolist()):
-        members = [row for row, m in zip(q.tolist(), mu) if m == c]
+        members = [row for row, m in zip(q.tolist(), mu, strict=True) if m == c]
         if not members:
             new.append(g)
             continue
-        mean = [sum(col) / len(members) for col in zip(*members)]
-        new.append([beta * a + (1 - beta) * b for a, b in zip(g, mean)])
+        mean = [sum(col) / len(members) for col in zip(*members, strict=True)]
+        new.append([beta * a + (1 - beta) * b for a, b in zip(g, mean, strict=True)])
     return torch.tensor(new, dtype=torch.float64)
 
 
 def _naive_loss(pred, groups, mu, tau):
     total = 0.0
-    for row, m in zip(pred.tolist(), mu):
+    for row, m in zip(pred.tolist(), mu, strict=True):
         logits = [_cos(row, g) / tau for g in groups.tolist()]
         exps = [math.exp(v) for v in logits]
         total += -math.log(exps[m] / sum(exps))
@@ -354,7 +355,7 @@ def test_regroup_every_defaults_to_k_iterations_counting_from_one():
     import clusterkit_plugins.digpro.momentum_grouping as mg
 
     original = mg.regroup
-    mg.regroup = lambda bank, l, **kw: (calls.append(kw["seed"]), original(bank, l, **kw))[1]
+    mg.regroup = lambda bank, num_groups, **kw: (calls.append(kw["seed"]), original(bank, num_groups, **kw))[1]
     try:
         for i in range(7):
             run_step(state, byol, plugin, seed=i)
@@ -377,7 +378,8 @@ def test_memory_bank_is_a_ring_buffer():
         for i, v in enumerate(written):  # naive: row i goes to slot i % 7, later rows overwrite
             expected[i % 7] = v
         got = mem.bank.flatten().tolist()
-        assert [g for g, e in zip(got, expected) if e is not None] == [e for e in expected if e is not None]
+        written_slots = [e for e in expected if e is not None]
+        assert [g for g, e in zip(got, expected, strict=True) if e is not None] == written_slots
         assert mem.filled().shape[0] == min(n, 7)
     assert sorted(mem.filled().flatten().tolist()) == list(range(5, 12))  # the 7 latest
     mem.push(torch.arange(100, 110, dtype=torch.float32).unsqueeze(1))  # more rows than the bank
@@ -465,19 +467,19 @@ def test_extra_ema_moves_the_target_before_the_forward_on_non_regroup_iterations
     plugin.on_step_start(state, cache)
     after = _target_params(state)
     if extra_ema:
-        for b, o, a in zip(before, online, after):
+        for b, o, a in zip(before, online, after, strict=True):
             torch.testing.assert_close(a, 0.9 * b + 0.1 * o)
         m = state.model
         with torch.no_grad():  # the forward sees the moved target
             torch.testing.assert_close(cache["k", 0], m["target_projector"](m["target_backbone"](cache.views[0])))
     else:
-        assert all(torch.equal(b, a) for b, a in zip(before, after))
+        assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
     plugin.compute_losses(state, cache)
     plugin.after_step(state, cache)
     # iteration 2 regroups: no extra EMA
     before = _target_params(state)
     plugin.on_step_start(state, make_cache(state, byol, seed=3))
-    assert all(torch.equal(b, a) for b, a in zip(before, _target_params(state)))
+    assert all(torch.equal(b, a) for b, a in zip(before, _target_params(state), strict=True))
 
 
 def test_default_params_and_validation():

@@ -18,7 +18,6 @@ import yaml
 from PIL import Image
 
 from clusterkit.choose_k import parse_ks, recommend, score_ks
-from clusterkit.cli import main
 from clusterkit.errors import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]

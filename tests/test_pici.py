@@ -21,12 +21,23 @@ from clusterkit.models import create_backbone
 from clusterkit.models.vit import PiciViT, sincos_pos_embed_1d, sincos_pos_embed_2d
 from clusterkit.plugin_manager import load_plugins
 from clusterkit.recipe import ModelConfig, load_recipe
-from clusterkit_plugins.pici.cross_level_interaction import (CrossLevelInteraction, cli_cross_entropy,
-                                                             cross_level_interaction_loss, kmeans_labels,
-                                                             label_matching, matched_targets, minmax_scale)
+from clusterkit_plugins.pici.cross_level_interaction import (
+    CrossLevelInteraction,
+    cli_cross_entropy,
+    cross_level_interaction_loss,
+    kmeans_labels,
+    label_matching,
+    matched_targets,
+    minmax_scale,
+)
 from clusterkit_plugins.pici.masked_vit import MaskedViT, encode, random_masking
-from clusterkit_plugins.pici.self_discrimination import (MAEDecoder, PartialSelfDiscrimination,
-                                                         masked_reconstruction_loss, patchify, unpatchify)
+from clusterkit_plugins.pici.self_discrimination import (
+    MAEDecoder,
+    PartialSelfDiscrimination,
+    masked_reconstruction_loss,
+    patchify,
+    unpatchify,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VIT = "vit_pici_small_patch16_224"
@@ -137,7 +148,7 @@ def test_random_masking_uses_the_global_rng_reproducibly():
     a = random_masking(x, 0.5)
     torch.manual_seed(7)
     b = random_masking(x, 0.5)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert not torch.equal(a[1], random_masking(x, 0.5)[1])
 
 
@@ -190,7 +201,7 @@ def naive_masked_loss(pred, target, mask, norm_pix, eps=1e-6):
                 m = sum(t) / len(t)
                 var = sum((v - m) ** 2 for v in t) / (len(t) - 1)
                 t = [(v - m) / math.sqrt(var + eps) for v in t]
-            total += sum((float(q) - v) ** 2 for q, v in zip(pred[i, j], t)) / len(t)
+            total += sum((float(q) - v) ** 2 for q, v in zip(pred[i, j], t, strict=True)) / len(t)
             count += 1
     return total / count
 
@@ -248,7 +259,7 @@ def brute_force_matching(pseudo, head, k):
     """All k! renamings of the pseudo-labels; returns (best agreement, list of best renamings)."""
     best, arg = -1, []
     for perm in itertools.permutations(range(k)):
-        agree = sum(perm[int(a)] == int(b) for a, b in zip(pseudo, head))
+        agree = sum(perm[int(a)] == int(b) for a, b in zip(pseudo, head, strict=True))
         if agree > best:
             best, arg = agree, [perm]
         elif agree == best:
@@ -273,7 +284,7 @@ def test_label_matching_finds_the_best_renaming_like_brute_force(seed):
 
 def naive_ce(probs, targets, double_softmax, eps=1e-8):
     total = 0.0
-    for row, t in zip(probs.tolist(), targets.tolist()):
+    for row, t in zip(probs.tolist(), targets.tolist(), strict=True):
         if double_softmax:
             total += -(row[t] - math.log(sum(math.exp(v) for v in row)))
         else:
@@ -345,7 +356,7 @@ def test_kmeans_labels_are_seeded_and_use_minmax_scaling_by_default():
     a = kmeans_labels(z, 3, n_init=2, seed=3)
     assert torch.equal(a, kmeans_labels(z, 3, n_init=2, seed=3))
     truth = torch.arange(3).repeat_interleave(6)
-    assert len({(int(p), int(t)) for p, t in zip(a, truth)}) == 3   # recovers the three blobs
+    assert len({(int(p), int(t)) for p, t in zip(a, truth, strict=True)}) == 3   # recovers the three blobs
     assert torch.equal(kmeans_labels(z, 3, n_init=2, seed=3, scaling="none").unique(), torch.arange(3))
 
 

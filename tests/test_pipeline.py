@@ -93,7 +93,7 @@ def test_batched_is_the_trainer_path_bit_for_bit():
         torch.manual_seed(10 + seed)
         old = [(list(old_augment(images)), index) for images, _, index in old_loader]
         assert len(new) == len(old) == 3
-        for (nv, ni), (ov, oi) in zip(new, old):
+        for (nv, ni), (ov, oi) in zip(new, old, strict=True):
             assert torch.equal(ni, oi) and torch.equal(nv[0], ov[0]) and torch.equal(nv[1], ov[1])
 
 
@@ -142,7 +142,7 @@ def test_per_image_workers_cover_the_epoch_and_repeat_with_the_generator():
         gen.manual_seed(7)
         runs.append([pipe.views(batch) for batch in pipe.loader])
     assert sorted(i for _, index in runs[0] for i in index.tolist()) == list(range(24))
-    for (va, ia), (vb, ib) in zip(*runs):
+    for (va, ia), (vb, ib) in zip(*runs, strict=True):
         assert torch.equal(ia, ib) and torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1])
 
 

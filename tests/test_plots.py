@@ -9,8 +9,7 @@ import torch
 from PIL import Image
 
 from clusterkit.cli import main
-from clusterkit.plots import (MissingDependency, plot_confusion, plot_convergence, plot_montage, plot_run,
-                              plot_tsne)
+from clusterkit.plots import MissingDependency, plot_confusion, plot_convergence, plot_montage, plot_run, plot_tsne
 from clusterkit.recipe import load_recipe
 from clusterkit.trainer import Trainer
 

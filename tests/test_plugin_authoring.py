@@ -27,11 +27,10 @@ from torch import nn
 from clusterkit import Plugin, hookimpl
 from clusterkit.cli import main
 from clusterkit.errors import PluginError, RecipeError
-from clusterkit.plugin_manager import (AUTOLOAD_ENV, PluginInfo, discover, installed, load_plugins, select)
+from clusterkit.plugin_manager import AUTOLOAD_ENV, PluginInfo, discover, installed, load_plugins, select
 from clusterkit.recipe import load_recipe
 from clusterkit.schema import positive
-from clusterkit.testing import (PluginCheckError, check_checkpoint_roundtrip, check_losses, synthetic_dataset,
-                                train_tiny)
+from clusterkit.testing import PluginCheckError, check_checkpoint_roundtrip, check_losses, synthetic_dataset, train_tiny
 from clusterkit.trainer import Trainer
 
 pytest_plugins = ["clusterkit.testing"]

@@ -244,8 +244,9 @@ def test_compare_reports_label_free_quality_of_unlabeled_runs(tmp_path, restore_
     import csv
     import statistics
 
-    from clusterkit.compare import compare
     from conftest import TINY
+
+    from clusterkit.compare import compare
 
     raw = copy.deepcopy(TINY)
     raw["data"]["labels"] = "none"
@@ -272,9 +273,10 @@ def test_compare_reuses_a_run_made_before_data_labels_existed(tmp_path):
     """A finished run whose recipe.yaml lacks data.labels (an older clusterkit) is the same recipe."""
     import copy
 
+    from conftest import TINY
+
     from clusterkit.compare import _plan
     from clusterkit.recipe import load_recipe
-    from conftest import TINY
 
     recipe = load_recipe(data=copy.deepcopy(TINY))
     old = recipe.to_dict()

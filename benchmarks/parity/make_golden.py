@@ -191,7 +191,8 @@ class Recorder(nn.Module):
 
 def grads(loss, tensors):
     return [g if g is not None else torch.zeros_like(t)
-            for g, t in zip(torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True), tensors)]
+            for g, t in zip(torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True), tensors,
+                            strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def case_propos(root: Path) -> dict[str, dict]:
                     "pred_noisy": [p.detach() for p in pred_noisy],
                     "grad_q": [g[:, :D] for g in g_psa[:2]], "grad_k_raw": [g[:, D:] for g in g_psa[:2]],
                     "grad_pred_noisy": g_psa_pred,
-                    "grad_predictor": dict(zip(names, g_psa[2:])), "directions": [(0, 1), (1, 0)],
+                    "grad_predictor": dict(zip(names, g_psa[2:], strict=True)), "directions": [(0, 1), (1, 0)],
                     "source": {**src, "case": "PSA / diffused sampling, -2 cos(p(q + sigma eps), k), mean of the "
                                               "two directions (view 0 online first)"}}
         psl_case = {"q": q, "k_raw": k_raw, "k": k, "labels": labels, "num_clusters": K, "temperature": 0.5,
@@ -310,7 +311,7 @@ def case_digpro_step(root: Path) -> dict:
                 "pred": [p.detach() for p in pred],
                 "loss": smog.detach(), "loss_per_direction": [d[4].detach() for d in per_dir],
                 "grad_q": [gg[:, :D] for gg in g[:2]], "grad_pred": g[2:4],
-                "grad_predictor": dict(zip(names, g[4:])), "directions": [(0, 1), (1, 0)],
+                "grad_predictor": dict(zip(names, g[4:], strict=True)), "directions": [(0, 1), (1, 0)],
                 "source": {"loss": off.src("models/propos/byol_wrapper.py:BYOLWrapper.forward -> forward_loss "
                                            "(SMoG block: smog.assign_groups(k), smog.get_updated_group_features(q), "
                                            "smog(predictor(q), G', temperature=0.1), set_group_features, "
@@ -367,12 +368,13 @@ def case_digpro_clock(root: Path) -> dict:
             x = [torch.cat([qs[v], ks[v]], 1) for v in range(2)]
             g_start = None
 
-            def capture_start(*args, **kwargs):
+            original_fl = type(w).forward_loss.__get__(w)
+
+            def capture_start(*args, _original_fl=original_fl, **kwargs):
                 nonlocal g_start
                 if g_start is None:
                     g_start = w.smog.group_features.detach().clone()
-                return original_fl(*args, **kwargs)
-            original_fl = type(w).forward_loss.__get__(w)
+                return _original_fl(*args, **kwargs)
             w.forward_loss = capture_start
             psa, psl, q_all, smog = w.forward(x[0], x[1], torch.arange(B * (n - 1), B * n), n_iter=n,
                                               momentum_update=False)

@@ -74,7 +74,7 @@ def hungarian_match(y_true, y_pred) -> dict[int, int]:
     clusters, classes, table = _contingency(t, p)
     rows, cols = linear_sum_assignment(table, maximize=True)
     mapping = {int(c): -1 for c in clusters}
-    for r, c in zip(rows, cols):
+    for r, c in zip(rows, cols, strict=True):
         mapping[int(clusters[r])] = int(classes[c])
     return mapping
 

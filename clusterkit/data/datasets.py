@@ -340,7 +340,7 @@ def collate_batched(batch: Any) -> Any:
     """
     if isinstance(batch, tuple) and len(batch) == 3 and isinstance(batch[0], torch.Tensor) and batch[0].ndim == 4:
         return batch
-    images, targets, indices = zip(*batch)
+    images, targets, indices = zip(*batch, strict=True)
     return (
         torch.stack(list(images)),
         torch.as_tensor(targets, dtype=torch.long),
@@ -740,7 +740,7 @@ def _drop_duplicates(paths: list[str], targets: list[int]) -> tuple[list[str], l
     """Keep the first of files reached through more than one path (symlinks), with a warning."""
     seen: dict[str, str] = {}
     kept_paths, kept_targets, twice = [], [], []
-    for path, target in zip(paths, targets):
+    for path, target in zip(paths, targets, strict=True):
         real = os.path.realpath(path)
         if real in seen:
             twice.append((seen[real], path))

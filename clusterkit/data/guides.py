@@ -83,7 +83,7 @@ train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, so the archive's layout has to be rea
        find data/tiny-imagenet-200/val -name '*.JPEG' | wc -l
   6. Train: clusterkit run recipes/digpro_tiny_imagenet.yaml
      (data kept elsewhere: add --set data.root=PATH).
-"""
+"""  # noqa: E501  (step 3's shell loop stays on one line, to be copied as is)
 
 _RSOD = """\
 How to prepare RSOD:

@@ -53,7 +53,7 @@ def recalibrated_batchnorm(model: nn.Module, forward: Callable[[torch.Tensor], o
             distributed.all_reduce(m.running_var, "mean")
         yield len(layers)
     finally:
-        for m, (mean, var, tracked, momentum, training) in zip(layers, saved):
+        for m, (mean, var, tracked, momentum, training) in zip(layers, saved, strict=True):
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(tracked)

@@ -45,7 +45,6 @@ from clusterkit import Plugin, hookimpl
 from clusterkit.errors import PluginError
 from clusterkit.schema import in_range
 
-
 # ---------------------------------------------------------------------------------------------
 # The method as functions of tensors
 # ---------------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from clusterkit_align_uniform import AlignUniform, align_loss, uniform_loss
 
 from clusterkit.plugin_manager import discover, load_plugins
 from clusterkit.recipe import load_recipe
 from clusterkit.testing import check_checkpoint_roundtrip, check_distributed_equivalence, check_losses, train_tiny
-from clusterkit_align_uniform import AlignUniform, align_loss, uniform_loss
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -23,8 +23,8 @@ HERE = Path(__file__).resolve().parent.parent
 
 def naive_align(x, y, alpha):
     total = 0.0
-    for xi, yi in zip(x.tolist(), y.tolist()):
-        total += math.sqrt(sum((a - b) ** 2 for a, b in zip(xi, yi))) ** alpha
+    for xi, yi in zip(x.tolist(), y.tolist(), strict=True):
+        total += math.sqrt(sum((a - b) ** 2 for a, b in zip(xi, yi, strict=True))) ** alpha
     return total / len(x)
 
 
@@ -34,7 +34,7 @@ def naive_uniform(x, t):
     for i in range(len(rows)):
         for j in range(len(rows)):
             if i != j:
-                exponents.append(-t * sum((a - b) ** 2 for a, b in zip(rows[i], rows[j])))
+                exponents.append(-t * sum((a - b) ** 2 for a, b in zip(rows[i], rows[j], strict=True)))
     top = max(exponents)  # log-mean-exp with a shift, so a large t does not underflow to log(0)
     return top + math.log(math.fsum(math.exp(e - top) for e in exponents) / len(exponents))
 
