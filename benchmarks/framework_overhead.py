@@ -416,9 +416,9 @@ def step_hooks_sentence(trainer: Trainer) -> str:
 def report(args, trainer: Trainer, images, eq: dict, res: dict, micro: dict, load: tuple) -> str:
     r = trainer.recipe
     hook, plain = summary(res["hook"]), summary(res["plain"])
-    diffs = [h - p for h, p in zip(res["hook"], res["plain"])]
+    diffs = [h - p for h, p in zip(res["hook"], res["plain"], strict=True)]
     ratio_med, ratio_min = hook["median"] / plain["median"], hook["min"] / plain["min"]
-    pair_ratios = [h / p for h, p in zip(res["hook"], res["plain"])]
+    pair_ratios = [h / p for h, p in zip(res["hook"], res["plain"], strict=True)]
     ratio_pair = statistics.median(pair_ratios)
     share = (hook["median"] - plain["median"]) / hook["median"]
     if ratio_med <= TARGET and ratio_pair <= TARGET:
@@ -495,8 +495,8 @@ def report(args, trainer: Trainer, images, eq: dict, res: dict, micro: dict, loa
     if n_regroup and n_regroup < len(res["regroup"]):
         rows = []
         for label, want in (("steps without regrouping", False), ("regrouping steps", True)):
-            h = [x for x, g in zip(res["hook"], res["regroup"]) if g == want]
-            p = [x for x, g in zip(res["plain"], res["regroup"]) if g == want]
+            h = [x for x, g in zip(res["hook"], res["regroup"], strict=True) if g == want]
+            p = [x for x, g in zip(res["plain"], res["regroup"], strict=True) if g == want]
             rows.append(f"| {label} | {len(h)} | {fmt_ms(statistics.median(h))} | {fmt_ms(statistics.median(p))} | "
                         f"{statistics.median(h) / statistics.median(p):.4f} |")
         lines += ["", "| subset | pairs | hook median ms | plain median ms | ratio |", "|---|---:|---:|---:|---:|",

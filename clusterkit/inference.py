@@ -184,14 +184,14 @@ class ClusterModel:
                                 "takes (N, C, H, W), (N, H, W) or (H, W). Pass x.permute(2, 0, 1)[None] (torch) or "
                                 "x.transpose(2, 0, 1)[None] (numpy).")
             if shape[0] in (3, 4) and self.info.channels > 1:
-                raise DataError(f"Images of shape {shape} are ambiguous: {shape[0]} grayscale (N, H, W) images, or one "
-                                f"(C, H, W) colour image? A 3-D array is read as (N, H, W); pass x[None] for one colour "
-                                "image, or x[:, None] to say they are grayscale images.")
+                raise DataError(f"Images of shape {shape} are ambiguous: {shape[0]} grayscale (N, H, W) images, or "
+                                "one (C, H, W) colour image? A 3-D array is read as (N, H, W); pass x[None] for one "
+                                "colour image, or x[:, None] to say they are grayscale images.")
             return x[:, None]
         if x.dim() == 4:
             if shape[1] not in (1, 3, 4) and shape[-1] in (1, 3, 4):
-                raise DataError(f"Images of shape {shape} look channels-last (N, H, W, C); clusterkit takes (N, C, H, W). "
-                                "Pass x.permute(0, 3, 1, 2) (torch) or x.transpose(0, 3, 1, 2) (numpy).")
+                raise DataError(f"Images of shape {shape} look channels-last (N, H, W, C); clusterkit takes "
+                                "(N, C, H, W). Pass x.permute(0, 3, 1, 2) (torch) or x.transpose(0, 3, 1, 2) (numpy).")
             return x
         raise DataError(f"Images must be shaped (N, C, H, W), (N, H, W) or (H, W), got an array of shape {shape}.")
 

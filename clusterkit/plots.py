@@ -110,8 +110,8 @@ def plot_convergence(groups: dict[str, list[list[dict]]], path: str | Path, titl
     axes = np.atleast_1d(fig.subplots(1, len(metrics), sharex=True))
     colors = _colors(max(len(groups), 1))
     multi = any(len(runs) > 1 for runs in groups.values())
-    for ax, (key, name) in zip(axes, metrics):
-        for color, (label, runs) in zip(colors, groups.items()):
+    for ax, (key, name) in zip(axes, metrics, strict=False):
+        for color, (label, runs) in zip(colors, groups.items(), strict=False):
             per_seed = [_series(records, key) for records in runs]
             per_seed = [s for s in per_seed if s]
             if not per_seed:
@@ -154,7 +154,7 @@ def plot_losses(records: list[dict], path: str | Path, title: str | None = None)
     from matplotlib.ticker import MaxNLocator
 
     axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, squeeze=False)).ravel()
-    for ax, term, color in zip(axes, terms, _colors(len(terms))):
+    for ax, term, color in zip(axes, terms, _colors(len(terms)), strict=False):
         points = sorted(_series(records, term).items())
         ax.plot([e for e, _ in points], [v for _, v in points], marker="o", ms=2.5, color=color)
         ax.set_title("loss (total)" if term == "loss" else term, fontsize=10)

@@ -300,7 +300,9 @@ class HookDispatcher:
         except ClusterkitError:  # a user's mistake, already one paragraph
             raise
         except Exception as exc:
-            exc.add_note(f"clusterkit: raised by plugin '{impl.plugin_name}' in hook '{hook}'")
+            add_note = getattr(exc, "add_note", None)  # Python >= 3.11
+            if add_note is not None:
+                add_note(f"clusterkit: raised by plugin '{impl.plugin_name}' in hook '{hook}'")
             raise
 
     def call(self, hook: str, **kwargs) -> list[tuple[str, Any]]:

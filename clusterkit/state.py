@@ -94,6 +94,8 @@ class TrainState:
         data), from the ``embed`` hook in eval mode; computed once per optimiser step: until the
         next step every call returns the same tensor object, so work memoised on that object
         (``kmeans_e_step`` reuses an evaluation's k-means for the next E-step) stays valid."""
+        if self.feature_fn is None:
+            raise RuntimeError("state.features() is available during training only (no trainer embeds data here)")
         return self.feature_fn(split)
 
     def log(self, name: str, value) -> None:

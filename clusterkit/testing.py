@@ -37,8 +37,8 @@ pytest need not rewrite this module, nor warn when it was imported before ``pyte
 from __future__ import annotations
 
 import atexit
-import copy
 import contextlib
+import copy
 import re
 import shutil
 import tempfile
@@ -380,7 +380,7 @@ def _differences(a, b, path: str = "") -> list[str]:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         if len(a) != len(b):
             return [path]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{path}[{i}]")]
     return [] if a == b else [path or "(value)"]
 
 
@@ -493,7 +493,7 @@ def _equivalence_run(raw: dict, available, batches: list[tuple], out: str) -> No
         names = sorted(terms)
         packed = distributed.all_reduce(torch.stack([terms[k].float() for k in names]), "mean")
         record["steps"].append({
-            "terms": dict(zip(names, packed.tolist())),
+            "terms": dict(zip(names, packed.tolist(), strict=True)),
             "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
             "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
         })
@@ -529,7 +529,7 @@ def _compare(reference: dict, other: dict, who: str, atol: float, rtol: float) -
 
     if reference["pseudo_labels"] is not None or other["pseudo_labels"] is not None:
         close(reference["pseudo_labels"], other["pseudo_labels"], "E-step pseudo-labels")
-    for i, (ref, got) in enumerate(zip(reference["steps"], other["steps"])):
+    for i, (ref, got) in enumerate(zip(reference["steps"], other["steps"], strict=False)):
         step = f"step {i + 1}"
         for name in sorted(set(ref["terms"]) | set(got["terms"])):
             if name not in ref["terms"] or name not in got["terms"]:

@@ -20,19 +20,26 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-from torch import nn
 from timm.utils import distribute_bn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .checkpoint import (atomic_write_text, latest_checkpoint, load_latest_checkpoint, restore_training_state,
-                         rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_latest_checkpoint,
+    restore_training_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .cluster import KMeansPredictor, cluster_metrics, kmeans, quality_metrics
 from .cluster.quality import QUALITY_KEYS
 from .data import eval_transform, load_dataset
-from .data.pipeline import TrainPipeline, build_train_pipeline
 from .data.guides import guide_text, train_data_missing
+from .data.pipeline import TrainPipeline, build_train_pipeline
 from .errors import ClusterkitError, DataError, PluginError, RecipeError, RunDirError
 from .guards import collapse_report
 from .models import create_backbone
@@ -667,7 +674,7 @@ class Trainer:
         if self.recipe.run.nonfinite == "skip":
             finite = torch.stack([torch.isfinite(v).all() for v in terms.values()]).float()
             if not bool(distributed.all_reduce(finite, "min").all()):  # a sync every step, on every rank alike
-                name = next(n for n, f in zip(terms, finite.tolist()) if not f)  # bad on some rank
+                name = next(n for n, f in zip(terms, finite.tolist(), strict=True) if not f)  # bad on some rank
                 self.optimizer.zero_grad(set_to_none=True)
                 self._nonfinite(name, terms[name].detach())
                 return None
@@ -846,7 +853,7 @@ class Trainer:
         names = list(sums)
         packed = torch.stack([torch.as_tensor(sums[k], device=self.device, dtype=torch.float32) / max(done, 1)
                               for k in names])
-        return dict(zip(names, distributed.all_reduce(packed, "mean").tolist()))
+        return dict(zip(names, distributed.all_reduce(packed, "mean").tolist(), strict=True))
 
     # -- the run ----------------------------------------------------------------------------------
     def fit(self) -> dict:

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY
 
 from clusterkit.errors import RecipeError
 from clusterkit.recipe import load_recipe
 from clusterkit.testing import check_distributed_equivalence, train_tiny
 from clusterkit.trainer import Trainer
-
-from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,10 +21,10 @@ import torch
 import yaml
 
 from clusterkit.checkpoint import latest_checkpoint, save_checkpoint
+from clusterkit.guards import collapse_report
 from clusterkit.plugin import Plugin, hookimpl
 from clusterkit.plugin_manager import PluginInfo, discover
 from clusterkit.recipe import load_recipe
-from clusterkit.guards import collapse_report
 from clusterkit.trainer import DivergenceError, Trainer, trim_metrics_log
 
 

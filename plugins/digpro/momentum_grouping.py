@@ -72,8 +72,7 @@ from clusterkit import DIRECTIONS, Plugin, hookimpl
 from clusterkit.cluster import kmeans
 from clusterkit.errors import PluginError
 from clusterkit.schema import in_range, non_negative, positive
-from clusterkit_plugins.propos.byol_target import (PREDICTOR, PROJECTOR, TARGET_BACKBONE, TARGET_PROJECTOR,
-                                                    ema_update)
+from clusterkit_plugins.propos.byol_target import PREDICTOR, PROJECTOR, TARGET_BACKBONE, TARGET_PROJECTOR, ema_update
 
 MODULE_KEY = "momentum_grouping"
 

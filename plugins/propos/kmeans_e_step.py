@@ -23,7 +23,7 @@ from typing import Literal
 import attrs
 import torch
 
-from clusterkit import Plugin, Prediction, hookimpl
+from clusterkit import Plugin, hookimpl
 from clusterkit.cluster import KMeansPredictor, KMeansResult
 from clusterkit.errors import PluginError
 from clusterkit.schema import in_range, positive
