@@ -91,7 +91,10 @@ def test_sync_bn_on_a_cpu_torchrun_job_is_a_clear_error(monkeypatch, tmp_path, r
     raw = copy.deepcopy(TINY)
     raw["run"].update({"sync_bn": True, "device": "cpu", "threads": 1})
     trainer = Trainer(load_recipe(data=raw), tmp_path)
+    # a one-process stand-in for a torchrun job: distributed, but world size 1 and rank 0
     monkeypatch.setattr("clusterkit.distributed.is_distributed", lambda: True)
+    monkeypatch.setattr("clusterkit.distributed.world_size", lambda: 1)
+    monkeypatch.setattr("clusterkit.distributed.rank", lambda: 0)
     with pytest.raises(RecipeError, match="SyncBatchNorm runs on GPUs only"):
         trainer.build()
 
