@@ -162,8 +162,9 @@ def run_one(cfg: Config, repeat: int, args, sets: list[str]) -> Run:
     if summary.get("world_size") != cfg.procs:
         sys.exit(f"[{cfg.key} r{repeat}] summary.json says world_size {summary.get('world_size')}, "
                  f"expected {cfg.procs}; log {log}")
-    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    epochs = [e for e in epochs if "seconds" in e]  # per-epoch records (per-step ones carry no time)
+    from clusterkit.show import epoch_records
+
+    epochs = epoch_records(out)  # the per-epoch records (per-step ones carry no time)
     last = max(e["epoch"] for e in epochs)
     steady = [e["seconds"] for e in epochs if e["epoch"] not in (1, last) and "nmi" not in e]
     import yaml  # clusterkit's own dependency
