@@ -28,7 +28,7 @@ from clusterkit_plugins.pici.masked_vit import MaskedViT, encode, random_masking
 from clusterkit_plugins.pici.self_discrimination import (MAEDecoder, PartialSelfDiscrimination,
                                                          masked_reconstruction_loss, patchify, unpatchify)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 VIT = "vit_pici_small_patch16_224"
 TINY_VIT = {"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2}
 PICI_PLUGINS = ("masked_vit", "contrastive_heads", "partial_self_discrimination", "instance_contrast",

@@ -1,7 +1,7 @@
 """torchrun DDP in the trainer (rank-0 files, resume, errors), shuffling BN, and the GPU
 fast paths' CPU equivalence (channels_last, fused optimiser, torch.compile).
 
-The per-plugin loss equivalence (1 vs 2 processes) is tests/test_distributed_losses.py.
+The per-plugin loss equivalence (1 vs 2 processes) is tests/core/test_distributed_losses.py.
 """
 
 import copy
@@ -22,7 +22,7 @@ from clusterkit.trainer import Trainer
 
 from conftest import TINY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from clusterkit.errors import DataError, RecipeError
 from clusterkit.plugin_manager import load_plugins
 from clusterkit.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 DIGPRO = sorted(RECIPES.glob("digpro_*.yaml"))
 TABLE1 = ["imagenet10", "imagenet_dogs", "tiny_imagenet", "rsod", "uc_merced", "siri_whu", "cifar10"]

@@ -21,7 +21,7 @@ from clusterkit.choose_k import parse_ks, recommend, score_ks
 from clusterkit.cli import main
 from clusterkit.errors import RecipeError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args, timeout=300):

@@ -36,7 +36,7 @@ from clusterkit.trainer import Trainer
 
 pytest_plugins = ["clusterkit.testing"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "clusterkit-align-uniform"
 BYOL = {"byol_target": {"hidden_dim": 32, "out_dim": 16}}
 

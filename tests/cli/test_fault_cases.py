@@ -23,7 +23,7 @@ from PIL import Image
 
 from conftest import TINY
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args, timeout=300, cwd=None):
