@@ -20,7 +20,7 @@ from clusterkit.recipe import load_recipe
 from clusterkit.testing import check_distributed_equivalence, train_tiny
 from clusterkit.trainer import Trainer
 
-from conftest import TINY
+from conftest import TINY, flat
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,7 @@ def test_torchrun_batch_not_divisible_by_processes_is_a_clear_error(tmp_path):
     recipe = _tiny_yaml(tmp_path, data__batch_size=255)
     proc = _torchrun(["run", str(recipe), "--out", "bad"], tmp_path)
     assert proc.returncode != 0
-    assert "data.batch_size = 255 is the global batch" in proc.stderr
+    assert "data.batch_size = 255 is the global batch" in flat(proc.stderr)
     assert "Traceback" not in proc.stderr.split("data.batch_size = 255")[0][-2000:]
 
 
