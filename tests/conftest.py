@@ -1,9 +1,30 @@
-"""Shared fixtures: a tiny, fast recipe on the bundled digits."""
+"""Shared fixtures and helpers: a tiny, fast recipe on the bundled digits, the command line
+called in this process, and small image folders.
 
+The folders below mirror the package: ``core/`` (the framework), ``cli/`` (what a user meets
+through ``clusterkit ...``) and ``plugins/<paper>/``.  Test file names are unique across the
+folders (pytest's default import mode imports each file by its base name).
+"""
+
+import contextlib
 import copy
+import io
+from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """One torch thread in the test process (and in each pytest-xdist worker): the tiny models
+    here train no faster on more, and on a 2-core machine more threads contend with the
+    subprocesses the tests start and with the other worker."""
+    torch.set_num_threads(1)
 
 TINY = {
     "name": "tiny",
@@ -29,12 +50,103 @@ def tiny_recipe_data():
     return copy.deepcopy(TINY)
 
 
-@pytest.fixture
-def restore_threads():
-    """The trainer sets process-wide torch settings: put them back for the other tests."""
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny recipe (``TINY``, 2 epochs) trained once in this process: (run directory, the
+    predictions of its final evaluation, its summary).  For tests that only read the run; one
+    that changes its files works on a copy."""
+    from clusterkit.recipe import load_recipe
+    from clusterkit.trainer import Trainer
+
+    path = tmp_path_factory.mktemp("tiny_run")
+    with torch_settings_kept():
+        trainer = Trainer(load_recipe(data=copy.deepcopy(TINY)), path)
+        summary = trainer.fit()
+    return path, trainer.last_prediction, summary
+
+
+@contextlib.contextmanager
+def torch_settings_kept():
+    """Put back the process-wide torch settings the trainer changes (threads, determinism)."""
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+@pytest.fixture
+def restore_threads():
+    """The trainer sets process-wide torch settings: put them back for the other tests."""
+    with torch_settings_kept():
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line, in this process
+# ---------------------------------------------------------------------------------------------
+
+class CliResult(NamedTuple):
+    """What ``clusterkit ARGS`` gave: its exit status and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(*args) -> CliResult:
+    """``clusterkit ARGS`` through :func:`clusterkit.cli.main` in this process, its output captured.
+
+    The same code path as the console script (``python -m clusterkit`` is ``sys.exit(main())``)
+    without starting Python and importing torch again.  An exception that ``main`` does not turn
+    into an exit status (a bug: the user would see a traceback) propagates and fails the test.
+    Tests of the process itself (signals, closed pipes, two processes at once, torchrun, the
+    traceback of ``--debug``) start real processes instead.
+    """
+    from clusterkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli(restore_threads):
+    """:func:`run_main`, with the torch settings a run changes put back afterwards."""
+    return run_main
+
+
+def flat(text: str) -> str:
+    """``text`` with its whitespace collapsed: a message compared wherever it wraps (error
+    paragraphs are wrapped at 100 columns, so a long temporary path moves the breaks)."""
+    return " ".join(text.split())
+
+
+def error_paragraph(res: CliResult, code: int = 2) -> str:
+    """Exit ``code``, exactly one ``clusterkit: error:`` paragraph and no traceback: that
+    paragraph, whitespace collapsed."""
+    assert res.returncode == code, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count("clusterkit: error:") == 1, res.stderr
+    return flat(res.stderr[res.stderr.index("clusterkit: error:"):].split("\n\n")[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# small image folders
+# ---------------------------------------------------------------------------------------------
+
+def image_tree(root: Path, classes=("a", "b"), per_class: int = 4) -> Path:
+    """ROOT/<class>/<i>.png: small random 8x8 RGB images (seeded)."""
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root

@@ -5,7 +5,7 @@ local git checkouts on small seeded tensors and writes one ``.pt`` file per case
 ``--out`` (``tests/golden``).  Each file holds the inputs, the official outputs, the
 official gradients with respect to the inputs (and parameters where relevant), the
 updated state, and a ``source`` dict naming ``owner/repo@commit`` and the
-``file:function`` that produced every value.  ``tests/test_golden.py`` then runs
+``file:function`` that produced every value.  ``tests/plugins/test_golden.py`` then runs
 clusterkit's own functions on the same inputs and compares, without the official code.
 
 Usage (a separate virtual environment for the official code, no network needed)::

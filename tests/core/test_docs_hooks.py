@@ -29,7 +29,7 @@ from clusterkit import ParamGroup, Plugin, Prediction, hookimpl
 from clusterkit.plugin_manager import hook_names
 from clusterkit.testing import make_trainer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "writing-a-plugin.md"
 K = 4
 

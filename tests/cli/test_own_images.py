@@ -2,39 +2,38 @@
 choose-k, export, predict; choosing K on features of known structure; and the bad input of
 that path (empty folder, one image, K above the number of images, choose-k without features,
 an export target that exists), each one paragraph with exit status 2 and nothing overwritten.
+
+The commands run in this process (``clusterkit.cli.main``, the console script's code path, its
+exit status and output captured): the process boundary is tested in test_fault_cases.py and
+test_bad_input_cli.py.
 """
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REPO, error_paragraph, run_main, torch_settings_kept
 from PIL import Image
 
 from clusterkit.choose_k import parse_ks, recommend, score_ks
 from clusterkit.errors import RecipeError
 
-REPO = Path(__file__).resolve().parents[1]
+# the commands run in this process: the torch settings a run changes are put back after each test
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
-def run_cli(*args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "clusterkit", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def run_cli(*args):
+    """``clusterkit ARGS`` in this process: (returncode, stdout, stderr)."""
+    return run_main(*args)
 
 
 def one_paragraph(res, needle: str) -> str:
     """Exit 2, one error paragraph holding ``needle`` (whitespace-normalised), no traceback."""
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr and res.stderr.count("clusterkit: error:") == 1, res.stderr
-    paragraph = res.stderr[res.stderr.index("clusterkit: error:"):].split("\n\n")[0]
-    text = " ".join(paragraph.split())
+    text = error_paragraph(res)
     assert needle in text, text
     return text
 
@@ -71,7 +70,8 @@ def _own_recipe_args(root: Path, out: Path) -> list[str]:
 def flat_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("own")
     files = _shapes_folder(tmp / "photos")
-    res = run_cli(*_own_recipe_args(tmp / "photos", tmp / "run"))
+    with torch_settings_kept():
+        res = run_cli(*_own_recipe_args(tmp / "photos", tmp / "run"))
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp, files, res
 

@@ -140,12 +140,13 @@ def test_size_measures_count_empty_clusters_and_one_cluster_has_no_separation():
 
 # -- training --------------------------------------------------------------------------------------
 
-@pytest.fixture
-def unlabeled_pair(tmp_path_factory, restore_threads):
-    """The tiny recipe trained twice (2 epochs): on digits with labels, and with labels: none."""
+@pytest.fixture(scope="module")
+def unlabeled_pair(tmp_path_factory):
+    """The tiny recipe trained twice (2 epochs): on digits with labels, and with labels: none.
+    Trained once for the tests below, which read the runs (the resume test works on a copy)."""
     import copy
 
-    from conftest import TINY
+    from conftest import TINY, torch_settings_kept
 
     tmp = tmp_path_factory.mktemp("pair")
     raw = copy.deepcopy(TINY)
@@ -155,7 +156,8 @@ def unlabeled_pair(tmp_path_factory, restore_threads):
         raw["data"]["labels"] = labels
         recipe = tmp / f"{labels}.yaml"
         recipe.write_text(yaml.safe_dump(raw))
-        assert main(["run", str(recipe), "--out", str(tmp / labels)]) == 0
+        with torch_settings_kept():
+            assert main(["run", str(recipe), "--out", str(tmp / labels)]) == 0
         runs[labels] = (recipe, tmp / labels)
     return runs
 
@@ -182,7 +184,7 @@ def test_unlabeled_run_trains_as_the_labelled_one_without_label_metrics(unlabele
     assert "unlabeled data: no NMI/ACC/ARI" in shown and "silh" in shown and "NMI " not in shown
 
 
-def test_unlabeled_run_resumes_to_the_same_end(unlabeled_pair, tmp_path):
+def test_unlabeled_run_resumes_to_the_same_end(unlabeled_pair, tmp_path, restore_threads):
     import shutil
 
     recipe, done = unlabeled_pair["none"]

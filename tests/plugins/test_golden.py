@@ -31,7 +31,7 @@ from clusterkit_plugins.propos.byol_target import BYOLTarget, cosine_momentum
 from clusterkit_plugins.propos.diffused_sampling import diffuse, diffused_sampling_loss
 from clusterkit_plugins.propos.prototype_aggregation import prototype_aggregation_loss
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 CASES = ("propos_psa", "propos_psl", "digpro_step", "digpro_clock", "hadis_hsd", "cc_losses", "pici_losses",
          "lr_schedule")

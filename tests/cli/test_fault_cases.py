@@ -1,5 +1,9 @@
 """The fault and bad-input cases of issue 16, each through the command line where a user meets it.
 
+``run_cli`` calls ``clusterkit.cli.main`` in this process (the console script's code path, its
+exit status and output captured); the cases about processes (two runs at once, a lock held
+by a live process, SIGTERM, a closed pipe) start real ``python -m clusterkit`` processes.
+
 "Clear" means: a non-zero exit (2 for a user's mistake), exactly one ``clusterkit: error:``
 paragraph naming the problem and the fix, no traceback, and no file of the user's changed.
 The checks never depend on where a message wraps (paragraphs are compared with their
@@ -19,21 +23,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY
+from conftest import REPO, TINY, flat, image_tree, run_main, torch_settings_kept
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+# every test here may train in this process: the torch settings a run changes are put back
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
-def run_cli(*args, timeout=300, cwd=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "clusterkit", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd)
-
-
-def flat(text: str) -> str:
-    """``text`` with its whitespace collapsed: a message compared wherever it wraps."""
-    return " ".join(text.split())
+def run_cli(*args):
+    """``clusterkit ARGS`` in this process: (returncode, stdout, stderr)."""
+    return run_main(*args)
 
 
 def assert_clear(res, *needles, code=2):
@@ -77,7 +76,8 @@ def finished_run(tmp_path_factory):
     change it)."""
     tmp = tmp_path_factory.mktemp("finished")
     recipe = write(tmp / "tiny.yaml", tiny(schedule__epochs=2))
-    res = run_cli("run", recipe, "--out", tmp / "run")
+    with torch_settings_kept():
+        res = run_cli("run", recipe, "--out", tmp / "run")
     assert res.returncode == 0, res.stderr
     return recipe, tmp / "run"
 
@@ -305,22 +305,13 @@ def test_3_force_removes_the_old_runs_plots(tmp_path, finished_run):
 # 4. a symlink loop in an image folder is not followed; images found twice are said and used once
 # ---------------------------------------------------------------------------------------------
 
-def _image_tree(root: Path, classes=("one", "zero"), per_class=4) -> Path:
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
-
-
 def _folder_recipe(tmp: Path, root: Path) -> Path:
     return write(tmp / "folder.yaml", tiny(data__dataset="imagefolder", data__root=str(root), data__batch_size=4,
                                            data__eval_batch_size=16, e_step__k=2, schedule__warmup_epochs=0))
 
 
 def test_4_a_symlink_loop_is_not_followed(tmp_path):
-    root = _image_tree(tmp_path / "data")
+    root = image_tree(tmp_path / "data", classes=("one", "zero"))
     (root / "zero" / "loop").symlink_to("..")
     res = run_cli("run", _folder_recipe(tmp_path, root), "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
@@ -336,7 +327,7 @@ def test_4_images_found_twice_are_said_and_used_once():
     from clusterkit.data.datasets import DATASETS, _scan_imagefolder
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = _image_tree(Path(tmp) / "data")
+        root = image_tree(Path(tmp) / "data", classes=("one", "zero"))
         (root / "one" / "more").symlink_to(root / "zero")  # zero's images reached twice
         import io
         from contextlib import redirect_stderr
@@ -493,17 +484,18 @@ def test_12_new_plugin_dir_that_is_a_file(tmp_path):
     assert a_file.read_text() == "mine"
 
 
-def test_12_a_package_reusing_a_builtin_name_is_listed_as_a_conflict(tmp_path):
+def test_12_a_package_reusing_a_builtin_name_is_listed_as_a_conflict(tmp_path, monkeypatch):
     dist = tmp_path / "site" / "clashing_pkg-0.1.dist-info"
     dist.mkdir(parents=True)
     write(dist / "METADATA", "Metadata-Version: 2.1\nName: clashing-pkg\nVersion: 0.1\n")
     write(dist / "entry_points.txt", "[clusterkit.plugins]\nbyol_target = clashing_pkg:Thing\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    res = subprocess.run([sys.executable, "-m", "clusterkit", "plugins"], capture_output=True, text=True, env=env,
-                         timeout=120)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))  # as PYTHONPATH would: the package is installed
+    res = run_cli("plugins")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("byol_target  [built-in]")
-    assert "CONFLICT: this name is registered by" in flat(res.stdout) and "clashing-pkg 0.1" in res.stdout
+    # other third-party plugins (the example package) may be installed and listed before it
+    assert res.stdout.startswith("byol_target  [built-in]") or "\nbyol_target  [built-in]\n" in res.stdout
+    block = res.stdout.split("byol_target  [built-in]\n", 1)[1].split("\n\n")[0]  # byol_target's entry
+    assert "CONFLICT: this name is registered by" in flat(block) and "clashing-pkg 0.1" in block
     assert "kmeans_e_step  [built-in]" in res.stdout  # the other plugins are listed as usual
 
 
@@ -534,7 +526,7 @@ def test_13_predict_of_a_grayscale_batch(finished_run):
 
 def test_8_root_one_level_too_high_and_warmup_as_long_as_the_run(tmp_path):
     root = tmp_path / "data"
-    _image_tree(root / "inner")  # data/inner/<class>/<image>
+    image_tree(root / "inner", classes=("one", "zero"))  # data/inner/<class>/<image>
     raw = yaml.safe_load(_folder_recipe(tmp_path, root).read_text())
     raw["schedule"].update({"epochs": 1, "warmup_epochs": 1})
     res = run_cli("run", write(tmp_path / "r.yaml", raw), "--out", tmp_path / "out")
@@ -547,7 +539,7 @@ def test_8_root_one_level_too_high_and_warmup_as_long_as_the_run(tmp_path):
 
 
 def test_8_a_single_class_dataset(tmp_path):
-    root = _image_tree(tmp_path / "data", classes=("only",), per_class=8)
+    root = image_tree(tmp_path / "data", classes=("only",), per_class=8)
     res = run_cli("run", _folder_recipe(tmp_path, root), "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
     assert "the training data has a single class ('only')" in flat(res.stderr)

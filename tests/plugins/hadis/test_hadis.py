@@ -315,7 +315,7 @@ def test_hadis_trains_one_epoch_on_digits(tmp_path, tiny_recipe_data, restore_th
     assert 0.0 < record[LOSS_NAME] < 10.0
 
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 
 
 @pytest.mark.parametrize("dataset,pcl_weight,published", [

@@ -20,7 +20,7 @@ from clusterkit_plugins.cc.cluster_contrast import ClusterContrast, cluster_cont
 from clusterkit_plugins.cc.heads import ContrastiveHeads
 from clusterkit_plugins.cc.instance_contrast import InstanceContrast, instance_contrastive_loss
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 RECIPES = REPO / "recipes"
 DATASETS = ["cifar10", "imagenet10", "imagenet_dogs", "tiny_imagenet"]
 CC_PLUGINS = ("contrastive_heads", "instance_contrast", "cluster_contrast")

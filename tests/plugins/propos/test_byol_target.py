@@ -90,3 +90,47 @@ def test_cosine_momentum_counts_iterations_from_one_with_either_timing():
         expected = 1 - (1 - 0.996) * (math.cos(math.pi * 4 / total) + 1) / 2
         assert state.scalars["ema"] == pytest.approx(expected)
         assert cosine_momentum(0.996, 4, total) == pytest.approx(expected)
+
+
+def test_several_steps_with_the_cosine_schedule_match_a_naive_ema():
+    """Three optimiser steps, the online weights moved by each: the target follows
+    xi <- alpha_n * xi + (1 - alpha_n) * theta_n with alpha_n = 1 - (1 - base)(cos(pi n / N) + 1) / 2,
+    n = 1, 2, 3 the iteration (official n_iter), computed here element by element."""
+    base = 0.9
+    state, plugin, _ = make_state(momentum=base, cosine_increase=True)
+    online_names, target_names = ("backbone", "projector"), ("target_backbone", "target_projector")
+    expected = [t.tolist() for t in _params(state, target_names)]
+    total = state.total_steps
+    for n in range(1, 4):
+        _move_online(state)
+        theta = [t.tolist() for t in _params(state, online_names)]
+        alpha = 1 - (1 - base) * (math.cos(math.pi * n / total) + 1) / 2
+
+        def mix(xi, th, alpha=alpha):
+            if isinstance(xi, list):
+                return [mix(a, b, alpha) for a, b in zip(xi, th, strict=True)]
+            return alpha * xi + (1 - alpha) * th
+
+        expected = [mix(xi, th) for xi, th in zip(expected, theta, strict=True)]
+        plugin.before_optimizer_step(state)  # the trainer's order: EMA, then the optimiser step
+        state.step += 1
+        plugin.after_step(state)
+        assert state.scalars["ema"] == pytest.approx(alpha)
+    for want, got in zip(expected, _params(state, target_names), strict=True):
+        torch.testing.assert_close(got, torch.tensor(want, dtype=got.dtype))
+
+
+def test_momentum_one_keeps_the_target_and_embed_is_the_normalised_target_output():
+    state, plugin, _ = make_state(momentum=1.0)
+    target0 = _params(state, ("target_backbone", "target_projector"))
+    _move_online(state)
+    plugin.before_optimizer_step(state)
+    for a, b in zip(target0, _params(state, ("target_backbone", "target_projector")), strict=True):
+        assert torch.equal(a, b)
+    x = torch.randn(6, 12, generator=torch.Generator().manual_seed(0))
+    m = state.model.eval()
+    with torch.no_grad():
+        k = m["target_projector"](m["target_backbone"](x))
+        got = plugin.embed(state, x)
+    torch.testing.assert_close(got, k / k.norm(dim=1, keepdim=True))  # norm(k): the target branch, not q
+    assert not torch.allclose(got, torch.nn.functional.normalize(plugin.online(m, x), dim=1))

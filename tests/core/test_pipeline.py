@@ -1,6 +1,6 @@
 """Training pipelines (data.pipeline): batched on the device vs per-image in DataLoader workers.
 
-tests/test_augment.py checks that the two augmentation implementations draw from the same
+tests/core/test_augment.py checks that the two augmentation implementations draw from the same
 distribution; the tests here check the pipelines end to end, through their loaders: what
 comes out of ``TrainPipeline.views``, which indices, which parameters for which view.
 """

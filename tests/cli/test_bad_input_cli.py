@@ -1,10 +1,12 @@
-"""Every kind of bad input, through the real command line.
+"""Every kind of bad input, through the command line.
 
-Each case runs ``python -m clusterkit run ...`` in a subprocess and expects exit status 2,
-exactly one ``clusterkit: error:`` paragraph that names the problem, and no traceback.
-Images that PIL can convert (16-bit grayscale PNG, CMYK JPEG) are not bad input: they are
-converted to RGB and train; a garbage file with ``data.skip_corrupt: true`` is skipped and
-listed in summary.json.
+Each case runs ``clusterkit run ...`` (``clusterkit.cli.main``, in this process: the code path
+of the console script without a Python and torch start per case) and expects exit status 2,
+exactly one ``clusterkit: error:`` paragraph that names the problem, and no traceback.  One
+case goes through a real ``python -m clusterkit`` process, for the exit status and stderr of
+the process itself.  Images that PIL can convert (16-bit grayscale PNG, CMYK JPEG) are not bad
+input: they are converted to RGB and train; a garbage file with ``data.skip_corrupt: true`` is
+skipped and listed in summary.json.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import error_paragraph, flat, image_tree
 from PIL import Image
 
 from clusterkit.recipe import load_recipe
 
 
 def run_cli(*args, timeout=300):
+    """A real ``python -m clusterkit`` process."""
     return subprocess.run([sys.executable, "-m", "clusterkit", *args], capture_output=True, text=True,
                           timeout=timeout)
 
@@ -30,16 +34,6 @@ def run_cli(*args, timeout=300):
 def _write(path, data):
     path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
     return path
-
-
-def _image_tree(root, per_class=4, classes=("a", "b")):
-    """ROOT/<class>/<i>.png: small random RGB images."""
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
 
 
 def _imagefolder(raw, root):
@@ -96,7 +90,7 @@ def _empty_root(tmp, raw):
 
 
 def _corrupt_image(tmp, raw):
-    root = _image_tree(tmp / "images")
+    root = image_tree(tmp / "images")
     (root / "b" / "broken.png").write_bytes(b"\x89PNG not really an image")
     _imagefolder(raw, root)
     return [], f"cannot read image '{root / 'b' / 'broken.png'}'"
@@ -167,9 +161,8 @@ CASES = [_unknown_plugin, _unknown_key, _wrong_type, _out_of_range, _extends_cyc
          _resume_changed_recipe]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.__name__.strip("_") for c in CASES])
-def test_bad_input_exits_2_with_one_paragraph(tmp_path, tiny_recipe_data, case):
-    raw = tiny_recipe_data
+def _bad_recipe(tmp_path, raw, case):
+    """The tiny recipe (one epoch, one thread) edited by ``case``: (recipe file, CLI args, needle)."""
     raw["schedule"]["epochs"] = 1
     raw["eval"] = {"pixel_baseline": "never"}
     raw["run"]["threads"] = 1
@@ -178,18 +171,33 @@ def test_bad_input_exits_2_with_one_paragraph(tmp_path, tiny_recipe_data, case):
     _write(recipe, "name: bad\ndata: {dataset: digits\n  batch_size: [\n" if case is _malformed_yaml else raw)
     if "--resume" not in args:
         args = [*args, "--out", str(tmp_path / "out")]
-    res = run_cli("run", str(recipe), *args, timeout=120)  # no network retries: fails in seconds
+    return recipe, args, needle
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__.strip("_") for c in CASES])
+def test_bad_input_exits_2_with_one_paragraph(tmp_path, tiny_recipe_data, case, cli):
+    recipe, args, needle = _bad_recipe(tmp_path, tiny_recipe_data, case)
+    res = cli("run", str(recipe), *args)
+    assert needle in error_paragraph(res)
+    if "--resume" not in args:
+        assert not (tmp_path / "out").exists()  # a refused run leaves no run directory
+
+
+def test_bad_input_through_a_real_process(tmp_path, tiny_recipe_data):
+    """The process boundary: ``python -m clusterkit`` exits with status 2 and prints the one
+    paragraph on its stderr, no traceback (no network retries: it fails in seconds)."""
+    recipe, args, needle = _bad_recipe(tmp_path, tiny_recipe_data, _unknown_plugin)
+    res = run_cli("run", str(recipe), *args)
     assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
     assert res.stderr.count("clusterkit: error:") == 1
-    paragraph = res.stderr[res.stderr.index("clusterkit: error:"):].split("\n\n")[0]
-    assert needle in " ".join(paragraph.split()), paragraph
+    assert needle in flat(res.stderr[res.stderr.index("clusterkit: error:"):].split("\n\n")[0])
 
 
-def test_odd_image_modes_train_and_corrupt_images_are_skipped(tmp_path, tiny_recipe_data):
+def test_odd_image_modes_train_and_corrupt_images_are_skipped(tmp_path, tiny_recipe_data, cli):
     """16-bit grayscale PNG and CMYK JPEG are converted to RGB (not an error); with
     data.skip_corrupt a garbage .png is dropped and listed in summary.json."""
-    root = _image_tree(tmp_path / "images")
+    root = image_tree(tmp_path / "images")
     deep = (np.arange(64, dtype="<u2").reshape(8, 8) * 1000).tobytes()
     Image.frombytes("I;16", (8, 8), deep).save(root / "a" / "deep.png")
     Image.new("CMYK", (8, 8), (10, 200, 30, 0)).save(root / "b" / "cmyk.jpg")
@@ -201,7 +209,7 @@ def test_odd_image_modes_train_and_corrupt_images_are_skipped(tmp_path, tiny_rec
     raw["eval"] = {"pixel_baseline": "never"}
     raw["run"]["threads"] = 1
     recipe = _write(tmp_path / "odd.yaml", raw)
-    res = run_cli("run", str(recipe), "--out", str(tmp_path / "out"))
+    res = cli("run", str(recipe), "--out", str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["skipped_images"] == [str(broken)]

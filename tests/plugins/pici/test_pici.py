@@ -39,7 +39,7 @@ from clusterkit_plugins.pici.self_discrimination import (
     unpatchify,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 VIT = "vit_pici_small_patch16_224"
 TINY_VIT = {"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2}
 PICI_PLUGINS = ("masked_vit", "contrastive_heads", "partial_self_discrimination", "instance_contrast",

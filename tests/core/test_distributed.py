@@ -1,7 +1,7 @@
 """torchrun DDP in the trainer (rank-0 files, resume, errors), shuffling BN, and the GPU
 fast paths' CPU equivalence (channels_last, fused optimiser, torch.compile).
 
-The per-plugin loss equivalence (1 vs 2 processes) is tests/test_distributed_losses.py.
+The per-plugin loss equivalence (1 vs 2 processes) is tests/core/test_distributed_losses.py.
 """
 
 import copy
@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY
+from conftest import TINY, flat
 
 from clusterkit.errors import RecipeError
 from clusterkit.recipe import load_recipe
 from clusterkit.testing import check_distributed_equivalence, train_tiny
 from clusterkit.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -76,7 +76,7 @@ def test_torchrun_batch_not_divisible_by_processes_is_a_clear_error(tmp_path):
     recipe = _tiny_yaml(tmp_path, data__batch_size=255)
     proc = _torchrun(["run", str(recipe), "--out", "bad"], tmp_path)
     assert proc.returncode != 0
-    assert "data.batch_size = 255 is the global batch" in proc.stderr
+    assert "data.batch_size = 255 is the global batch" in flat(proc.stderr)
     assert "Traceback" not in proc.stderr.split("data.batch_size = 255")[0][-2000:]
 
 

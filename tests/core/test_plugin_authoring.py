@@ -22,6 +22,7 @@ import attrs
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import flat
 from torch import nn
 
 from clusterkit import Plugin, hookimpl
@@ -35,7 +36,7 @@ from clusterkit.trainer import Trainer
 
 pytest_plugins = ["clusterkit.testing"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "clusterkit-align-uniform"
 BYOL = {"byol_target": {"hidden_dim": 32, "out_dim": 16}}
 
@@ -266,7 +267,7 @@ def test_plugins_command_under_the_autoload_switch(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "probe" not in captured.out and f"{AUTOLOAD_ENV} is set: " in captured.err and "probe" in captured.err
     assert main(["plugins", "--params", "probe"]) == 2
-    assert "installed but not loaded" in capsys.readouterr().err
+    assert "installed but not loaded" in flat(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,4 +363,4 @@ def test_new_plugin_refuses_bad_names(name, message, tmp_path, capsys):
 def test_new_plugin_refuses_an_existing_folder(tmp_path, capsys):
     (tmp_path / "clusterkit-my-loss").mkdir()
     assert main(["new-plugin", "my_loss", "--dir", str(tmp_path)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already exists" in flat(capsys.readouterr().err)  # the paragraph wraps after the temporary path

@@ -97,7 +97,7 @@ def test_recipe_hash_ignores_spelling(tmp_path):
 def test_shipped_recipes_load_and_validate():
     import pathlib
 
-    recipes = sorted(p for p in pathlib.Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+    recipes = sorted(p for p in pathlib.Path(__file__).parents[2].joinpath("recipes").glob("*.yaml"))
     assert recipes
     for path in recipes:
         r = load_recipe(path)
