@@ -6,13 +6,15 @@ Synthetic features on a hand-made TrainState: no training, each test well under 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import clusterkit_plugins.propos.kmeans_e_step as module
 from clusterkit import TrainState
+from clusterkit.cluster import kmeans
 from clusterkit.errors import PluginError, RecipeError
 from clusterkit.recipe import load_recipe
 from clusterkit.schema import build
@@ -54,15 +56,17 @@ def naive_cosine_labels(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Every call of the plugin's k-means: (features object, keyword arguments)."""
+    """Every call of the plugin's k-means (its KMeansPredictor runs clusterkit.cluster.kmeans.kmeans):
+    (features object, keyword arguments)."""
     calls = []
-    real = module.kmeans
+    home = importlib.import_module("clusterkit.cluster.kmeans")
+    real = home.kmeans
 
     def recording(x, k, **kwargs):
         calls.append((x, k, kwargs))
         return real(x, k, **kwargs)
 
-    monkeypatch.setattr(module, "kmeans", recording)
+    monkeypatch.setattr(home, "kmeans", recording)
     return calls
 
 
@@ -119,7 +123,7 @@ def test_seed_none_follows_the_runs_seed():
     for seed in (0, 1):
         plugin, state = make(x, k=5, run_seed=seed, n_init=1)
         plugin.e_step(state)
-        expected = module.kmeans(x, 5, metric="cosine", n_init=1, max_iter=300, tol=1e-4, seed=seed)
+        expected = kmeans(x, 5, metric="cosine", n_init=1, max_iter=300, tol=1e-4, seed=seed)
         assert torch.equal(state.pseudo_labels, expected.labels) and torch.equal(state.centers, expected.centers)
         results[seed] = state.centers
     assert not torch.equal(results[0], results[1])  # the seed matters on these overlapping clusters
@@ -167,7 +171,7 @@ def test_predict_keeps_the_centres_and_assigns_new_data_to_them():
     x, _ = blobs()
     plugin, state = make(x)
     fitted = plugin.predict(state, x, True)
-    saved = state.extra["kmeans_e_step.predict_centers"]
+    saved = plugin.state_dict()["predict_centers"]  # checkpointed through the plugin's state_dict
     assert saved.shape == (K, D) and saved.device.type == "cpu"
     # confidence: cosine of each point to its own centre
     torch.testing.assert_close(fitted.confidence, F.cosine_similarity(x, saved[fitted.labels], dim=1))
@@ -175,6 +179,6 @@ def test_predict_keeps_the_centres_and_assigns_new_data_to_them():
     pred = plugin.predict(state, new, False)  # new data: assigned, never re-clustered
     assert torch.equal(pred.labels, naive_cosine_labels(new, saved))
     torch.testing.assert_close(pred.confidence, F.cosine_similarity(new, saved[pred.labels], dim=1))
-    del state.extra["kmeans_e_step.predict_centers"]
+    plugin.load_state_dict({"predict_centers": None})  # a checkpoint written before any evaluation
     with pytest.raises(PluginError, match="cannot assign new images"):
         plugin.predict(state, new, False)
