@@ -53,7 +53,7 @@ def test_every_hook_spec_has_a_section_in_the_guide():
 
 def test_every_hook_spec_has_a_contract_test():
     tests = set()
-    for path in (ROOT / "tests").glob("test_*.py"):
+    for path in (ROOT / "tests").rglob("test_*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_hook_"):
                 tests.add(node.name[len("test_hook_"):])
