@@ -199,6 +199,27 @@ def epoch_record(features, pred, gt, k: int) -> dict[str, float]:
     }
 
 
+def _write_probe_record(state, epoch: int, labels, targets, path: str, since: float, who: str,
+                        metrics: dict | None = None, terms: dict | None = None) -> None:
+    """One clusterkit probe record (both probes): the harness's metrics of the E-step / evaluation
+    ``labels`` on ``state.features("train")``; for a trained epoch (``metrics``: its record) also
+    the loss ``terms`` (name -> value, as the probe maps them), the loss, the seconds since
+    ``since``, the last lr and the run's own evaluation.  Appended to ``path`` and logged."""
+    feats = state.features("train")
+    record = {"epoch": epoch, "step": int(state.step),
+              **epoch_record(feats.float().cpu().numpy(), labels.cpu().numpy(), targets, state.num_clusters)}
+    if metrics is not None:
+        record.update(terms or {})
+        record["loss"] = float(metrics.get("loss", float("nan")))
+        record["seconds"] = time.perf_counter() - since
+        record["lr_last"] = float(metrics.get("lr", float("nan")))
+        record["own_eval"] = {k: metrics[k] for k in ("nmi", "acc", "ari", "collapse_share", "feature_std")
+                              if k in metrics}
+    _append_jsonl(Path(path), record)
+    log(f"clusterkit {who}seed {state.recipe.run.seed} epoch {epoch}: NMI {record['nmi']:.3f} "
+        f"largest {record['largest_share']:.2f} std {record['feature_std']:.4f}")
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line (the per-run record file)."""
     with open(path, "a") as fh:
@@ -648,25 +669,12 @@ def _probe_class():
             self.epoch_metrics: dict[int, dict] = {}
 
         def _record(self, state, epoch: int, labels) -> None:
-            feats = state.features("train")
-            targets = self.targets
-            record = {"epoch": epoch, "step": int(state.step),
-                      **epoch_record(feats.float().cpu().numpy(), labels.cpu().numpy(), targets,
-                                     state.num_clusters)}
-            now = time.perf_counter()
-            if epoch > 0:
-                m = self.epoch_metrics.get(epoch, {})
-                record["psa"] = float(m.get("diffused_sampling", float("nan")))
-                record["psl"] = float(m.get("prototype_aggregation", 0.0))
-                record["grp"] = float(m.get("momentum_grouping", 0.0))
-                record["loss"] = float(m.get("loss", float("nan")))
-                record["seconds"] = now - self.t
-                record["lr_last"] = float(m.get("lr", float("nan")))
-                record["own_eval"] = {k: m[k] for k in ("nmi", "acc", "ari", "collapse_share", "feature_std")
-                                      if k in m}
-            _append_jsonl(Path(self.params.record), record)
-            log(f"clusterkit seed {state.recipe.run.seed} epoch {epoch}: NMI {record['nmi']:.3f} "
-                f"largest {record['largest_share']:.2f} std {record['feature_std']:.4f}")
+            m = self.epoch_metrics.get(epoch, {}) if epoch > 0 else None
+            terms = None if m is None else {
+                "psa": float(m.get("diffused_sampling", float("nan"))),
+                "psl": float(m.get("prototype_aggregation", 0.0)),
+                "grp": float(m.get("momentum_grouping", 0.0))}
+            _write_probe_record(state, epoch, labels, self.targets, self.params.record, self.t, "", m, terms)
             self.t = time.perf_counter()
 
         @hookimpl(trylast=True)
@@ -719,25 +727,13 @@ def _cc_probe_class():
             self.t = time.perf_counter()
 
         def _record(self, state, epoch: int, labels, metrics=None) -> None:
-            feats = state.features("train")
-            record = {"epoch": epoch, "step": int(state.step),
-                      **epoch_record(feats.float().cpu().numpy(), labels.cpu().numpy(), self.targets,
-                                     state.num_clusters)}
-            now = time.perf_counter()
+            terms = None
             if metrics is not None:
-                m = metrics
-                record["instance"] = float(m.get("instance_contrast", float("nan")))
-                record["cluster_contrast"] = float(m.get("cluster_contrast", float("nan")))
-                record["entropy"] = float(m.get("cluster_entropy", float("nan")))
-                record["cluster"] = record["cluster_contrast"] + record["entropy"]
-                record["loss"] = float(m.get("loss", float("nan")))
-                record["seconds"] = now - self.t
-                record["lr_last"] = float(m.get("lr", float("nan")))
-                record["own_eval"] = {k: m[k] for k in ("nmi", "acc", "ari", "collapse_share", "feature_std")
-                                      if k in m}
-            _append_jsonl(Path(self.params.record), record)
-            log(f"clusterkit cc seed {state.recipe.run.seed} epoch {epoch}: NMI {record['nmi']:.3f} "
-                f"largest {record['largest_share']:.2f} std {record['feature_std']:.4f}")
+                contrast = float(metrics.get("cluster_contrast", float("nan")))
+                entropy = float(metrics.get("cluster_entropy", float("nan")))
+                terms = {"instance": float(metrics.get("instance_contrast", float("nan"))),
+                         "cluster_contrast": contrast, "entropy": entropy, "cluster": contrast + entropy}
+            _write_probe_record(state, epoch, labels, self.targets, self.params.record, self.t, "cc ", metrics, terms)
             self.t = time.perf_counter()
 
         @hookimpl
