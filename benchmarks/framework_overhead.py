@@ -72,7 +72,7 @@ sys.path.insert(0, str(ROOT))
 from clusterkit.recipe import load_recipe  # noqa: E402
 from clusterkit.state import StepCache  # noqa: E402
 from clusterkit.trainer import Trainer  # noqa: E402
-from clusterkit_plugins.digpro.momentum_grouping import MODULE_KEY, grouping_direction, regroup  # noqa: E402
+from clusterkit_plugins.digpro.momentum_grouping import grouping_direction, regroup  # noqa: E402
 from clusterkit_plugins.propos.byol_target import cosine_momentum, ema_update  # noqa: E402
 from clusterkit_plugins.propos.diffused_sampling import diffuse, diffused_sampling_loss  # noqa: E402
 from clusterkit_plugins.propos.prototype_aggregation import prototype_aggregation_loss  # noqa: E402
@@ -145,6 +145,7 @@ class PlainStep:
     def __init__(self, trainer: Trainer):
         state = trainer.state
         self.model, self.optimizer = copy.deepcopy((state.model, trainer.optimizer))
+        self.memory = copy.deepcopy(trainer.plugins["momentum_grouping"].memory)  # its own groups and bank
         self._check_optimizer()
         self.augment = trainer.augment
         self.device = trainer.device
@@ -184,7 +185,7 @@ class PlainStep:
     def __call__(self, images: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.model
         backbone, projector, predictor = m["backbone"], m["projector"], m["predictor"]
-        t_backbone, t_projector, memory = m["target_backbone"], m["target_projector"], m[MODULE_KEY]
+        t_backbone, t_projector, memory = m["target_backbone"], m["target_projector"], self.memory
         v0, v1 = self.augment(images.to(self.device, non_blocking=True))
         if self.channels_last:
             v0, v1 = (v.contiguous(memory_format=torch.channels_last) for v in (v0, v1))
@@ -228,7 +229,7 @@ class PlainStep:
         with torch.no_grad():
             memory.push(torch.cat([F.normalize(q.detach().float(), dim=1) for q in (q0, q1)]))
             memory.iteration += 1
-        iteration = int(memory.iteration)
+        iteration = memory.iteration
         if iteration % self.regroup_every == 0:
             bank = memory.filled()
             if bank.shape[0] >= memory.groups.shape[0]:
@@ -316,7 +317,7 @@ def interleaved(trainer: Trainer, plain: PlainStep, images, index, warmup: int, 
         if i >= warmup:
             hook_t.append(times["hook"])
             plain_t.append(times["plain"])
-            regroup_pair.append(int(trainer.state.model[MODULE_KEY].iteration) % every == 0)
+            regroup_pair.append(trainer.plugins["momentum_grouping"].memory.iteration % every == 0)
     return {"hook": hook_t, "plain": plain_t, "regroup": regroup_pair}
 
 

@@ -169,20 +169,42 @@ def restore_training_state(state, plugins: dict, core_predictor, ckpt: dict) -> 
     ``plugins``: {name: plugin instance}; ``core_predictor``: the trainer's
     :class:`~clusterkit.cluster.KMeansPredictor` (used when no plugin predicts).
     Checkpoints of clusterkit before plugin state dicts kept the k-means centres in ``extra``
-    (``core.predict_centers``, ``<plugin>.predict_centers``); those are read too.
+    (``core.predict_centers``, ``<plugin>.predict_centers``) and a plugin's tensors as buffers of
+    a module ``state.model[<plugin>]`` (``momentum_grouping``, ``cross_level_interaction``);
+    those are read too, the buffers as the plugin's state dict.
     """
-    state.model.load_state_dict(ckpt["model"])
+    weights, legacy = _legacy_plugin_buffers(ckpt["model"], state.model, plugins)
+    state.model.load_state_dict(weights)
     state.step, state.epoch = ckpt["step"], ckpt["epoch"]
     to = state.device
     state.pseudo_labels = None if ckpt["pseudo_labels"] is None else ckpt["pseudo_labels"].to(to)
     state.centers = None if ckpt["centers"] is None else ckpt["centers"].to(to)
     extra = dict(ckpt.get("extra") or {})
-    saved = ckpt.get("plugins")
-    if saved is None:  # an older checkpoint: the centres were extra keys
+    saved = dict(ckpt.get("plugins") or {})
+    if ckpt.get("plugins") is None:  # an older checkpoint: the centres were extra keys
         saved = {name: {"predict_centers": extra.pop(f"{name}.predict_centers")}
                  for name in plugins if f"{name}.predict_centers" in extra}
+    for name, buffers in legacy.items():
+        if not saved.get(name):
+            saved[name] = buffers
     state.extra = extra
     for name, plugin in plugins.items():
         plugin.load_state_dict(saved.get(name, {}))
     core = ckpt.get("core") or {"predict": {"centers": extra.pop("core.predict_centers", None)}}
     core_predictor.load_state_dict(core["predict"])
+
+
+def _legacy_plugin_buffers(weights: dict, model, plugins: dict) -> tuple[dict, dict]:
+    """Split a checkpoint's model weights into those of ``model`` and, per plugin, the buffers of a
+    module ``<plugin name>.*`` that this run's ``state.model`` no longer has (older checkpoints kept
+    plugin state there): ``(weights for model, {plugin name: {buffer name: tensor}})``."""
+    legacy: dict = {}
+    for name in plugins:
+        prefix = f"{name}."
+        if name in model or not any(key.startswith(prefix) for key in weights):
+            continue
+        legacy[name] = {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}
+    if not legacy:
+        return weights, legacy
+    kept = {key: value for key, value in weights.items() if key.split(".", 1)[0] not in legacy}
+    return kept, legacy

@@ -31,9 +31,11 @@ The state contract:
 
 * ``compute_losses`` has no side effects; state changes are applied in ``after_step``, which
   runs only after a real optimiser step (a non-finite step may be skipped).
-* A plugin's state that must survive a resume lives in ``state.model`` (modules and buffers)
-  or is returned by ``Plugin.state_dict()`` and restored by ``Plugin.load_state_dict()``;
-  both are in every checkpoint.
+* A plugin's state that must survive a resume lives in one of two places, both in every
+  checkpoint: network modules (trained weights, an EMA target) in ``state.model``; everything
+  else it keeps (a memory bank, group features, counters, per-sample labels, fitted centres)
+  in the plugin, returned by ``Plugin.state_dict()`` and restored by ``Plugin.load_state_dict()``.
+  ``state.model`` holds no module that is only a container for buffers.
 * ``state.features(split)`` returns the same tensor object until the next optimiser step;
   work memoised on that object (``kmeans_e_step``'s k-means) is valid while it is the same.
 * ``state.log(name, value)`` records a scalar for the current epoch only.
@@ -42,7 +44,7 @@ Shared objects:
 
 * ``state`` (:class:`clusterkit.state.TrainState`): recipe, device, epoch, step,
   ``state.model`` (an ``nn.ModuleDict`` holding the ``backbone`` and every plugin's
-  modules and buffers: all of it is checkpointed), ``state.pseudo_labels`` (the
+  network modules: all of it is checkpointed), ``state.pseudo_labels`` (the
   E-step's labels of the training set), ``state.in_warmup``, and
   ``state.features(split)`` (the embeddings of a split, computed once per step).
 * ``cache`` (:class:`clusterkit.state.StepCache`): the step's two augmented views,
@@ -63,10 +65,10 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def setup(state):
     """Build your modules once, before the optimiser exists.
 
-    Add modules and buffers to ``state.model`` (an ``nn.ModuleDict``; the core has put
-    the timm ``backbone`` there).  Return a list of :class:`clusterkit.state.ParamGroup`
-    for parameters that need their own lr multiplier or weight decay, or None.
-    Parameters you do not return go to the default group.
+    Add network modules to ``state.model`` (an ``nn.ModuleDict``; the core has put the timm
+    ``backbone`` there); build other state (banks, counters) on ``state.device`` in the plugin.
+    Return a list of :class:`clusterkit.state.ParamGroup` for parameters that need their own
+    lr multiplier or weight decay, or None.  Parameters you do not return go to the default group.
     """
 
 

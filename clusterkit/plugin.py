@@ -57,12 +57,14 @@ class Plugin:
     # -- checkpointed state ---------------------------------------------------------------------
     # A plugin's state lives in one of two places, both saved in every checkpoint and restored
     # by --resume and by clusterkit.load:
-    #   * tensors that belong to the model (weights, EMA targets, banks, group features): modules
-    #     and buffers in ``state.model`` (added in ``setup``);
-    #   * anything else it must keep (e.g. the centres its prediction rule fitted): returned by
-    #     ``state_dict`` and given back to ``load_state_dict`` (torch.save-able values; tensors
-    #     on the CPU).  Plain attributes not covered by either are lost on resume
-    #     (``clusterkit.testing.check_checkpoint_roundtrip`` finds them).
+    #   * network modules (trained weights, an EMA target): modules in ``state.model`` (added in
+    #     ``setup``);
+    #   * everything else it must keep (a memory bank, group features, counters, per-sample
+    #     labels, the centres its prediction rule fitted): attributes of the plugin, returned by
+    #     ``state_dict`` and given back to ``load_state_dict`` (torch.save-able values, tensors on
+    #     the CPU; the plugin keeps its working copies on ``state.device``).  Plain attributes not
+    #     covered by either are lost on resume (``clusterkit.testing.check_checkpoint_roundtrip``
+    #     finds them).
 
     def state_dict(self) -> dict:
         """The plugin's checkpointed state outside ``state.model`` (default: none)."""

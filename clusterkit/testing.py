@@ -393,9 +393,9 @@ def check_checkpoint_roundtrip(plugin, params: dict | None = None, *, name: str 
     ``state_dict()``) and every
     metrics record must come out identical.  Returns the summary of the resumed run.
 
-    A difference means state that a resume loses: keep it in ``state.model`` (modules,
-    buffers: ``register_buffer``) or in the plugin's ``state_dict()`` / ``load_state_dict()``,
-    never in plain attributes only."""
+    A difference means state that a resume loses: keep it in the plugin's ``state_dict()`` /
+    ``load_state_dict()`` or, for network modules and their buffers, in ``state.model``; never
+    in plain attributes only."""
     if epochs < 2:
         raise ValueError("a round-trip needs epochs >= 2 (one to checkpoint, one to resume into)")
     run_dir = Path(run_dir) if run_dir is not None else _scratch_dir()
@@ -424,8 +424,8 @@ def check_checkpoint_roundtrip(plugin, params: dict | None = None, *, name: str 
         raise PluginCheckError(
             f"plugin '{name}': checkpoint round-trip failed: after resuming from the checkpoint of epoch "
             f"{epochs - 1}, these differ from the uninterrupted run: {'; '.join(problems)}. State that must "
-            "survive a resume belongs in state.model (modules, register_buffer) or in the plugin's "
-            "state_dict()/load_state_dict(), not in plain attributes only; random numbers must come from "
+            "survive a resume belongs in the plugin's state_dict()/load_state_dict() (or, for network modules "
+            "and their buffers, in state.model), not in plain attributes only; random numbers must come from "
             "torch's global RNG (restored on resume) or from cache.randn / cache.rand.")
     if resumed["metrics"] != full["metrics"]:
         raise PluginCheckError(f"plugin '{name}': checkpoint round-trip failed: final metrics {resumed['metrics']} "

@@ -50,9 +50,9 @@ wraps a batch around the end.  The group features start as the official
 ``torch.rand(l, D)`` (``group_init: uniform``), as normalised Gaussian vectors (``random``)
 or as the k-means centres of the first batch (``kmeans``).
 
-The groups, the bank, its fill pointer and count and the iteration counter are
-buffers of the module ``state.model["momentum_grouping"]``, so they are checkpointed
-with the model and a resumed run continues exactly.
+The groups, the bank, its fill pointer and count and the iteration counter are the
+plugin's own state (:class:`GroupMemory`, ``plugin.memory``), checkpointed through the
+plugin's ``state_dict``, so a resumed run continues exactly.
 
 Official quirk (``extra_ema``): on iterations that do not regroup the official code
 applies an extra EMA of the target (momentum 0.99) BEFORE the forward, besides
@@ -73,9 +73,6 @@ from clusterkit.cluster import kmeans
 from clusterkit.errors import PluginError
 from clusterkit.schema import in_range, non_negative, positive
 from clusterkit_plugins.propos.byol_target import PREDICTOR, PROJECTOR, TARGET_BACKBONE, TARGET_PROJECTOR, ema_update
-
-MODULE_KEY = "momentum_grouping"
-
 
 # ---------------------------------------------------------------------------------------------
 # The method as pure functions of tensors
@@ -157,50 +154,53 @@ def regroup(bank: torch.Tensor, num_groups: int, *, seed: int, n_init: int, max_
 
 
 # ---------------------------------------------------------------------------------------------
-# State that must survive a resume: buffers of a module in state.model
+# State that must survive a resume: the plugin's own, checkpointed through its state_dict
 # ---------------------------------------------------------------------------------------------
 
-class GroupMemory(nn.Module):
-    """The group features, the memory bank and the iteration counter, all buffers.
+class GroupMemory:
+    """The group features, the memory bank and the counters of dynamic grouping.
 
-    Buffers: ``groups`` (l, D); ``bank`` (bank_size, D) ring buffer of norm(q);
-    ``bank_ptr`` (next row to write), ``bank_count`` (filled rows, saturates at
-    bank_size), ``iteration`` (training iterations done), ``initialized`` (False only
-    while ``group_init="kmeans"`` waits for its first batch).  All 0-d scalars are int64
-    (``initialized`` bool).
+    Tensors (on the training device): ``groups`` (l, D) and ``bank`` (bank_size, D), a buffer
+    of norm(q) rows.  Python counters: ``bank_ptr`` (next row to write), ``bank_count``
+    (filled rows, saturates at bank_size), ``iteration`` (training iterations done) and
+    ``initialized`` (False only while ``group_init="kmeans"`` waits for its first batch).
+    The training loop decides on the host where to write and whether to regroup, so the
+    counters are plain ints: no host-device sync per step.
 
-    The training loop decides on the host (where to write, whether to regroup), so the four
-    counters are mirrored in Python (:meth:`counter` / :meth:`set_counter`): read from the
-    buffers once (after construction or a ``load_state_dict``), then kept in step with them
-    by ``fill_``, which does not wait for the GPU.  No per-step host-device sync.
+    :meth:`state_dict` / :meth:`load_state_dict` carry all six (tensors on the CPU); the
+    plugin checkpoints them through :meth:`clusterkit.Plugin.state_dict`.
     """
 
+    TENSORS = ("groups", "bank")
     COUNTERS = ("bank_ptr", "bank_count", "iteration", "initialized")
 
-    def __init__(self, num_groups: int, dim: int, bank_size: int):
-        super().__init__()
-        self.register_buffer("groups", torch.zeros(num_groups, dim))
-        self.register_buffer("bank", torch.zeros(bank_size, dim))
-        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self._host: dict | None = None
+    def __init__(self, num_groups: int, dim: int, bank_size: int, device: torch.device | str | None = None):
+        self.groups = torch.zeros(num_groups, dim, device=device)
+        self.bank = torch.zeros(bank_size, dim, device=device)
+        self.bank_ptr = 0
+        self.bank_count = 0
+        self.iteration = 0
+        self.initialized = False
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._host = None  # the buffers changed under the mirror: read them again
+    def state_dict(self) -> dict:
+        return {**{name: getattr(self, name).detach().cpu().clone() for name in self.TENSORS},
+                **{name: getattr(self, name) for name in self.COUNTERS}}
 
-    def counter(self, name: str) -> int:
-        """The counter ``name`` (one of COUNTERS) as a Python int, without a device sync."""
-        if self._host is None:
-            self._host = {c: int(getattr(self, c)) for c in self.COUNTERS}
-        return self._host[name]
-
-    def set_counter(self, name: str, value: int) -> None:
-        self.counter(name)
-        self._host[name] = int(value)
-        getattr(self, name).fill_(value)
+    def load_state_dict(self, saved: dict) -> None:
+        """Restore :meth:`state_dict`'s values (counters may be 0-d tensors, as the buffers of
+        checkpoints written before the memory moved out of ``state.model``)."""
+        missing = [name for name in (*self.TENSORS, *self.COUNTERS) if name not in saved]
+        if missing:
+            raise KeyError(f"momentum_grouping: checkpointed group memory lacks {missing}")
+        for name in self.TENSORS:
+            mine, theirs = getattr(self, name), saved[name]
+            if tuple(theirs.shape) != tuple(mine.shape):
+                raise ValueError(f"momentum_grouping: checkpointed {name} has shape {tuple(theirs.shape)}, this "
+                                 f"run's has {tuple(mine.shape)} (num_groups, bank_size or byol_target.out_dim "
+                                 "changed)")
+            mine.copy_(theirs)
+        self.bank_ptr, self.bank_count, self.iteration = (int(saved[n]) for n in self.COUNTERS[:3])
+        self.initialized = bool(saved["initialized"])
 
     @property
     def bank_size(self) -> int:
@@ -211,18 +211,18 @@ class GroupMemory(nn.Module):
         """lightly's initial bank: L2-normalised Gaussian rows (seeded), all counted as filled."""
         noise = torch.randn(self.bank.shape, generator=torch.Generator().manual_seed(seed))
         self.bank.copy_(F.normalize(noise, dim=1))
-        self.set_counter("bank_count", self.bank_size)
+        self.bank_count = self.bank_size
 
     @torch.no_grad()
     def push_truncating(self, x: torch.Tensor) -> None:
         """lightly 1.4.24's write: the rows of x (N, D) from the pointer on; a batch that
         reaches the end of the bank fills the end, the rest of it is dropped, and the pointer
         returns to 0 (it never wraps a batch around)."""
-        ptr, size = self.counter("bank_ptr"), self.bank_size
+        ptr, size = self.bank_ptr, self.bank_size
         n = min(x.shape[0], size - ptr)
         self.bank[ptr:ptr + n] = x[:n].to(self.bank.dtype)
-        self.set_counter("bank_ptr", 0 if ptr + x.shape[0] >= size else ptr + n)
-        self.set_counter("bank_count", min(self.counter("bank_count") + n, size))
+        self.bank_ptr = 0 if ptr + x.shape[0] >= size else ptr + n
+        self.bank_count = min(self.bank_count + n, size)
 
     @torch.no_grad()
     def push(self, x: torch.Tensor) -> None:
@@ -234,19 +234,20 @@ class GroupMemory(nn.Module):
         n_total = x.shape[0]
         x = x[-size:].to(self.bank.dtype)
         skipped = n_total - x.shape[0]
-        start = (self.counter("bank_ptr") + skipped) % size
+        start = (self.bank_ptr + skipped) % size
         idx = (start + torch.arange(x.shape[0], device=self.bank.device)) % size
         self.bank[idx] = x
-        self.set_counter("bank_ptr", (start + x.shape[0]) % size)
-        self.set_counter("bank_count", min(self.counter("bank_count") + n_total, size))
+        self.bank_ptr = (start + x.shape[0]) % size
+        self.bank_count = min(self.bank_count + n_total, size)
 
     def filled(self) -> torch.Tensor:
         """The filled rows of the bank (bank_count, D).  Rows are written from 0 on, so
         until the bank is full they are its first bank_count rows."""
-        return self.bank[: self.counter("bank_count")]
+        return self.bank[: self.bank_count]
 
-    def extra_repr(self) -> str:
-        return f"groups={tuple(self.groups.shape)}, bank_size={self.bank_size}"
+    def __repr__(self) -> str:
+        return (f"GroupMemory(groups={tuple(self.groups.shape)}, bank_size={self.bank_size}, "
+                f"iteration={self.iteration})")
 
 
 def projection_dim(projector: nn.Module) -> int:
@@ -315,16 +316,28 @@ class MomentumGrouping(Plugin):
     #: Step-cache key of G' after both directions, written by compute_losses for after_step.
     NEW_GROUPS = "momentum_grouping/new_groups"
 
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.memory: GroupMemory | None = None   # built in setup, once the projector's width is known
+
+    # -- checkpointed state --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The group memory (groups, bank, counters; tensors on the CPU)."""
+        return {} if self.memory is None else self.memory.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
+        if self.memory is None:
+            raise RuntimeError("momentum_grouping: load_state_dict before setup (the memory is built there)")
+        self.memory.load_state_dict(state_dict)
+
     # -- helpers ---------------------------------------------------------------------------------
     def num_groups(self, state) -> int:
         return self.params.num_groups or state.num_clusters
 
     def regroup_every(self, state) -> int:
         return self.params.regroup_every or state.num_clusters
-
-    @staticmethod
-    def memory(state) -> GroupMemory:
-        return state.model[MODULE_KEY]
 
     @staticmethod
     def prediction(state, cache, view: int) -> torch.Tensor:
@@ -359,7 +372,7 @@ class MomentumGrouping(Plugin):
     def regroup_now(self, state, iteration: int) -> None:
         """Reset G to the normalised k-means centres of the bank (kept when the bank holds fewer
         rows than groups)."""
-        memory = self.memory(state)
+        memory = self.memory
         bank = memory.filled()
         if bank.shape[0] < memory.groups.shape[0]:
             return
@@ -378,21 +391,21 @@ class MomentumGrouping(Plugin):
                                   "Add byol_target to the recipe's plugins.")
         dim = projection_dim(model[PROJECTOR])
         p = self.params
-        memory = GroupMemory(self.num_groups(state), dim, p.bank_size)
+        memory = GroupMemory(self.num_groups(state), dim, p.bank_size, device=state.device)
         if p.group_init != "kmeans":
             init = uniform_groups if p.group_init == "uniform" else random_groups
             memory.groups.copy_(init(memory.groups.shape[0], dim, self.seed(state)))
-            memory.set_counter("initialized", True)
+            memory.initialized = True
         if p.bank == "official":
             memory.fill_with_noise(self.seed(state) + 1)
-        model[MODULE_KEY] = memory.to(next(model[PROJECTOR].parameters()).device)
+        self.memory = memory
 
     @hookimpl
     def on_step_start(self, state, cache):
         """Before the forward of iteration n (numbered from 1): regroup (``regroup_timing:
         start``) or, on the other iterations, the official extra target EMA (``extra_ema``)."""
         p = self.params
-        iteration = self.memory(state).counter("iteration") + 1  # the iteration about to run
+        iteration = self.memory.iteration + 1  # the iteration about to run
         regroups = self.is_regroup_iteration(state, iteration)
         if regroups and p.regroup_timing == "start":
             with torch.no_grad():
@@ -408,7 +421,7 @@ class MomentumGrouping(Plugin):
         Not under torch.no_grad: q and its gather are memoised in the cache for the losses of
         this step, so they must be computed with their graph (``normalized_q`` detaches a copy).
         """
-        memory = self.memory(state)
+        memory = self.memory
         feats = self.normalized_q(cache)
         if feats.shape[0] < memory.groups.shape[0]:
             raise PluginError(f"momentum_grouping: group_init 'kmeans' needs at least {memory.groups.shape[0]} "
@@ -418,15 +431,15 @@ class MomentumGrouping(Plugin):
         with torch.no_grad():
             memory.groups.copy_(regroup(feats, memory.groups.shape[0], seed=self.seed(state),
                                         n_init=p.kmeans_n_init, max_iter=p.kmeans_max_iter, tol=p.kmeans_tol))
-            memory.set_counter("initialized", True)
+            memory.initialized = True
 
     @hookimpl
     def compute_losses(self, state, cache):
         """Eq. 3-6 in both directions over the global batch; the second direction starts from the
         first one's G'.  The final G' goes to the step cache; G itself changes in after_step."""
         p = self.params
-        memory = self.memory(state)
-        if not memory.counter("initialized"):
+        memory = self.memory
+        if not memory.initialized:
             self.init_groups_by_kmeans(state, cache)
         groups, losses = memory.groups, []
         for a, b in DIRECTIONS:   # over the global batch: the same G' on every process
@@ -442,7 +455,7 @@ class MomentumGrouping(Plugin):
     def after_step(self, state, cache):
         """After a real optimiser step: G <- G', the bank takes this step's norm(q), the iteration
         counter advances, and ``regroup_timing: end`` regroups."""
-        memory = self.memory(state)
+        memory = self.memory
         with torch.no_grad():
             if (self.NEW_GROUPS, -1) in cache:
                 memory.groups.copy_(cache[self.NEW_GROUPS, -1])
@@ -451,8 +464,8 @@ class MomentumGrouping(Plugin):
                 memory.push_truncating(feats)
             else:
                 memory.push(feats)
-            memory.set_counter("iteration", memory.counter("iteration") + 1)
-        iteration = memory.counter("iteration")
+            memory.iteration += 1
+        iteration = memory.iteration
         if self.params.regroup_timing == "end" and self.is_regroup_iteration(state, iteration):
             with torch.no_grad():
                 self.regroup_now(state, iteration)

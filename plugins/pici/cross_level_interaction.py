@@ -21,8 +21,8 @@ Where the labels y come from (``pseudo_labels``):
 
 * ``stage`` (official timing, default): once, at the first epoch CLI runs (the boost stage,
   epoch 1000 of 1050), k-means of the instance features z = norm(g_I(h)) of the whole
-  training set; each sample keeps its label for the rest of training (saved in the module
-  ``state.model["cross_level_interaction"]``, so a resume keeps them).  The official code
+  training set; each sample keeps its label for the rest of training (the plugin's
+  ``labels``, checkpointed through its ``state_dict``, so a resume keeps them).  The official code
   clustered z of one augmented, masked draw of each view (two label sets, MinMax-scaled per
   batch of 96); here z comes from the evaluation features (``embed``: resized images, the
   unmasked encoder unless ``test_time_masking``), one label set for both views, scaled
@@ -48,16 +48,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torch import nn
 
 from clusterkit import Plugin, hookimpl
 from clusterkit.cluster import kmeans
 from clusterkit.errors import PluginError
 from clusterkit.schema import in_range, non_negative, positive
 from clusterkit_plugins.cc.heads import INSTANCE_HEAD, instance_projection
-
-MODULE_KEY = "cross_level_interaction"
-
 
 # ---------------------------------------------------------------------------------------------
 # The method as functions of tensors
@@ -133,19 +129,6 @@ def cross_level_interaction_loss(probs: torch.Tensor, pseudo: torch.Tensor, doub
 
 
 # ---------------------------------------------------------------------------------------------
-# State that must survive a resume
-# ---------------------------------------------------------------------------------------------
-
-class PseudoLabels(nn.Module):
-    """Buffers: ``labels`` (N,) int64 k-means label of every training sample, ``ready`` (bool)."""
-
-    def __init__(self, num_train: int):
-        super().__init__()
-        self.register_buffer("labels", torch.zeros(num_train, dtype=torch.long))
-        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
-
-
-# ---------------------------------------------------------------------------------------------
 # The plugin
 # ---------------------------------------------------------------------------------------------
 
@@ -174,9 +157,29 @@ class CrossLevelInteraction(Plugin):
         seed: int | None = attrs.field(default=None, metadata={
             "doc": "k-means seed (batch mode: + step); null: run.seed"})
 
+    def __init__(self, params=None):
+        super().__init__(params)
+        #: ``pseudo_labels: stage``: the k-means label (num_train,) int64 of every training sample,
+        #: on the training device; None until CLI's first epoch computes them.
+        self.labels: torch.Tensor | None = None
+        self.device: torch.device | None = None
+
+    # -- checkpointed state --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {} if self.labels is None else {"labels": self.labels.cpu().clone()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the stage labels.  Checkpoints written while they were buffers of a module in
+        ``state.model`` also carry ``ready`` (False: not computed yet, ``labels`` are zeros)."""
+        labels = state_dict.get("labels")
+        if labels is None or not bool(state_dict.get("ready", True)):
+            self.labels = None
+            return
+        self.labels = labels.to(self.device or "cpu", torch.long)
+
     @hookimpl
     def setup(self, state):
-        state.model[MODULE_KEY] = PseudoLabels(state.num_train)
+        self.device = state.device
 
     @torch.no_grad()
     def dataset_labels(self, state) -> torch.Tensor:
@@ -197,19 +200,16 @@ class CrossLevelInteraction(Plugin):
 
     @hookimpl
     def on_epoch_start(self, state):
-        bank = state.model[MODULE_KEY]
-        if self.params.pseudo_labels == "stage" and not bool(bank.ready):
-            bank.labels.copy_(self.dataset_labels(state))
-            bank.ready.fill_(True)
+        if self.params.pseudo_labels == "stage" and self.labels is None:
+            self.labels = self.dataset_labels(state).to(state.device, torch.long)
 
     def pseudo_labels_of(self, state, cache, v: int) -> torch.Tensor:
         """The k-means labels y^v (N,) of view v's global batch (the same on every process)."""
         p = self.params
         if p.pseudo_labels == "stage":
-            bank = state.model[MODULE_KEY]
-            if not bool(bank.ready):  # e.g. called outside the trainer's epoch loop
+            if self.labels is None:  # e.g. called outside the trainer's epoch loop
                 self.on_epoch_start(state)
-            return bank.labels[cache.global_index]
+            return self.labels[cache.global_index]
         return kmeans_labels(cache.gather("z", v), state.num_clusters, scaling=p.feature_scaling, n_init=p.n_init,
                              max_iter=p.max_iter, seed=self.seed(state) + state.step)
 

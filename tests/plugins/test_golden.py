@@ -182,7 +182,7 @@ def test_momentum_grouping_plugin_follows_digpro_clock_and_lightly_bank(monkeypa
               "regroup_metric": "euclidean", "group_init": "uniform", "extra_ema": False}
     plugin = mg.MomentumGrouping(build(mg.MomentumGrouping.Params, params, "plugins.momentum_grouping"))
     plugin.setup(state)
-    memory = state.model[mg.MODULE_KEY]
+    memory = plugin.memory
     with torch.no_grad():
         memory.groups.copy_(g["groups_init"])   # the official run's torch.rand init
     regroups = []

@@ -21,7 +21,6 @@ from clusterkit.plugin_manager import load_plugins
 from clusterkit.recipe import load_recipe
 from clusterkit.schema import build
 from clusterkit_plugins.digpro.momentum_grouping import (
-    MODULE_KEY,
     GroupMemory,
     MomentumGrouping,
     assign_groups,
@@ -217,7 +216,7 @@ def test_plugin_loss_backpropagates_through_groups_with_zeroed_predictor():
 
 def test_plugin_step_is_both_directions_with_sequential_group_updates():
     state, byol, plugin = make_state(k=4, weight=0.3)
-    g0 = state.model[MODULE_KEY].groups.clone()
+    g0 = plugin.memory.groups.clone()
     cache = make_cache(state, byol)
     calls = []
     state.model["predictor"].register_forward_hook(lambda *a: calls.append(1))
@@ -229,17 +228,17 @@ def test_plugin_step_is_both_directions_with_sequential_group_updates():
     l2, g2, _ = grouping_direction(q[1], k[0], p[1], g1, 0.99, 0.1)
     assert got.item() == pytest.approx(0.3 * (l1.item() + l2.item()) / 2, rel=1e-5)
     # compute_losses has no side effect: G changes only in after_step (after a real optimiser step)
-    assert torch.equal(state.model[MODULE_KEY].groups, g0)
+    assert torch.equal(plugin.memory.groups, g0)
     plugin.after_step(state, cache)
-    torch.testing.assert_close(state.model[MODULE_KEY].groups, g2)
-    assert not state.model[MODULE_KEY].groups.requires_grad
+    torch.testing.assert_close(plugin.memory.groups, g2)
+    assert not plugin.memory.groups.requires_grad
 
 
 def test_a_skipped_nonfinite_step_leaves_the_groups_untouched():
     """run.nonfinite: skip calls no after_step for a step with a NaN loss: G must not take that
     step's G' (it used to be written in compute_losses, and every later step was NaN)."""
     state, byol, plugin = make_state(k=3)
-    memory = state.model[MODULE_KEY]
+    memory = plugin.memory
     g0 = memory.groups.clone()
     bad = make_cache(state, byol, seed=1)
     bad.put("q", 0, torch.full_like(bad["q", 0], float("nan")))
@@ -258,14 +257,14 @@ def test_step_runs_under_bf16_autocast_and_keeps_float32_state():
     loss.float().backward()
     plugin.after_step(state, cache)
     plugin.on_step_start(state, make_cache(state, byol, batch=8, seed=1))  # iteration 2 regroups first
-    memory = state.model[MODULE_KEY]
+    memory = plugin.memory
     assert memory.groups.dtype == memory.bank.dtype == torch.float32
     torch.testing.assert_close(memory.groups.norm(dim=1), torch.ones(3))  # regrouped: unit centres
 
 
 def test_uniform_init_is_the_official_torch_rand_seeded():
-    state, _, _ = make_state(k=5, run_seed=7)
-    groups = state.model[MODULE_KEY].groups
+    _, _, plugin = make_state(k=5, run_seed=7)
+    groups = plugin.memory.groups
     assert groups.shape == (5, OUT_DIM)  # l = e_step.k, dim = byol_target's out_dim
     torch.testing.assert_close(groups, uniform_groups(5, OUT_DIM, 7))
     torch.testing.assert_close(groups, torch.rand(5, OUT_DIM, generator=torch.Generator().manual_seed(7)))
@@ -274,13 +273,13 @@ def test_uniform_init_is_the_official_torch_rand_seeded():
 
 def test_random_init_is_seeded_normalised_and_leaves_global_rng_alone():
     rng = torch.get_rng_state()
-    state, _, _ = make_state(k=5, run_seed=7, group_init="random")
-    groups = state.model[MODULE_KEY].groups
+    state, _, plugin = make_state(k=5, run_seed=7, group_init="random")
+    groups = plugin.memory.groups
     assert groups.shape == (5, OUT_DIM)  # l = e_step.k, dim = byol_target's out_dim
     torch.testing.assert_close(groups, random_groups(5, OUT_DIM, 7))
     torch.testing.assert_close(groups.norm(dim=1), torch.ones(5))
-    state_b, _, _ = make_state(k=5, run_seed=0, seed=7, group_init="random")
-    torch.testing.assert_close(state_b.model[MODULE_KEY].groups, groups)  # params.seed overrides run.seed
+    _, _, plugin_b = make_state(k=5, run_seed=0, seed=7, group_init="random")
+    torch.testing.assert_close(plugin_b.memory.groups, groups)  # params.seed overrides run.seed
     torch.manual_seed(0)  # make_state reseeds for its model; the plugin itself must not draw from it
     before = torch.get_rng_state()
     MomentumGrouping().setup(state)
@@ -290,18 +289,18 @@ def test_random_init_is_seeded_normalised_and_leaves_global_rng_alone():
 
 def test_kmeans_init_uses_the_first_batch():
     state, byol, plugin = make_state(k=3, group_init="kmeans", kmeans_n_init=2)
-    memory = state.model[MODULE_KEY]
-    assert not bool(memory.initialized)
+    memory = plugin.memory
+    assert not memory.initialized
     cache = make_cache(state, byol, batch=8)
     plugin.init_groups_by_kmeans(state, cache)
     feats = torch.cat([F.normalize(cache["q", v].detach(), dim=1) for v in (0, 1)])
     expected = F.normalize(kmeans(feats, 3, metric="cosine", n_init=2, max_iter=300, tol=1e-4, seed=0).centers, dim=1)
     torch.testing.assert_close(memory.groups, expected)
-    assert bool(memory.initialized)
+    assert memory.initialized
 
     state2, byol2, plugin2 = make_state(k=3, group_init="kmeans")
     loss = plugin2.compute_losses(state2, make_cache(state2, byol2, batch=8))["momentum_grouping"]  # initialises
-    assert bool(state2.model[MODULE_KEY].initialized)
+    assert plugin2.memory.initialized
     # the init reads q first, but q (memoised for the step's losses) keeps its graph to the projector
     loss.backward()
     assert state2.model["projector"][0].weight.grad.abs().sum() > 0
@@ -312,10 +311,10 @@ def test_regroup_at_the_start_of_iteration_n_uses_the_bank_of_earlier_iterations
     (noise, then iteration 1's rows written from row 0), with Euclidean k-means, and trains with
     the new groups."""
     state, byol, plugin = make_state(k=3, regroup_every=2, bank_size=40, kmeans_n_init=3, seed=11)
-    memory = state.model[MODULE_KEY]
+    memory = plugin.memory
     noise = memory.bank.clone()
     torch.testing.assert_close(noise.norm(dim=1), torch.ones(40))  # lightly: normalised Gaussian rows
-    assert int(memory.bank_count) == 40  # every row counts from the start
+    assert memory.bank_count == 40  # every row counts from the start
     _, cache1 = run_step(state, byol, plugin, seed=1)
     rows1 = torch.cat([F.normalize(cache1["q", v].detach(), dim=1) for v in (0, 1)])  # 12 rows
     expected_bank = torch.cat([rows1, noise[12:]])
@@ -335,11 +334,11 @@ def test_regroup_at_the_start_of_iteration_n_uses_the_bank_of_earlier_iterations
 def test_regroup_timing_end_sets_groups_to_kmeans_centres_of_the_bank():
     state, byol, plugin = make_state(k=3, regroup_every=2, bank_size=40, kmeans_n_init=3, seed=11,
                                      regroup_timing="end", bank="ring", regroup_metric="cosine")
-    memory = state.model[MODULE_KEY]
+    memory = plugin.memory
     _, cache1 = run_step(state, byol, plugin, seed=1)
     g_after_1 = memory.groups.clone()
     _, cache2 = run_step(state, byol, plugin, seed=2)  # iteration 1 did not regroup, iteration 2 does
-    assert int(memory.iteration) == 2 and int(memory.bank_count) == 24
+    assert memory.iteration == 2 and memory.bank_count == 24
     bank = torch.cat([F.normalize(c["q", v].detach(), dim=1) for c in (cache1, cache2) for v in (0, 1)])
     torch.testing.assert_close(memory.filled(), bank)
     expected = F.normalize(kmeans(bank, 3, metric="cosine", n_init=3, max_iter=300, tol=1e-4, seed=11 + 2).centers,
@@ -372,8 +371,8 @@ def test_memory_bank_is_a_ring_buffer():
         mem.push(rows)
         written += rows.flatten().tolist()
         n = len(written)
-        assert int(mem.bank_count) == min(n, 7)
-        assert int(mem.bank_ptr) == n % 7
+        assert mem.bank_count == min(n, 7)
+        assert mem.bank_ptr == n % 7
         expected = [None] * 7
         for i, v in enumerate(written):  # naive: row i goes to slot i % 7, later rows overwrite
             expected[i % 7] = v
@@ -388,7 +387,7 @@ def test_memory_bank_is_a_ring_buffer():
     for i, v in enumerate(written):
         expected[i % 7] = v
     assert mem.bank.flatten().tolist() == expected
-    assert int(mem.bank_ptr) == len(written) % 7 and int(mem.bank_count) == 7
+    assert mem.bank_ptr == len(written) % 7 and mem.bank_count == 7
 
 
 def test_official_bank_cuts_a_batch_at_the_end_as_lightly():
@@ -405,14 +404,14 @@ def test_official_bank_cuts_a_batch_at_the_end_as_lightly():
         n = min(3, 7 - ptr)  # naive lightly: write what fits, then back to 0 if the end was reached
         slots[ptr:ptr + n] = rows[:n]
         ptr = 0 if ptr + 3 >= 7 else ptr + 3
-        assert mem.bank.flatten().tolist() == slots and int(mem.bank_ptr) == ptr
+        assert mem.bank.flatten().tolist() == slots and mem.bank_ptr == ptr
         assert mem.filled().shape[0] == 7
     assert slots == [9, 10, 11, 12, 13, 14, 6]  # rows 7 and 8 were cut: the batch reached the end
 
 
 def test_plugin_bank_holds_normalised_q_of_both_views_and_wraps():
     state, byol, plugin = make_state(k=3, bank_size=10, regroup_every=1000, bank="ring")  # 12 rows per step
-    memory = state.model[MODULE_KEY]
+    memory = plugin.memory
     _, c1 = run_step(state, byol, plugin, seed=1)
     _, c2 = run_step(state, byol, plugin, seed=2)
     rows = torch.cat([F.normalize(c["q", v].detach(), dim=1) for c in (c1, c2) for v in (0, 1)])  # 24 rows
@@ -420,30 +419,67 @@ def test_plugin_bank_holds_normalised_q_of_both_views_and_wraps():
     for i, row in enumerate(rows):
         expected[i % 10] = row
     torch.testing.assert_close(memory.bank, expected)
-    assert int(memory.bank_ptr) == 4 and int(memory.bank_count) == 10
+    assert memory.bank_ptr == 4 and memory.bank_count == 10
 
 
 def test_checkpoint_round_trip_keeps_groups_bank_pointer_counter():
     state, byol, plugin = make_state(k=3, bank_size=16, regroup_every=2)
     for i in range(3):
         run_step(state, byol, plugin, seed=i)
-    memory = state.model[MODULE_KEY]
+    memory = plugin.memory
     fresh = GroupMemory(3, OUT_DIM, 16)
-    fresh.load_state_dict(memory.state_dict())
-    for name in ("groups", "bank", "bank_ptr", "bank_count", "iteration", "initialized"):
+    saved = plugin.state_dict()
+    assert all(saved[name].device.type == "cpu" for name in GroupMemory.TENSORS)
+    fresh.load_state_dict(saved)
+    for name in GroupMemory.TENSORS:
         assert torch.equal(getattr(fresh, name), getattr(memory, name)), name
+    for name in GroupMemory.COUNTERS:
+        assert getattr(fresh, name) == getattr(memory, name), name
     # lightly's bank of 16 rows, 12 rows a step: pointer 12, then 0 (4 rows fit, 8 are cut), then 12
-    assert int(fresh.iteration) == 3 and int(fresh.bank_ptr) == 12
+    assert fresh.iteration == 3 and fresh.bank_ptr == 12
+    with pytest.raises(ValueError, match="shape"):
+        GroupMemory(3, OUT_DIM, 8).load_state_dict(saved)
 
     # the whole model through a checkpoint: a resumed run continues identically
     state_b, byol_b, plugin_b = make_state(k=3, bank_size=16, regroup_every=2)
     run_step(state_b, byol_b, plugin_b, seed=42)  # a different history...
-    assert not torch.equal(state_b.model[MODULE_KEY].bank, memory.bank)
+    assert not torch.equal(plugin_b.memory.bank, memory.bank)
     state_b.model.load_state_dict(state.model.state_dict())  # ...replaced by the checkpoint
+    plugin_b.load_state_dict(plugin.state_dict())
     la, _ = run_step(state, byol, plugin, seed=9)
     lb, _ = run_step(state_b, byol_b, plugin_b, seed=9)
     assert la.item() == pytest.approx(lb.item(), rel=1e-6)
-    torch.testing.assert_close(state_b.model[MODULE_KEY].groups, state.model[MODULE_KEY].groups)
+    torch.testing.assert_close(plugin_b.memory.groups, plugin.memory.groups)
+    assert plugin_b.memory.iteration == plugin.memory.iteration == 4
+
+
+def test_a_checkpoint_with_the_memory_as_model_buffers_still_resumes():
+    """Checkpoints written before the memory became the plugin's state kept it as buffers
+    ``momentum_grouping.*`` of state.model (counters as 0-d tensors): resume reads them into
+    the plugin's memory, and the model weights load without them."""
+    from clusterkit.checkpoint import restore_training_state
+    from clusterkit.cluster import KMeansPredictor
+
+    state, byol, plugin = make_state(k=3, bank_size=16, regroup_every=2)
+    for i in range(3):
+        run_step(state, byol, plugin, seed=i)
+    memory = plugin.memory
+    old_layout = dict(state.model.state_dict())
+    for name in GroupMemory.TENSORS:
+        old_layout[f"momentum_grouping.{name}"] = getattr(memory, name).clone()
+    for name in GroupMemory.COUNTERS:
+        dtype = torch.bool if name == "initialized" else torch.long
+        old_layout[f"momentum_grouping.{name}"] = torch.tensor(getattr(memory, name), dtype=dtype)
+    ckpt = {"model": old_layout, "step": 3, "epoch": 0, "pseudo_labels": None, "centers": None, "extra": {},
+            "plugins": {"byol_target": {}, "momentum_grouping": {}}}   # the layout of the previous version
+
+    state_b, _, plugin_b = make_state(k=3, bank_size=16, regroup_every=2, run_seed=5)
+    restore_training_state(state_b, {"byol_target": byol, "momentum_grouping": plugin_b}, KMeansPredictor(3), ckpt)
+    for name in GroupMemory.TENSORS:
+        assert torch.equal(getattr(plugin_b.memory, name), getattr(memory, name)), name
+    for name in GroupMemory.COUNTERS:
+        assert getattr(plugin_b.memory, name) == getattr(memory, name), name
+    assert torch.equal(state_b.model["projector"][0].weight, state.model["projector"][0].weight)
 
 
 def _target_params(state):
@@ -495,20 +531,21 @@ def test_default_params_and_validation():
         build(MomentumGrouping.Params, {"bta": 0.9}, "plugins.momentum_grouping")
     with pytest.raises(RecipeError, match="group_init"):
         build(MomentumGrouping.Params, {"group_init": "kmean"}, "plugins.momentum_grouping")
-    state, _, _ = make_state(k=6, num_groups=4)
-    assert state.model[MODULE_KEY].groups.shape == (4, OUT_DIM)
+    _, _, plugin = make_state(k=6, num_groups=4)
+    assert plugin.memory.groups.shape == (4, OUT_DIM)
 
 
 def test_setup_runs_after_byol_target_whatever_the_recipe_order():
     for order in (["byol_target", "momentum_grouping"], ["momentum_grouping", "byol_target"]):
-        pm, _ = load_plugins({name: {"hidden_dim": 8, "out_dim": 6} if name == "byol_target" else {}
+        pm, plugins = load_plugins({name: {"hidden_dim": 8, "out_dim": 6} if name == "byol_target" else {}
                               for name in order})
         backbone = nn.Sequential(nn.Flatten(), nn.Linear(IN_DIM, FEAT_DIM))
         backbone.num_features = FEAT_DIM
         state = TrainState(recipe=load_recipe(data={"e_step": {"k": 3}}), device=torch.device("cpu"),
                            model=nn.ModuleDict({"backbone": backbone}), num_train=10, steps_per_epoch=1)
         pm.hook.setup(state=state)
-        assert state.model[MODULE_KEY].groups.shape == (3, 6)
+        assert plugins["momentum_grouping"].memory.groups.shape == (3, 6)
+        assert "momentum_grouping" not in state.model  # the memory is the plugin's state, not a module
 
 
 def test_setup_without_byol_target_says_what_to_add():
@@ -562,13 +599,15 @@ def test_digpro_trains_one_epoch_on_digits_and_each_plugin_can_be_ablated(tmp_pa
         if name != without:
             assert math.isfinite(record[name])
 
-    model = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["model"]
+    ckpt = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+    assert not any(key.startswith("momentum_grouping.") for key in ckpt["model"])
     if without == "momentum_grouping":
-        assert not any(key.startswith(MODULE_KEY + ".") for key in model)
+        assert "momentum_grouping" not in ckpt["plugins"]
         return
-    # the grouping state is checkpointed with the model
-    assert int(model[f"{MODULE_KEY}.iteration"]) == steps
-    assert int(model[f"{MODULE_KEY}.bank_count"]) == 256
-    assert int(model[f"{MODULE_KEY}.bank_ptr"]) == (steps * 2 * 64) % 256
-    groups = model[f"{MODULE_KEY}.groups"]
+    # the grouping state is checkpointed as the plugin's state
+    memory = ckpt["plugins"]["momentum_grouping"]
+    assert memory["iteration"] == steps
+    assert memory["bank_count"] == 256
+    assert memory["bank_ptr"] == (steps * 2 * 64) % 256
+    groups = memory["groups"]
     assert groups.shape == (10, 32) and torch.isfinite(groups).all()

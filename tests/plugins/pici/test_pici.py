@@ -456,11 +456,15 @@ def test_cli_plugin_stage_labels_once_batch_labels_every_step():
     heads.setup(state)
     cli = CrossLevelInteraction(CrossLevelInteraction.Params(n_init=2))
     cli.setup(state)
-    bank = state.model["cross_level_interaction"]
-    assert not bool(bank.ready)
+    assert cli.labels is None and cli.state_dict() == {}
+    assert "cross_level_interaction" not in state.model  # the labels are the plugin's state, not a module
     cli.on_epoch_start(state)
     z = F.normalize(state.model["instance_head"](feats), dim=1)
-    assert bool(bank.ready) and torch.equal(bank.labels, kmeans_labels(z, 3, n_init=2, seed=0))
+    assert torch.equal(cli.labels, kmeans_labels(z, 3, n_init=2, seed=0))
+    restored = CrossLevelInteraction(CrossLevelInteraction.Params(n_init=2))
+    restored.setup(state)
+    restored.load_state_dict(cli.state_dict())  # a resume keeps the stage labels
+    assert torch.equal(restored.labels, cli.labels)
     state.feature_fn = lambda split: pytest.fail("stage labels are computed once")
     cli.on_epoch_start(state)
 
@@ -468,7 +472,7 @@ def test_cli_plugin_stage_labels_once_batch_labels_every_step():
     outputs = {"h": lambda cache, v: torch.randn(5, 32), **heads.register_outputs(state)}
     cache = StepCache([torch.zeros(5, 1, 8, 8)] * 2, index, outputs, state)
     got = cli.compute_losses(state, cache)["cross_level_interaction"]
-    want = [cross_level_interaction_loss(cache["c", v], bank.labels[index]) for v in (0, 1)]
+    want = [cross_level_interaction_loss(cache["c", v], cli.labels[index]) for v in (0, 1)]
     assert got.item() == pytest.approx((want[0] + want[1]).item() / 2)
 
     per_batch = CrossLevelInteraction(CrossLevelInteraction.Params(n_init=2, pseudo_labels="batch",
@@ -581,9 +585,9 @@ def test_tiny_pici_trains_through_pretrain_train_and_boost(tmp_path, tiny_recipe
         assert epochs[epoch]["stage"] == stage
         assert {t for t in all_terms if t in epochs[epoch]} == terms, epoch
         assert all(math.isfinite(epochs[epoch][t]) for t in terms)
-    model = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["model"]
-    assert bool(model["cross_level_interaction.ready"])                   # labels made at the boost's start
-    labels = model["cross_level_interaction.labels"]
+    ckpt = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+    model = ckpt["model"]
+    labels = ckpt["plugins"]["cross_level_interaction"]["labels"]       # labels made at the boost's start
     assert labels.shape == (1797,) and 0 <= int(labels.min()) and int(labels.max()) < 10
     assert model["pisd_decoder.pred.weight"].shape == (2 * 2 * 1, 16)
     assert torch.equal(model["backbone.pos_embed"][0], sincos_pos_embed_2d(32, 4, cls_token=True))
