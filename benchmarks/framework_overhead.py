@@ -121,7 +121,7 @@ def plugin_params(trainer: Trainer) -> dict:
     """The parameters the plain step reads (refusing options it does not mirror)."""
     p = {name: trainer.plugins[name].params for name in PLUGINS}
     mg = p["momentum_grouping"]
-    if mg.extra_ema or mg.group_init != "random":
+    if mg.extra_ema or mg.group_init == "kmeans":
         raise SystemExit("framework_overhead: the plain step does not mirror momentum_grouping's extra_ema or "
                          "group_init='kmeans'; benchmark with their defaults.")
     if trainer.state.in_warmup:
@@ -182,10 +182,25 @@ class PlainStep:
         eps = torch.randn(q.shape, generator=gen, device=q.device, dtype=torch.float32)
         return diffuse(q, self.sigma, eps)
 
+    @torch.no_grad()
+    def regroup(self, memory, iteration: int) -> None:
+        """G <- normalised k-means centres of the bank (kept when it has fewer rows than groups)."""
+        bank = memory.filled()
+        if bank.shape[0] >= memory.groups.shape[0]:
+            mg = self.mg
+            memory.groups.copy_(regroup(bank, memory.groups.shape[0], seed=self.mg_seed + iteration,
+                                        n_init=mg.kmeans_n_init, max_iter=mg.kmeans_max_iter, tol=mg.kmeans_tol,
+                                        metric=mg.regroup_metric))
+
     def __call__(self, images: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.model
         backbone, projector, predictor = m["backbone"], m["projector"], m["predictor"]
         t_backbone, t_projector, memory = m["target_backbone"], m["target_projector"], self.memory
+        mg = self.mg
+        iteration = memory.iteration + 1  # numbered from 1, as the plugin counts
+        regroups = (iteration > 1 if mg.regroup_timing == "start" else True) and iteration % self.regroup_every == 0
+        if regroups and mg.regroup_timing == "start":  # official: before the forward, on the earlier bank
+            self.regroup(memory, iteration)
         v0, v1 = self.augment(images.to(self.device, non_blocking=True))
         if self.channels_last:
             v0, v1 = (v.contiguous(memory_format=torch.channels_last) for v in (v0, v1))
@@ -225,26 +240,30 @@ class PlainStep:
         alpha = cosine_momentum(b.momentum, self.step_count, self.total_steps) if b.cosine_increase else b.momentum
         ema_update(t_backbone, backbone, alpha)
         ema_update(t_projector, projector, alpha)
-        # memory bank of norm(q) of both views, regrouping every regroup_every iterations
+        # memory bank of norm(q) of both views; regroup_timing "end" regroups after the step
         with torch.no_grad():
-            memory.push(torch.cat([F.normalize(q.detach().float(), dim=1) for q in (q0, q1)]))
+            rows = torch.cat([F.normalize(q.detach().float(), dim=1) for q in (q0, q1)])
+            memory.push_truncating(rows) if mg.bank == "official" else memory.push(rows)
             memory.iteration += 1
-        iteration = memory.iteration
-        if iteration % self.regroup_every == 0:
-            bank = memory.filled()
-            if bank.shape[0] >= memory.groups.shape[0]:
-                memory.groups.copy_(regroup(bank, memory.groups.shape[0], seed=self.mg_seed + iteration,
-                                            n_init=self.mg.kmeans_n_init, max_iter=self.mg.kmeans_max_iter,
-                                            tol=self.mg.kmeans_tol))
+        if regroups and mg.regroup_timing == "end":
+            self.regroup(memory, iteration)
         return {"diffused_sampling": ds.detach(), "prototype_aggregation": pa.detach(),
                 "momentum_grouping": mg.detach(), "loss": total.detach()}
 
 
 # -- checks ------------------------------------------------------------------------------------------
 
-def state_difference(a: torch.nn.Module, b: torch.nn.Module) -> tuple[float, str]:
-    """Largest absolute difference over every parameter and buffer, and where."""
-    sa, sb = a.state_dict(), b.state_dict()
+def _full_state(model: torch.nn.Module, memory) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers, and momentum_grouping's groups, bank and counters."""
+    grouping = {f"momentum_grouping.{k}": v if torch.is_tensor(v) else torch.tensor(float(v))
+                for k, v in memory.state_dict().items()}
+    return {**model.state_dict(), **grouping}
+
+
+def state_difference(trainer: Trainer, plain: PlainStep) -> tuple[float, str]:
+    """Largest absolute difference over every parameter and buffer and the group memory, and where."""
+    sa = _full_state(trainer.state.model, trainer.plugins["momentum_grouping"].memory)
+    sb = _full_state(plain.model, plain.memory)
     if sa.keys() != sb.keys():
         return float("inf"), "different keys"
     worst, where = 0.0, ""
@@ -273,7 +292,7 @@ def check_equivalence(trainer: Trainer, plain: PlainStep, images, index, steps: 
             diffs[t] = max(diffs[t], abs(float(hook[t]) - float(flat[t])))
         if i == 0:
             first = {t: (float(hook[t]), float(flat[t])) for t in diffs}
-    state_diff, where = state_difference(trainer.state.model, plain.model)
+    state_diff, where = state_difference(trainer, plain)
     ok = max(diffs.values()) <= tol and state_diff <= tol
     return {"steps": steps, "terms": diffs, "first": first, "state": state_diff, "state_where": where, "ok": ok}
 
@@ -283,7 +302,7 @@ def print_equivalence(eq: dict, tol: float) -> None:
     for t, d in eq["terms"].items():
         h, p = eq["first"][t]
         print(f"  {t:22s} step 1: hook {h:+.8f}  plain {p:+.8f}   max |diff| {d:.2e}")
-    print(f"  model state (params + buffers) max |diff| {eq['state']:.2e} ({eq['state_where']})")
+    print(f"  model state (params + buffers) and group memory max |diff| {eq['state']:.2e} ({eq['state_where']})")
     print("  -> " + ("EQUIVALENT" if eq["ok"] else "NOT EQUIVALENT"))
 
 
@@ -473,8 +492,8 @@ def report(args, trainer: Trainer, images, eq: dict, res: dict, micro: dict, loa
         "|---|---:|---:|---:|",
         *[f"| {t} | {eq['first'][t][0]:+.8f} | {eq['first'][t][1]:+.8f} | {d:.2e} |" for t, d in eq["terms"].items()],
         "",
-        f"Parameters and buffers after those steps: max abs difference {eq['state']:.2e}; after the timed steps: "
-        f"{res['state_after']:.2e}. Tolerance {args.tol:g}: "
+        f"Parameters, buffers and the group memory after those steps: max abs difference {eq['state']:.2e}; "
+        f"after the timed steps: {res['state_after']:.2e}. Tolerance {args.tol:g}: "
         f"**{'equivalent' if eq['ok'] and res['state_after'] <= args.tol else 'NOT equivalent'}**.",
         "",
         "## Time per step",
@@ -555,7 +574,7 @@ def main() -> None:
         raise SystemExit("framework_overhead: the two paths do not compute the same step; no timing.")
 
     res = interleaved(trainer, plain, images, index, args.warmup, args.steps, args.seed + 10_000)
-    res["state_after"], _ = state_difference(trainer.state.model, plain.model)
+    res["state_after"], _ = state_difference(trainer, plain)
     micro = dispatch_microtimings(trainer, images, index, 200 if args.quick else 2000)
     load_after = os.getloadavg()
 
