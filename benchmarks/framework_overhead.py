@@ -196,10 +196,10 @@ class PlainStep:
         m = self.model
         backbone, projector, predictor = m["backbone"], m["projector"], m["predictor"]
         t_backbone, t_projector, memory = m["target_backbone"], m["target_projector"], self.memory
-        mg = self.mg
+        timing = self.mg.regroup_timing
         iteration = memory.iteration + 1  # numbered from 1, as the plugin counts
-        regroups = (iteration > 1 if mg.regroup_timing == "start" else True) and iteration % self.regroup_every == 0
-        if regroups and mg.regroup_timing == "start":  # official: before the forward, on the earlier bank
+        regroups = (iteration > 1 if timing == "start" else True) and iteration % self.regroup_every == 0
+        if regroups and timing == "start":  # official: before the forward, on the earlier bank
             self.regroup(memory, iteration)
         v0, v1 = self.augment(images.to(self.device, non_blocking=True))
         if self.channels_last:
@@ -233,19 +233,25 @@ class PlainStep:
         total = ds + pa + mg
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        # EMA of the target (parameters only): from the pre-step online weights (ema_timing
+        # "before_step", official) or from the updated ones ("after_step")
+        b = self.byol
+        alpha = (cosine_momentum(b.momentum, self.step_count + 1, self.total_steps) if b.cosine_increase
+                 else b.momentum)
+        if b.ema_timing == "before_step":
+            ema_update(t_backbone, backbone, alpha)
+            ema_update(t_projector, projector, alpha)
         self.optimizer.step()
         self.step_count += 1
-        # EMA of the target (parameters only)
-        b = self.byol
-        alpha = cosine_momentum(b.momentum, self.step_count, self.total_steps) if b.cosine_increase else b.momentum
-        ema_update(t_backbone, backbone, alpha)
-        ema_update(t_projector, projector, alpha)
+        if b.ema_timing == "after_step":
+            ema_update(t_backbone, backbone, alpha)
+            ema_update(t_projector, projector, alpha)
         # memory bank of norm(q) of both views; regroup_timing "end" regroups after the step
         with torch.no_grad():
             rows = torch.cat([F.normalize(q.detach().float(), dim=1) for q in (q0, q1)])
-            memory.push_truncating(rows) if mg.bank == "official" else memory.push(rows)
+            memory.push_truncating(rows) if self.mg.bank == "official" else memory.push(rows)
             memory.iteration += 1
-        if regroups and mg.regroup_timing == "end":
+        if regroups and timing == "end":
             self.regroup(memory, iteration)
         return {"diffused_sampling": ds.detach(), "prototype_aggregation": pa.detach(),
                 "momentum_grouping": mg.detach(), "loss": total.detach()}
