@@ -495,9 +495,22 @@ def _equivalence_run(raw: dict, available, batches: list[tuple], out: str) -> No
         record["steps"].append({
             "terms": dict(zip(names, packed.tolist(), strict=True)),
             "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
-            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "state": _comparable_state(trainer),
         })
     torch.save(record, out)
+
+
+def _comparable_state(trainer) -> dict[str, torch.Tensor]:
+    """Every tensor of ``state.model`` and of every plugin's ``state_dict()`` (numbers as 0-d
+    tensors), keyed ``<model key>`` and ``plugins.<plugin>.<key>``."""
+    state = {k: v.detach().clone() for k, v in trainer.state.model.state_dict().items()}
+    for name, plugin in trainer.plugins.items():
+        for key, value in plugin.state_dict().items():
+            if torch.is_tensor(value):
+                state[f"plugins.{name}.{key}"] = value.detach().clone()
+            elif isinstance(value, (bool, int, float)):
+                state[f"plugins.{name}.{key}"] = torch.tensor(value)
+    return state
 
 
 def _equivalence_worker(rank: int, world: int, init_file: str, raw: dict, available, batches, out_dir: str) -> None:
@@ -544,7 +557,10 @@ def _compare(reference: dict, other: dict, who: str, atol: float, rtol: float) -
         for name, value in ref["state"].items():
             if name.endswith("num_batches_tracked"):
                 continue
-            close(value, got["state"][name], f"{step}: state.model entry {name} after the step")
+            if name not in got["state"]:
+                problems.append(f"{who}: {step}: state entry {name} missing")
+                continue
+            close(value, got["state"][name], f"{step}: state entry {name} after the step")
     return problems
 
 
@@ -565,8 +581,8 @@ def check_distributed_equivalence(plugin, params: dict | None = None, *, name: s
       every rank, a per-sample mean averages to the global mean);
     * the gradient of every parameter (after DDP's averaging) -- the test that catches a
       contrastive loss computed on the local batch only, or a gather that drops gradients;
-    * every tensor in ``state.model`` after the step (weights, EMA targets, banks, groups),
-      on every rank.
+    * every tensor in ``state.model`` and in every plugin's ``state_dict()`` after the step
+      (weights, EMA targets, banks, groups, counters), on every rank.
 
     BatchNorm layers run in eval mode during the check (per-sample normalisation), because
     batch statistics differ between one batch and its shards by design (``run.sync_bn`` is the

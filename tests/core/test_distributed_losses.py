@@ -5,7 +5,7 @@ Every check here spawns gloo processes on the CPU (torch.multiprocessing, ``spaw
 * each method's plugin set, as its recipes combine them, through
   :func:`clusterkit.testing.check_distributed_equivalence`: one process on fixed global batches
   vs two processes on their shards, comparing pseudo-labels, loss terms, every gradient and
-  every ``state.model`` tensor after each step (HaDis, which contains ProPos; DigPro with a
+  every ``state.model`` and plugin-state tensor after each step (HaDis, which contains ProPos; DigPro with a
   regroup and both group inits; CC; PICI with both CLI label modes);
 * a negative control: an NT-Xent written on the local batch must fail the check, the same loss
   reading its inputs with ``cache.gather`` must pass it;
@@ -139,6 +139,35 @@ def test_a_contrastive_loss_on_the_local_batch_fails_the_check():
     message = str(err.value)
     assert "rank 0 of 2" in message and "cache.gather" in message
     assert "loss term 'local_nt_xent' differs" in message and "gradient of backbone." in message
+
+
+class LocalMeanBank(GlobalBatchNTXent):
+    """A correct loss, but plugin state (a running mean of the features) updated from this
+    process's rows only: the bank of a rank is not the bank of the global batch."""
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.mean = torch.zeros(())
+        self.steps = 0
+
+    @hookimpl
+    def after_step(self, state, cache):
+        self.mean = 0.5 * self.mean + 0.5 * cache["h", 0].detach().mean()
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.mean, self.steps = state_dict.get("mean", torch.zeros(())), state_dict.get("steps", 0)
+
+
+def test_plugin_state_updated_from_the_local_batch_fails_the_check():
+    """The check compares every plugin's state_dict, not only state.model: banks and groups are
+    plugin state (momentum_grouping's memory)."""
+    with pytest.raises(PluginCheckError, match=r"state entry plugins\.local_mean_bank\.mean") as err:
+        check_distributed_equivalence(LocalMeanBank, {"temperature": 0.5}, steps=1, batch_size=8)
+    assert "plugins.local_mean_bank.steps" not in str(err.value)  # the counter agrees
 
 
 # ---------------------------------------------------------------------------------------------
