@@ -828,7 +828,11 @@ def _run_key(args, method: str, system: str, seed: int) -> dict:
            "schedule_epochs": args.schedule_epochs, "threads": args.threads,
            "setting": SETTING if method in ESTEP_METHODS else CC_SETTING}
     if system == "clusterkit":
-        key["recipe"] = RECIPES[method].read_text()
+        # the recipe as resolved through its `extends` chain: a change to a paper recipe it
+        # inherits from (e.g. data.pipeline) is a different run
+        from clusterkit.recipe import load_raw
+
+        key["recipe"] = json.dumps(load_raw(RECIPES[method]), sort_keys=True, default=str)
         key["extra_set"] = list(args.extra_set)
         key["source"] = _source_digest()
         if method == "cc" and args.clusterkit_raw_pixels:
@@ -1050,6 +1054,22 @@ def write_report(args, results: dict) -> None:
     log(f"wrote {out} and {out.with_suffix('.json')}")
 
 
+def _clusterkit_augmentation(args, methods) -> str:
+    """How clusterkit's runs of ``methods`` made their views, in words: the ``data.pipeline`` of
+    their recipes after ``--extra-set`` (e.g. "per image with torchvision transforms v2")."""
+    from clusterkit.recipe import apply_overrides, load_raw
+
+    words = {"batched": "on the whole batch as float tensors",
+             "per_image": "per image with torchvision transforms v2 (float, no uint8 rounding)"}
+    kinds = []
+    for method in methods:
+        data = apply_overrides(load_raw(RECIPES[method]), list(args.extra_set)).get("data", {})
+        kind = data.get("pipeline", "batched")
+        if kind not in kinds:
+            kinds.append(kind)
+    return " / ".join(f"{words.get(k, k)} (`data.pipeline: {k}`)" for k in kinds)
+
+
 def _estep_header(args, commits: dict) -> list[str]:
     """The report's paragraphs on the ProPos / DigPro runs (setting, protocol, inherent differences)."""
     commits = {k: v for k, v in commits.items() if "Contrastive-Clustering" not in k}
@@ -1077,8 +1097,9 @@ def _estep_header(args, commits: dict) -> list[str]:
         "training differences):",
         "- Augmentation: both cut the random crops from the stored 28 px images (clusterkit's recipes set "
         "`data.decode_size: 28`) and resize them to 32 px, but the official code does it per image with PIL in "
-        "two loader workers (ColorJitter rounding to uint8 after each operation), clusterkit on the whole batch "
-        "as float tensors with its own random stream. The E-step images: official ProPos `PIL.Image.resize` "
+        f"two loader workers (ColorJitter rounding to uint8 after each operation), clusterkit "
+        f"{_clusterkit_augmentation(args, ('propos', 'digpro'))} with its own random stream. The E-step images: "
+        "official ProPos `PIL.Image.resize` "
         "(bicubic, Pillow's default), official DigPro bilinear, clusterkit bilinear.",
         "- The official data order comes from a DistributedSampler with its default seed 0, so both official "
         "seeds see the same order (the seed changes the init, the augmentation draws and the noise); "
