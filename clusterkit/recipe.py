@@ -68,8 +68,10 @@ class DataConfig:
     pipeline: Literal["batched", "per_image"] = field(default="batched", metadata=_doc(
         "how the two views are made. batched: the loader yields uint8 batches and the whole batch is "
         "augmented at once on the training device (fast; the default). per_image: torchvision transforms.v2 "
-        "on one image at a time in the DataLoader workers (data.num_workers), the classic path for data too "
-        "big to cache (data.cache: false). Both draw from the same augmentation distribution"))
+        "on one image at a time in the DataLoader workers (data.num_workers), as the official code of the "
+        "papers does (the paper recipes' choice) and the path for data too big to cache (data.cache: false). "
+        "Both draw from the same augmentation distribution, but train measurably differently "
+        "(docs/fidelity.md)"))
     drop_last: bool = True
     cache: bool = field(default=True, metadata=_doc("decode folder datasets once into a uint8 tensor"))
     skip_corrupt: bool = field(default=False, metadata=_doc("skip unreadable images and list them in the summary"))
