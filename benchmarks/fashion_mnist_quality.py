@@ -403,7 +403,9 @@ def write_report(args, runs, pixels, pixel_notes, started: datetime, load_before
     agg["pixels"] = {k: mean_std([pixels[s].get(k) for s in seeds]) for k in METRICS}
     machine = machine_info(summaries)
     verdict = compare(agg, runs, seeds)
-    command = shlex.join([sys.executable, *sys.argv])
+    # the command as run from the repository root, with no path of this machine in it
+    command = shlex.join(["python", "benchmarks/fashion_mnist_quality.py",
+                          *(a.replace(f"{REPO}{os.sep}", "") for a in sys.argv[1:])])
     now = datetime.now(timezone.utc).astimezone()
     first = summaries[0]
     rec = load_recipe(RECIPES[methods[0]], [f"schedule.epochs={args.epochs}", *args.extra_set])
@@ -428,7 +430,7 @@ def write_report(args, runs, pixels, pixel_notes, started: datetime, load_before
     lines = [
         f"# Clustering quality on Fashion-MNIST: {' vs '.join(LABELS[m] for m in methods)} vs k-means on pixels",
         "",
-        f"Command: `{command}` (cwd `{os.getcwd()}`)",
+        f"Command (from the repository root): `{command}`",
         "",
         f"Date: {now.strftime('%Y-%m-%d %H:%M %Z')} (benchmark started {started.strftime('%Y-%m-%d %H:%M')}; "
         f"{reused} of {len(summaries)} runs reused from an earlier invocation, {resumed} resumed).",
@@ -487,7 +489,7 @@ def write_report(args, runs, pixels, pixel_notes, started: datetime, load_before
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     payload = {
-        "command": command, "cwd": os.getcwd(), "date": now.isoformat(timespec="seconds"),
+        "command": command, "date": now.isoformat(timespec="seconds"),
         "started": started.isoformat(timespec="seconds"), "machine": machine,
         "load_average": {"before": load_before, "after": load_after},
         "config": {"epochs": args.epochs, "seeds": seeds, "methods": methods, "extra_set": args.extra_set,
