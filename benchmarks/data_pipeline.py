@@ -155,7 +155,7 @@ def main() -> None:
     lines = [
         "# Training data pipeline: batched vs per-image (images/s)",
         "",
-        f"Command: `{' '.join(shlex.quote(a) for a in ["python", *sys.argv])}` (from the repo root)"
+        f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}` (from the repo root)"
         + ("  \n**Smoke run (--quick): not for reporting.**" if args.quick else ""),
         "",
         f"Data: {ds.images.shape[0]:,} {data_text}, held in memory. Setting: data.augment defaults (the "

@@ -97,7 +97,7 @@ def main() -> None:
     lines = [
         "# clusterkit k-means vs scikit-learn KMeans (CPU)",
         "",
-        f"Command: `{' '.join(shlex.quote(a) for a in ["python", *sys.argv])}` (from the repo root)",
+        f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}` (from the repo root)",
         "",
         f"Data: `make_blobs(N, {DIM}, centers=K, cluster_std={CLUSTER_STD}, random_state=0)`, rows L2-normalised, "
         "float32. Both: euclidean Lloyd, k-means++ init, "
