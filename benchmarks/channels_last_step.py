@@ -23,12 +23,9 @@ Writes ``--out`` (default benchmarks/results/channels_last_step.md) and prints i
 from __future__ import annotations
 
 import argparse
-import atexit
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,31 +35,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clusterkit.recipe import load_recipe  # noqa: E402
+from step_setup import augmented_step, trainer_after_warmup  # noqa: E402
+
 from clusterkit.trainer import Trainer  # noqa: E402
 
 
-def build_trainer(recipe_path: str, overrides: list[str], channels_last: bool, threads: int) -> Trainer:
-    """A built trainer (model, plugins, optimiser, pipeline) with one E-step done, in its first
-    epoch after the warm-up, so that every loss term is active."""
-    sets = [*overrides, f"run.threads={threads}", "run.progress=false", "run.device=cpu",
-            f"run.channels_last={str(channels_last).lower()}"]
-    recipe = load_recipe(recipe_path, sets)
-    run_dir = Path(tempfile.mkdtemp(prefix="clusterkit-channels-last-"))
-    atexit.register(shutil.rmtree, run_dir, ignore_errors=True)
-    trainer = Trainer(recipe, run_dir)
-    trainer.build()
-    epoch = recipe.schedule.warmup_epochs
-    trainer.begin_epoch(epoch)
-    trainer.set_lr(epoch * trainer.state.steps_per_epoch)
-    return trainer
-
-
 def timed_step(trainer: Trainer, batch) -> float:
-    """Seconds for one full step on ``batch`` (augmentation included)."""
+    """Seconds for one full step on a loader ``batch`` (augmentation included)."""
+    images, _, index = batch
     start = time.perf_counter()
-    views, index = trainer.pipeline.views(batch)
-    trainer.step(views, index)
+    augmented_step(trainer, images, index)
     return time.perf_counter() - start
 
 
@@ -77,8 +59,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    trainers = {layout: build_trainer(args.recipe, args.overrides, layout == "channels_last", args.threads)
-                for layout in ("NCHW", "channels_last")}
+    trainers = {}
+    for layout in ("NCHW", "channels_last"):
+        sets = [*args.overrides, "run.device=cpu", f"run.channels_last={str(layout == 'channels_last').lower()}"]
+        trainers[layout] = trainer_after_warmup(args.recipe, sets, args.threads, "clusterkit-channels-last-")
     torch.set_num_threads(args.threads)
     batch = next(iter(trainers["NCHW"].loader))
     times: dict[str, list[float]] = {layout: [] for layout in trainers}

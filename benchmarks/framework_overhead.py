@@ -47,7 +47,6 @@ Writes benchmarks/results/framework_overhead.md (``--out``), and prints it.
 from __future__ import annotations
 
 import argparse
-import atexit
 import copy
 import datetime
 import gc
@@ -55,11 +54,9 @@ import inspect
 import os
 import platform
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -69,6 +66,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from step_setup import augmented_step, trainer_after_warmup  # noqa: E402
+
 from clusterkit.recipe import load_recipe  # noqa: E402
 from clusterkit.state import StepCache  # noqa: E402
 from clusterkit.trainer import Trainer  # noqa: E402
@@ -90,31 +89,17 @@ NOISE_FROM_CALLER = len(inspect.signature(diffuse).parameters) == 3
 # -- the hook path's trainer ------------------------------------------------------------------------
 
 def build_trainer(recipe_path: str, overrides: list[str], threads: int, device: str | None) -> Trainer:
-    """A trainer built (model, plugins, optimiser, augmentation), one E-step done, in the first
-    epoch after the warm-up (every loss term active), lr set for that epoch."""
-    sets = [*overrides, f"run.threads={threads}", "run.progress=false"]
-    if device is not None:
-        sets.append(f"run.device={device}")
-    recipe = load_recipe(recipe_path, sets)
+    """:func:`step_setup.trainer_after_warmup` for a recipe with exactly the plugins the plain step
+    mirrors."""
+    recipe = load_recipe(recipe_path, overrides)
     if set(recipe.plugins) != set(PLUGINS):
         raise SystemExit(f"framework_overhead: the plain step mirrors exactly the plugins {', '.join(PLUGINS)}; "
                          f"the recipe has {', '.join(recipe.plugins)}.")
-    run_dir = Path(tempfile.mkdtemp(prefix="clusterkit-overhead-"))  # the step writes nothing there
-    atexit.register(shutil.rmtree, run_dir, ignore_errors=True)
-    trainer = Trainer(recipe, run_dir)
-    trainer.build()
-    torch.set_num_threads(threads)
-    epoch = recipe.schedule.warmup_epochs
-    trainer.begin_epoch(epoch)
-    trainer.set_lr(epoch * trainer.state.steps_per_epoch)
-    return trainer
+    sets = overrides if device is None else [*overrides, f"run.device={device}"]
+    return trainer_after_warmup(recipe_path, sets, threads, "clusterkit-overhead-")
 
 
-def hook_step(trainer: Trainer, images: torch.Tensor, index: torch.Tensor):
-    """The trainer's step on a uint8 batch: the batched augmentation, then ``Trainer.step``
-    (``train_step`` without its lr schedule and epoch accounting)."""
-    views, index = trainer.pipeline.views((images, None, index))
-    return trainer.step(views, index)
+hook_step = augmented_step  # the hook path: the trainer's own step
 
 
 def plugin_params(trainer: Trainer) -> dict:
