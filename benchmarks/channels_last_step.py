@@ -63,7 +63,6 @@ def main() -> None:
     for layout in ("NCHW", "channels_last"):
         sets = [*args.overrides, "run.device=cpu", f"run.channels_last={str(layout == 'channels_last').lower()}"]
         trainers[layout] = trainer_after_warmup(args.recipe, sets, args.threads, "clusterkit-channels-last-")
-    torch.set_num_threads(args.threads)
     batch = next(iter(trainers["NCHW"].loader))
     times: dict[str, list[float]] = {layout: [] for layout in trainers}
     for pair in range(args.warmup + args.steps):
