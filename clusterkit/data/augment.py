@@ -6,6 +6,7 @@ differs) is, in this order::
 
     RandomResizedCrop(S, scale=crop_scale, ratio=crop_ratio)
     RandomHorizontalFlip()                          # if hflip (dataset default)
+    RandomRotation(rotation)                        # if rotation > 0; bilinear, corners filled black
     RandomApply([ColorJitter(*jitter)], p=jitter_p)
     RandomGrayscale(p=grayscale_p)
     RandomApply([GaussianBlur(k, blur_sigma)], p=blur_p)   # k ~ 10% of S, odd
@@ -55,6 +56,7 @@ __all__ = [
     "hsv_to_rgb",
     "resized_crop",
     "rgb_to_grayscale",
+    "rotate",
     "rgb_to_hsv",
     "sample_crop_boxes",
 ]
@@ -112,6 +114,11 @@ def _check_jitter(_instance: Any, _attribute: attrs.Attribute, value: tuple[floa
         )
 
 
+def _check_rotation(_instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value <= 180.0:
+        raise ValueError(f"'{attribute.name}' must be an angle in degrees in [0, 180], got {value}")
+
+
 @attrs.define
 class AugmentParams:
     """Parameters of the two-view augmentation (the recipe's ``augment`` section).
@@ -126,6 +133,10 @@ class AugmentParams:
         grayscale_p: probability of converting to grayscale.
         blur_p: probability of a Gaussian blur (kernel ~10% of the image size, odd).
         blur_sigma: range the blur's sigma is drawn from, in pixels.
+        rotation: largest rotation in degrees; every view turns by an angle drawn uniformly
+            from ``[-rotation, rotation]`` (0: no rotation, the default).  For data without
+            a canonical orientation or with small slants (handwriting); the corners the
+            rotation uncovers are black.
     """
 
     crop_scale: tuple[float, float] = attrs.field(
@@ -152,6 +163,7 @@ class AugmentParams:
         converter=_float_tuple,
         validator=[_check_tuple(2), _check_pair(0.0, math.inf, open_low=True)],
     )
+    rotation: float = attrs.field(default=0.0, converter=float, validator=_check_rotation)
 
     def resolved_hflip(self, info: DatasetInfo) -> bool:
         """Whether to flip: the explicit setting, else the dataset's default."""
@@ -255,6 +267,27 @@ def resized_crop(
     grid = torch.maximum(torch.minimum(grid, hi), lo)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return F.avg_pool2d(out, s) if s > 1 else out
+
+
+def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Turn each image about its centre, counter-clockwise by its own angle, as
+    torchvision's ``rotate`` (bilinear, same size, uncovered corners 0).
+
+    Args:
+        images: float ``(B, C, H, W)``; degrees: ``(B,)``.
+    Returns:
+        float ``(B, C, H, W)``.
+    """
+    b, _, height, width = images.shape
+    a = torch.deg2rad(degrees.to(device=images.device, dtype=images.dtype))
+    cos, sin = torch.cos(a), torch.sin(a)
+    # affine_grid works in [-1, 1] per axis: rescale so the rotation is a true one in pixels
+    aspect = width / height
+    theta = torch.zeros(b, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin / aspect
+    theta[:, 1, 0], theta[:, 1, 1] = sin * aspect, cos
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 # --------------------------------------------------------------------------- colour
@@ -402,7 +435,7 @@ def eval_transform(images: torch.Tensor, image_size: int, info: DatasetInfo) -> 
 class BatchedTwoView(torch.nn.Module):
     """Two independently augmented views of a batch, vectorised over samples.
 
-    Every sample draws its own crop box, flip, jitter factors, jitter op order,
+    Every sample draws its own crop box, flip, rotation angle, jitter factors, jitter op order,
     grayscale and blur decisions (from torch's global CPU RNG).  Ops are applied to
     the subset of samples that drew them, so untouched samples stay bit-exact.
     Colour-jitter order is random per sample as in torchvision: the four stages are
@@ -445,6 +478,8 @@ class BatchedTwoView(torch.nn.Module):
         boxes = sample_crop_boxes(b, height, width, p.crop_scale, p.crop_ratio)
         flip = torch.rand(b) < 0.5 if self.hflip else None
         x = resized_crop(x, boxes, self.image_size, flip)
+        if p.rotation > 0:
+            x = rotate(x, torch.empty(b).uniform_(-p.rotation, p.rotation))
         self._jitter(x)
         if c == 3 and p.grayscale_p > 0:
             gray = torch.rand(b) < p.grayscale_p
@@ -526,6 +561,10 @@ def _per_image_pipeline(params: AugmentParams, image_size: int, info: DatasetInf
     ]
     if params.resolved_hflip(info):
         steps.append(v2.RandomHorizontalFlip())
+    if params.rotation > 0:
+        # fill=None: plain zero padding, as :func:`rotate`.  torchvision's default fill=0
+        # multiplies the edge pixels by the sampled coverage a second time (darker edges).
+        steps.append(v2.RandomRotation(params.rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=None))
     jitter = v2.ColorJitter(brightness, contrast, saturation if colour else 0.0, hue if colour else 0.0)
     steps.append(v2.RandomApply([jitter], p=params.jitter_p))
     if colour:

@@ -19,6 +19,7 @@ from clusterkit.data.augment import (
     hsv_to_rgb,
     resized_crop,
     rgb_to_hsv,
+    rotate,
     sample_crop_boxes,
 )
 
@@ -62,6 +63,8 @@ def test_params_validate_and_convert_lists():
         dict(grayscale_p=-0.1),
         dict(blur_p=2),
         dict(blur_sigma=(0.0, 1.0)),
+        dict(rotation=-5),
+        dict(rotation=200),
     ):
         with pytest.raises(ValueError):
             AugmentParams(**bad)
@@ -212,6 +215,18 @@ def test_colour_ops_match_torchvision():
     assert torch.allclose(hsv_to_rgb(rgb_to_hsv(gray)), gray, atol=1e-6)
 
 
+def test_rotate_matches_torchvision():
+    """Per-sample angles, both signs, on a non-square image (the grid's aspect correction)."""
+    images = _smooth_images(4, 20, channels=2)[..., 4:16, :]  # (4, 2, 12, 20)
+    images = images.float() / 255
+    degrees = torch.tensor([12.0, -35.0, 90.0, 170.0])
+    out = rotate(images, degrees)
+    for i in range(4):
+        ref = TF.rotate(images[i], float(degrees[i]), interpolation=v2.InterpolationMode.BILINEAR)
+        assert torch.allclose(out[i], ref, atol=1e-5)
+    assert not torch.allclose(out[0], rotate(images[:1], -degrees[:1])[0], atol=1e-2)
+
+
 def test_blur_matches_torchvision():
     images = _smooth_images(3, 16).float() / 255
     sigma = torch.tensor([0.3, 1.0, 2.0])
@@ -250,3 +265,27 @@ def test_batched_and_per_image_have_matching_moments():
     # ...and the statistics can tell augmented from un-augmented data.
     assert (m_clean - m_single).abs().max() > 0.2
     assert abs(chroma(clean) / chroma(single) - 1) > 0.2
+
+
+def test_batched_and_per_image_rotate_alike():
+    """On white images every view's mean is the share the rotation keeps in the frame, a
+    function of |angle|: its mean and spread over many views must agree between the two
+    implementations, and tell 30 degrees from 20 and from no rotation."""
+    images = torch.full((400, 1, 8, 8), 255, dtype=torch.uint8)
+
+    def kept(params: AugmentParams, batched: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        if batched:
+            views = torch.cat(BatchedTwoView(params, 16, DIGITS)(images))
+        else:
+            per_image = PerImageTwoView(params, 16, DIGITS)
+            views = torch.stack([v for img in images for v in per_image(img)])
+        return (views * DIGITS.std[0] + DIGITS.mean[0]).mean(dim=(1, 2, 3))
+
+    rot30 = AugmentParams(**dict(IDENTITY, rotation=30.0))
+    batched, single = kept(rot30, True), kept(rot30, False)
+    assert abs(float(batched.mean() - single.mean())) < 0.01
+    assert abs(float(batched.std() / single.std()) - 1) < 0.15
+    rot20 = kept(AugmentParams(**dict(IDENTITY, rotation=20.0)), True)
+    assert float(rot20.mean() - single.mean()) > 0.02
+    assert torch.allclose(kept(AugmentParams(**IDENTITY), True), torch.ones(800), atol=1e-5)
