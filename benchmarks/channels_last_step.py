@@ -26,7 +26,6 @@ import argparse
 import platform
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,17 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from step_setup import augmented_step, trainer_after_warmup  # noqa: E402
-
-from clusterkit.trainer import Trainer  # noqa: E402
-
-
-def timed_step(trainer: Trainer, batch) -> float:
-    """Seconds for one full step on a loader ``batch`` (augmentation included)."""
-    images, _, index = batch
-    start = time.perf_counter()
-    augmented_step(trainer, images, index)
-    return time.perf_counter() - start
+from step_setup import timed_step, trainer_after_warmup  # noqa: E402
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """What the step benchmarks share: a trainer brought to its first step after the warm-up, and
 one step of it through the trainer's own augmentation.
 
-Used by ``framework_overhead.py`` (hooks against a plain function) and ``channels_last_step.py``
-(NCHW against channels_last), which time ``Trainer.step`` on the same footing.
+Used by ``framework_overhead.py`` (hooks against a plain function), ``channels_last_step.py``
+(NCHW against channels_last) and ``step_ab.py`` (any two sets of overrides), which time
+``Trainer.step`` on the same footing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import atexit
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -42,3 +44,11 @@ def augmented_step(trainer: Trainer, images: torch.Tensor, index: torch.Tensor):
     ``Trainer.step`` (``train_step`` without the lr schedule and the epoch accounting)."""
     views, index = trainer.pipeline.views((images, None, index))
     return trainer.step(views, index)
+
+
+def timed_step(trainer: Trainer, batch) -> float:
+    """Seconds for one :func:`augmented_step` on a loader ``batch`` (augmentation included)."""
+    images, _, index = batch
+    start = time.perf_counter()
+    augmented_step(trainer, images, index)
+    return time.perf_counter() - start
