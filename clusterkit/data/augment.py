@@ -56,8 +56,8 @@ __all__ = [
     "hsv_to_rgb",
     "resized_crop",
     "rgb_to_grayscale",
-    "rotate",
     "rgb_to_hsv",
+    "rotate",
     "sample_crop_boxes",
 ]
 
