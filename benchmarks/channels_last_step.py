@@ -23,28 +23,15 @@ Writes ``--out`` (default benchmarks/results/channels_last_step.md) and prints i
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from step_setup import timed_step, trainer_after_warmup  # noqa: E402
+from step_setup import add_step_options, interleaved_seconds, report_head, trainer_after_warmup, write_report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="recipes/quickstart.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=5, help="untimed pairs first")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps of each layout")
-    parser.add_argument("--out", default="benchmarks/results/channels_last_step.md")
+    add_step_options(parser, "benchmarks/results/channels_last_step.md")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -52,32 +39,13 @@ def main() -> None:
     for layout in ("NCHW", "channels_last"):
         sets = [*args.overrides, "run.device=cpu", f"run.channels_last={str(layout == 'channels_last').lower()}"]
         trainers[layout] = trainer_after_warmup(args.recipe, sets, args.threads, "clusterkit-channels-last-")
-    batch = next(iter(trainers["NCHW"].loader))
-    times: dict[str, list[float]] = {layout: [] for layout in trainers}
-    for pair in range(args.warmup + args.steps):
-        order = list(trainers) if pair % 2 == 0 else list(reversed(trainers))
-        for layout in order:
-            seconds = timed_step(trainers[layout], batch)
-            if pair >= args.warmup:
-                times[layout].append(seconds)
+    times = interleaved_seconds(trainers, args.warmup, args.steps)
 
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     low = {k: min(v) * 1000 for k, v in times.items()}
-    recipe = trainers["NCHW"].recipe
-    command = " ".join(["python", "benchmarks/channels_last_step.py", *sys.argv[1:]])
     lines = [
-        "# A training step with and without `run.channels_last` (CPU)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {torch.get_num_threads()} torch threads, "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, Python {platform.python_version()}.",
-        "",
-        f"Recipe: `{args.recipe}` {' '.join(f'`--set {o}`' for o in args.overrides)}".rstrip()
-        + f" (`{recipe.model.backbone}` {recipe.model.backbone_kwargs or ''}, batch {recipe.data.batch_size}, "
-        f"{recipe.data.image_size} px, plugins {', '.join(recipe.plugins)}). One loader batch reused; "
-        f"{args.warmup} untimed pairs, then {args.steps} timed steps of each layout, interleaved.",
-        "",
+        *report_head("A training step with and without `run.channels_last` (CPU)", "benchmarks/channels_last_step.py",
+                     args, trainers["NCHW"], "each layout"),
         "| layout | median ms / step | min ms / step |",
         "|---|---:|---:|",
         *(f"| {k} | {med[k]:.1f} | {low[k]:.1f} |" for k in trainers),
@@ -86,11 +54,7 @@ def main() -> None:
         f"{low['NCHW'] / low['channels_last']:.2f}x (minima).",
         "",
     ]
-    text = "\n".join(lines)
-    out = REPO / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,26 @@ one step of it through the trainer's own augmentation.
 
 Used by ``framework_overhead.py`` (hooks against a plain function), ``channels_last_step.py``
 (NCHW against channels_last) and ``step_ab.py`` (any two sets of overrides), which time
-``Trainer.step`` on the same footing.
+``Trainer.step`` on the same footing; the last two also share their options, the interleaved
+timing loop and the head of their report.
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
+import platform
 import shutil
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from clusterkit.recipe import load_recipe  # noqa: E402
 from clusterkit.trainer import Trainer  # noqa: E402
 
@@ -52,3 +57,59 @@ def timed_step(trainer: Trainer, batch) -> float:
     start = time.perf_counter()
     augmented_step(trainer, images, index)
     return time.perf_counter() - start
+
+
+def add_step_options(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """The options of the two-trainer step benchmarks: ``--recipe``, ``--set`` (both trainers),
+    ``--threads``, ``--warmup``, ``--steps`` and ``--out``."""
+    parser.add_argument("--recipe", default="recipes/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="applied to both trainers")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed pairs first")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps of each")
+    parser.add_argument("--out", default=default_out)
+
+
+def interleaved_seconds(trainers: dict[str, Trainer], warmup: int, steps: int) -> dict[str, list[float]]:
+    """Time the two ``trainers`` on the first one's first loader batch, interleaved with the order
+    alternating per pair (A B, B A, ...), after ``warmup`` untimed pairs: ``steps`` seconds each."""
+    first, second = trainers
+    batch = next(iter(trainers[first].loader))
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for pair in range(warmup + steps):
+        for name in (first, second) if pair % 2 == 0 else (second, first):
+            seconds = timed_step(trainers[name], batch)
+            if pair >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def report_head(title: str, script: str, args: argparse.Namespace, trainer: Trainer, what: str) -> list[str]:
+    """The first lines of a step benchmark's markdown: title, command (relative to the repository),
+    date and machine, and the recipe with the timing protocol (``what`` names the timed steps)."""
+    recipe = trainer.recipe
+    command = " ".join(["python", script, *sys.argv[1:]])
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {torch.get_num_threads()} torch threads, "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, Python {platform.python_version()}.",
+        "",
+        f"Recipe: `{args.recipe}` {' '.join(f'`--set {o}`' for o in args.overrides)}".rstrip()
+        + f" (`{recipe.model.backbone}` {recipe.model.backbone_kwargs or ''}, batch {recipe.data.batch_size}, "
+        f"{recipe.data.image_size} px, plugins {', '.join(recipe.plugins)}). One loader batch reused; "
+        f"{args.warmup} untimed pairs, then {args.steps} timed steps of {what}, interleaved.",
+        "",
+    ]
+
+
+def write_report(lines: list[str], out: str) -> None:
+    """Write a report's ``lines`` to ``out`` (relative to the repository root) and print them."""
+    text = "\n".join(lines)
+    path = REPO / out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)
