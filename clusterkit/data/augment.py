@@ -114,9 +114,9 @@ def _check_jitter(_instance: Any, _attribute: attrs.Attribute, value: tuple[floa
         )
 
 
-def _check_rotation(_instance: Any, attribute: attrs.Attribute, value: float) -> None:
+def _check_rotation(_instance: Any, _attribute: attrs.Attribute, value: float) -> None:
     if not 0.0 <= value <= 180.0:
-        raise ValueError(f"'{attribute.name}' must be an angle in degrees in [0, 180], got {value}")
+        raise ValueError(f"must be an angle in degrees in [0, 180], got {value:g}")
 
 
 @attrs.define

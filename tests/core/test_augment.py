@@ -68,6 +68,8 @@ def test_params_validate_and_convert_lists():
     ):
         with pytest.raises(ValueError):
             AugmentParams(**bad)
+    with pytest.raises(ValueError, match=r"^must be an angle in degrees in \[0, 180\], got 200$"):
+        AugmentParams(rotation=200)  # no field name: the recipe loader puts the path in front
     with pytest.raises(TypeError):
         AugmentParams(jitter=(0.4, 0.4))
     with pytest.raises(TypeError):
