@@ -1,25 +1,41 @@
-"""Atomic checkpoints: write to a temporary file, fsync, then rename over the target.
+"""Checkpoints: written atomically, read as data only.
 
-A checkpoint is never seen half-written: a crash during the write leaves the
-previous checkpoint intact, and the temporary file it leaves behind (``.epoch_XXXX.pt.tmp-PID``)
-is never taken for a checkpoint and is removed by the next save.  The newest ``keep_last``
-checkpoints are kept.
+Writing: to a temporary file, fsync, then rename over the target.  A checkpoint is never seen
+half-written: a crash during the write leaves the previous checkpoint intact, and the temporary
+file it leaves behind (``.epoch_XXXX.pt.tmp-PID``) is never taken for a checkpoint and is removed
+by the next save.  A write that fails (a full disk) removes its temporary file and raises
+:class:`~clusterkit.errors.DiskFullError` naming the folder and the space needed.  The newest
+``keep_last`` checkpoints are kept.
+
+Reading: a run folder may come from someone else, and a pickle can run code when it is
+unpickled.  Checkpoints are therefore loaded with ``torch.load(weights_only=True)``: tensors,
+numbers, strings and plain containers only.  Checkpoints hold nothing else: the numpy RNG state
+is stored as a tensor (:func:`rng_state`).  Checkpoints written before that kept it as a numpy
+array; the three numpy globals that rebuild an array are allowed for them, so they still resume.
+A checkpoint that holds any other object is refused (:class:`~clusterkit.errors.UntrustedCheckpointError`)
+unless the user sets ``CLUSTERKIT_TRUST_CHECKPOINTS=1``, the documented opt-in for a file
+whose origin they trust.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "save_checkpoint", "latest_checkpoint", "load_checkpoint",
-           "load_latest_checkpoint", "read_summary",
-           "rng_state", "set_rng_state"]
+__all__ = ["TRUST_ENV", "atomic_save", "atomic_write_text", "latest_checkpoint", "load_checkpoint",
+           "load_latest_checkpoint", "read_summary", "rng_state", "save_checkpoint", "set_rng_state"]
+
+#: The environment variable that lets ``torch.load`` unpickle any object (run code) from a checkpoint.
+TRUST_ENV = "CLUSTERKIT_TRUST_CHECKPOINTS"
 
 _PATTERN = re.compile(r"epoch_(\d+)\.pt")  # matched against the whole file name
 
@@ -28,28 +44,67 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+_open = open  # the file opener of the atomic writes (a test swaps in one whose disk fills up)
+
+
 def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename it over ``path``."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """``torch.save`` to a temporary file, fsync, then rename it over ``path``.
+
+    Raises DiskFullError (the temporary file removed, ``path`` as it was) when the disk fills up."""
+    _atomic_write(Path(path), "wb", lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one."""
-    path = Path(path)
+    _atomic_write(Path(path), "w", lambda fh: fh.write(text))
+
+
+def _atomic_write(path: Path, mode: str, write) -> None:
     tmp = _tmp_path(path)
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with _open(tmp, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        if _disk_full(exc):
+            raise _disk_full_error(path, written) from None
+        raise
     _fsync_dir(path.parent)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is "no space left": torch.save turns the
+    OSError of a full disk into a RuntimeError ("unexpected pos") raised from it, or after it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _disk_full_error(path: Path, written: int):
+    from .errors import DiskFullError
+
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = 0
+    previous = [p for p in _checkpoints(path.parent) if p != path] if _PATTERN.fullmatch(path.name) else []
+    need = max([written] + [p.stat().st_size for p in previous[-1:]])
+    kept = f" The previous checkpoint, '{previous[-1]}', is kept." if previous else ""
+    return DiskFullError(f"The disk holding '{path.parent}' is full: writing '{path.name}' failed with "
+                         f"{_mib(free)} free, and it needs about {_mib(need)}; no partial file was left behind."
+                         f"{kept} Free at least {_mib(need)} there (or move the folder to a larger disk), then run "
+                         "the command again (a run continues from its last checkpoint with --resume RUN_DIR).")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -87,8 +142,45 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _numpy_array_globals() -> list:
+    """The globals a pickled numpy array needs (the RNG state of checkpoints written before it was
+    stored as a tensor): the array, its dtype and the function that rebuilds it; none runs code."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """``torch.load`` of a checkpoint as data only (tensors, numbers, strings, plain containers).
+
+    Raises UntrustedCheckpointError when the file holds any other object, unless the user opted in
+    with ``CLUSTERKIT_TRUST_CHECKPOINTS=1``; other failures (a corrupt file) propagate."""
+    if os.environ.get(TRUST_ENV) == "1":
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise
+        raise _untrusted(Path(path)) from None
+
+
+def _untrusted(path: Path):
+    from .errors import UntrustedCheckpointError
+
+    try:  # read from the pickle's opcodes, nothing is run
+        names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "unknown objects"
+    except Exception:  # noqa: BLE001 - only for the message
+        names = "unknown objects"
+    return UntrustedCheckpointError(
+        f"The checkpoint '{path}' holds Python objects that clusterkit never loads from a checkpoint ({names}); "
+        "clusterkit's own checkpoints hold tensors and plain data only, and unpickling such objects can run "
+        "code. Nothing was loaded and nothing ran. If you trust where this run folder came from (you made it "
+        f"with an older or modified clusterkit), set the environment variable {TRUST_ENV}=1 for this one "
+        "command to load it anyway.")
 
 
 def load_latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
@@ -99,7 +191,7 @@ def load_latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
     passed over, with a warning on stderr, for the previous one that ``run.keep_last`` kept.
     Raises RunDirError naming every file when none can be read.
     """
-    from .errors import RunDirError
+    from .errors import RunDirError, UntrustedCheckpointError
 
     found = _checkpoints(ckpt_dir) if Path(ckpt_dir).is_dir() else []
     if not found:
@@ -108,6 +200,8 @@ def load_latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
     for path in reversed(found):
         try:
             ckpt = load_checkpoint(path)
+        except UntrustedCheckpointError:
+            raise  # never passed over for an older one: the folder was changed by someone
         except Exception as exc:  # noqa: BLE001 - any failure to unpickle means an unreadable file
             bad.append(f"'{path}' ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
             continue
@@ -146,15 +240,27 @@ def read_summary(run_dir: Path) -> dict | None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The process's RNG states as tensors and plain data (what ``weights_only`` loading reads):
+    numpy's Mersenne Twister state as ``{"keys": int64 tensor (624,), "pos", "has_gauss",
+    "cached_gaussian"}``."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved (also the numpy tuple of checkpoints before it)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        saved = ("MT19937", saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                 saved["cached_gaussian"])
+    np.random.set_state(saved)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

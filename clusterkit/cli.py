@@ -16,6 +16,7 @@ User mistakes print one paragraph and exit with status 2; ``--debug`` shows the 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -475,6 +476,15 @@ def _main(args) -> int:
         if rest:
             print("\n" + rest, file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if args.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a write outside the checkpoint's own (metrics.jsonl, an exported file): same words
+        where = f" writing '{exc.filename}'" if exc.filename else ""
+        print(textwrap.fill(f"clusterkit: error: The disk is full{where} ({exc.strerror}). Free some space there, "
+                            "then run the command again (a run continues from its last checkpoint with --resume "
+                            "RUN_DIR).", 100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, _Terminated)
         what = "terminated (SIGTERM)" if terminated else "interrupted"

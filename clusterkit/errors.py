@@ -28,3 +28,11 @@ class DataError(ClusterkitError):
 
 class RunDirError(ClusterkitError):
     """A run directory cannot be created, resumed or overwritten as asked."""
+
+
+class UntrustedCheckpointError(RunDirError):
+    """A checkpoint holds objects beyond tensors and plain data, which could run code when loaded."""
+
+
+class DiskFullError(RunDirError):
+    """A file of the run could not be written because the disk is full."""

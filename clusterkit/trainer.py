@@ -59,6 +59,12 @@ class DivergenceError(RecipeError):
     """A loss term became NaN or infinite (or, with ``run.nonfinite: skip``, did so too often)."""
 
 
+def _some(names: list[str], most: int = 5) -> str:
+    """The first ``most`` names, quoted, and how many more."""
+    shown = ", ".join(f"'{n}'" for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _warn(text: str) -> None:
     """A warning line on stderr that does not break a running progress bar (rank 0 only)."""
     if distributed.is_main():
@@ -307,6 +313,7 @@ class Trainer:
         self.collapse_warnings: list[dict] = []
         self._feature_memo: dict = {}
         self._epoch: _EpochProgress | None = None
+        self._fingerprint: dict | None = None   # the training data's, once computed
 
     # -- construction ------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -776,7 +783,8 @@ class Trainer:
             "plugins": {name: plugin.state_dict() for name, plugin in self.plugins.items()},
             "core": {"predict": self.core_predictor.state_dict()},
             "history": self.history, "wall_time": wall, "recipe": self.recipe.to_dict(),
-            "recipe_hash": self.recipe.hash(), "skipped_steps": self.skipped_steps,
+            "recipe_hash": self.recipe.hash(), "data_fingerprint": self._data_fingerprint(),
+            "skipped_steps": self.skipped_steps,
             "collapse_warnings": self.collapse_warnings,
         }, self.run_dir / "checkpoints", epoch, self.recipe.run.keep_last)
 
@@ -794,6 +802,7 @@ class Trainer:
             diff = "; ".join(_diff(saved, self.recipe.to_dict())) or "(formatting only)"
             raise RunDirError(f"Cannot resume '{self.run_dir}' with a changed recipe: {diff}. Resume with the "
                               "recipe and --set overrides the run started with (its recipe.yaml), or start a new run.")
+        self._check_same_data(ckpt)
         s = self.state
         restore_training_state(s, self.plugins, self.core_predictor, ckpt)
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -810,6 +819,35 @@ class Trainer:
         if distributed.is_main():
             trim_metrics_log(self.run_dir, ckpt["epoch"] + 1, s.step)
         return ckpt["epoch"] + 1, ckpt["history"], ckpt["wall_time"]
+
+    def _data_fingerprint(self) -> dict:
+        """The training data's fingerprint (computed once a run: it stats every file)."""
+        if self._fingerprint is None:
+            self._fingerprint = self.train_ds.fingerprint()
+        return self._fingerprint
+
+    def _check_same_data(self, ckpt: dict) -> None:
+        """Refuse to resume on training data that changed since the checkpoint (files added,
+        removed or rewritten): the resumed run would not equal an uninterrupted one."""
+        saved = ckpt.get("data_fingerprint")
+        if saved is None:
+            _warn(f"the checkpoint of '{self.run_dir}' predates data fingerprints, so clusterkit cannot check "
+                  "that the training data are the ones it started with.")
+            return
+        now = self._data_fingerprint()
+        if saved["sha256"] == now["sha256"] and saved["count"] == now["count"]:
+            return
+        what = f"{saved['count']} training images then, {now['count']} now"
+        if saved.get("files") is not None and now.get("files") is not None:
+            before, after = set(saved["files"]), set(now["files"])
+            for label, names in (("gone or changed", before - after), ("new or changed", after - before)):
+                if names:
+                    what += f"; {label}: {_some(sorted(names))}"
+        elif saved["count"] == now["count"]:
+            what += ", with different content"
+        raise RunDirError(f"Cannot resume '{self.run_dir}': its training data changed since the checkpoint "
+                          f"({what}). A resumed run equals an uninterrupted one only on the same data. Put the data "
+                          "back as it was (data.root), or start a new run on the data as they are now.")
 
     def _extends(self, saved: dict, ckpt: dict) -> bool:
         """Whether this resume extends the run to more epochs: the recipes differ only in

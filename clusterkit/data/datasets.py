@@ -48,6 +48,7 @@ from __future__ import annotations
 import difflib
 import functools
 import gzip
+import hashlib
 import math
 import os
 import pickle
@@ -324,10 +325,42 @@ class ImageDataset(torch.utils.data.Dataset):
             return self.images
         return self.__getitems__(range(len(self)))[0]
 
+    def fingerprint(self) -> dict:
+        """What identifies the training data, for ``--resume`` to refuse data that changed:
+        ``{"count": N, "sha256": hex, "files": [relative path, ...] | None}``.
+
+        For data read from files the hash covers the sorted paths (relative to ``root``) and the
+        file sizes, and ``files`` lists the paths (up to :data:`FINGERPRINT_MAX_FILES`, so that a
+        change can be named); for array data it covers the pixels and the labels."""
+        digest = hashlib.sha256()
+        files = None
+        if self.paths is not None:
+            root = self.root or ""
+            entries = sorted((os.path.relpath(p, root) if root else p, _file_size(p)) for p in self.paths)
+            for rel, size in entries:
+                digest.update(os.fsencode(rel) + b"\0" + str(size).encode() + b"\n")
+            if len(entries) <= FINGERPRINT_MAX_FILES:
+                files = [f"{rel} ({size} bytes)" for rel, size in entries]
+        else:
+            digest.update(self.all_images().numpy().tobytes())
+            digest.update(self.targets.numpy().tobytes())
+        return {"count": len(self), "sha256": digest.hexdigest(), "files": files}
+
     def pixels(self) -> torch.Tensor:
         """Raw pixels for the k-means-on-pixels baseline: ``float32 (N, C*H*W)`` in ``[0, 1]``."""
         images = self.all_images()
         return images.reshape(len(images), -1).to(torch.float32).div_(255.0)
+
+
+#: the largest dataset whose file list a checkpoint keeps, to name what changed on --resume
+FINGERPRINT_MAX_FILES = 200_000
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
 
 
 def collate_batched(batch: Any) -> Any:
