@@ -476,15 +476,6 @@ def _main(args) -> int:
         if rest:
             print("\n" + rest, file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:
-        if args.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        # a write outside the checkpoint's own (metrics.jsonl, an exported file): same words
-        where = f" writing '{exc.filename}'" if exc.filename else ""
-        print(textwrap.fill(f"clusterkit: error: The disk is full{where} ({exc.strerror}). Free some space there, "
-                            "then run the command again (a run continues from its last checkpoint with --resume "
-                            "RUN_DIR).", 100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
-        return 2
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, _Terminated)
         what = "terminated (SIGTERM)" if terminated else "interrupted"
@@ -494,6 +485,15 @@ def _main(args) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
         return 0
+    except OSError as exc:  # after BrokenPipeError, an OSError too
+        if args.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a write outside the checkpoint's own (metrics.jsonl, an exported file): same words
+        where = f" writing '{exc.filename}'" if exc.filename else ""
+        print(textwrap.fill(f"clusterkit: error: The disk is full{where} ({exc.strerror}). Free some space there, "
+                            "then run the command again (a run continues from its last checkpoint with --resume "
+                            "RUN_DIR).", 100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
