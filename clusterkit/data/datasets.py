@@ -607,11 +607,30 @@ def _load_fashion_mnist(info: DatasetInfo, root: Path, split: str) -> ImageDatas
 # --------------------------------------------------------------------------- CIFAR
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, numbers, strings and numpy arrays, nothing else: a data file from
+    elsewhere never runs code (``find_class`` refuses every other global, before it is called)."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # bytes in a protocol-2 pickle written by Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it holds the Python object {module}.{name}, which a data file never "
+                                         "needs (refused, nothing ran)")
+        return super().find_class(module, name)
+
+
 def _unpickle(name: str, info: DatasetInfo, path: Path) -> dict:
     _require_file(name, info, path)
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _ArrayUnpickler(f, encoding="bytes").load()
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise _bad_file(name, info, path, f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict):

@@ -156,8 +156,7 @@ followed by the 10,000 test images), the protocol of the clustering papers.
      batches.meta:
        ls data/cifar10/cifar-10-batches-py
   4. Train: clusterkit run recipes/digpro_cifar10.yaml
-     (data kept elsewhere: add --set data.root=PATH; the loader unpickles these files, so only
-     point it at a copy you trust).
+     (data kept elsewhere: add --set data.root=PATH).
 """
 
 GUIDES: dict[str, str] = {

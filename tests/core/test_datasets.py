@@ -174,6 +174,40 @@ def test_cifar10_pickles(tmp_path):
     assert torch.equal(both.images[:10], ds.images)
 
 
+class _Payload:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_pickles_are_read_as_data_only(tmp_path, protocol):
+    """The CIFAR loaders unpickle with an allow-list (numpy arrays, plain containers): real files
+    of any pickle protocol load, and a file from elsewhere that carries code runs nothing."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rows = _cifar_rows(np.random.default_rng(3), 2)
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": rows, b"labels": [0, 1]}, f, protocol=protocol)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": rows, b"labels": [1, 0]}, f, protocol=protocol)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"a", b"b"]}, f, protocol=protocol)
+    ds = load_dataset("cifar10", folder, split="all")
+    assert len(ds) == 12 and np.array_equal(ds.images[11, 0].numpy(), rows[1, :1024].reshape(32, 32))
+
+    marker = tmp_path / "payload-ran"
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": rows, b"labels": [1, 0], b"x": _Payload(f"touch '{marker}'")}, f, protocol=protocol)
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar10", folder, split="test")
+    assert "posix.system" in _one_paragraph(err) and "nothing ran" in _one_paragraph(err)
+    assert not marker.exists()
+
+
 def test_cifar100_coarse_labels(tmp_path):
     rng = np.random.default_rng(2)
     folder = tmp_path / "cifar-100-python"
