@@ -19,7 +19,9 @@ Example::
 Accepted images: a ``torch.Tensor`` or numpy array of raw images, ``uint8`` in 0..255 or
 float in [0, 1], shaped (B, C, H, W) (channels first), (B, H, W) (B grayscale images) or
 (H, W) (one image); a list of images each shaped (C, H, W) or (H, W), of PIL images or of
-image file paths; a file path or a folder (searched recursively for image files).
+image file paths; a file path or a folder (searched recursively for image files; only regular
+files are read, and they are decoded as the training data is: EXIF orientation applied, 16-bit
+scaled to 8 bits, shrunk to the run's size as they are read).
 Channels-last arrays ((H, W, C), (B, H, W, C)) are an error naming the transpose to use, and
 so is a 3-D array with 3 or 4 rows for a colour run (one (C, H, W) image or several
 grayscale ones?): pass ``x[None]`` for one colour image.  Images with 3 channels are converted to grayscale for a

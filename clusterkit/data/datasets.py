@@ -39,6 +39,11 @@ Example::
     >>> images.shape, images.dtype
     (torch.Size([3, 1, 8, 8]), torch.uint8)
 
+Image files (``imagefolder``, and ``predict``, which uses the same decoder
+:func:`decode_image_file`) are read only when they are regular files (FIFOs,
+sockets and devices named like images are skipped unopened, with a warning), with
+their EXIF orientation applied and 16-bit images scaled to 8 bits.
+
 The CIFAR loaders unpickle the files they are pointed at; only point them at
 files you trust.
 """

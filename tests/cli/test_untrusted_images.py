@@ -218,12 +218,11 @@ def test_8_a_loop_link_in_an_unlabeled_folder_is_warned_about(tmp_path, capsys):
 # 9. predict reads a large photo at the run's size, never at full size in float32
 # ---------------------------------------------------------------------------------------------
 
-def test_9_a_large_photo_is_shrunk_as_it_is_read(model, tmp_path, monkeypatch):
+def float_sizes(monkeypatch) -> list[int]:
+    """The element counts of the float images predict makes from its inputs (a spy on the one
+    conversion every input goes through), filled as predict runs."""
     import clusterkit.inference as inference
 
-    rng = np.random.default_rng(0)
-    big = tmp_path / "big.jpg"
-    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).resize((3000, 2000)).save(big)
     sizes: list[int] = []
     as_float = inference._as_unit_float
 
@@ -232,20 +231,30 @@ def test_9_a_large_photo_is_shrunk_as_it_is_read(model, tmp_path, monkeypatch):
         return as_float(x)
 
     monkeypatch.setattr(inference, "_as_unit_float", spy)
+    return sizes
+
+
+def test_9_a_large_photo_is_shrunk_as_it_is_read(model, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big.jpg"
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).resize((3000, 2000)).save(big)
     with Image.open(big) as im:
         pil = im.copy()
+    sizes = float_sizes(monkeypatch)
     pred = model.predict([str(big), pil])
     assert len(pred.labels) == 2
     s = model.image_size
-    assert sizes and max(sizes) <= s * s, (sizes, s)  # 1 channel at the run's 8 x 8, not 3000 x 2000
+    assert len(sizes) == 2 and max(sizes) <= s * s, (sizes, s)  # 1 channel at the run's 8 x 8, not 3000 x 2000
     assert [tuple(x.shape) for x in model.to_images([str(big), pil])] == [(1, s, s)] * 2
 
 
-def test_9_predict_cli_on_a_large_photo(tiny_run, tmp_path):
+def test_9_predict_cli_on_a_large_photo(tiny_run, tmp_path, monkeypatch):
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((2000, 3000), np.uint8)).save(big)
+    sizes = float_sizes(monkeypatch)
     res = run_main("predict", tiny_run[0], "--images", big)
     assert res.returncode == 0 and len(res.stdout.splitlines()) == 2, res.stderr
+    assert len(sizes) == 1 and sizes[0] <= 8 * 8, sizes  # the tiny run takes 1 x 8 x 8 images
 
 
 # ---------------------------------------------------------------------------------------------
