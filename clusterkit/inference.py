@@ -19,7 +19,9 @@ Example::
 Accepted images: a ``torch.Tensor`` or numpy array of raw images, ``uint8`` in 0..255 or
 float in [0, 1], shaped (B, C, H, W) (channels first), (B, H, W) (B grayscale images) or
 (H, W) (one image); a list of images each shaped (C, H, W) or (H, W), of PIL images or of
-image file paths; a file path or a folder (searched recursively for image files).
+image file paths; a file path or a folder (searched recursively for image files; only regular
+files are read, and they are decoded as the training data is: EXIF orientation applied, 16-bit
+scaled to 8 bits, shrunk to the run's size as they are read).
 Channels-last arrays ((H, W, C), (B, H, W, C)) are an error naming the transpose to use, and
 so is a 3-D array with 3 or 4 rows for a colour run (one (C, H, W) image or several
 grayscale ones?): pass ``x[None]`` for one colour image.  Images with 3 channels are converted to grayscale for a
@@ -30,6 +32,7 @@ grayscale ones?): pass ``x[None]`` for one colour image.  Images with 3 channels
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -38,6 +41,7 @@ import torch
 
 from .checkpoint import load_latest_checkpoint, read_summary
 from .data import DATASETS, IMAGE_EXTENSIONS, eval_transform
+from .data.datasets import NotRegularFileError, decode_image_file, special_file_kind, to_8bit
 from .errors import DataError, RunDirError
 from .state import Prediction
 
@@ -156,9 +160,10 @@ class ClusterModel:
                 item = read_image(item, self.info.channels,  # as the dataset decodes
                                   resize_to=self.recipe.data.decode_size or self.image_size)
             elif isinstance(item, (str, os.PathLike)):
-                item = read_image(item, self.info.channels)
+                # shrunk to the evaluation size as it is read: a photo is never held at full size
+                item = read_image(item, self.info.channels, resize_to=self.image_size, shrink_only=True)
             elif hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
-                item = _pil_to_tensor(item, self.info.channels)
+                item = _pil_to_tensor(item, self.info.channels, shrink_to=self.image_size)
             elif isinstance(item, np.ndarray):
                 item = torch.from_numpy(np.ascontiguousarray(item))
             if not torch.is_tensor(item):
@@ -271,17 +276,31 @@ def load(run_dir: str | os.PathLike, device: str | None = None) -> ClusterModel:
 def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files and folders (searched recursively, sorted) into image files.
 
-    Raises DataError for a path that does not exist, a file that is not an image, or a
-    folder without images."""
+    Only regular files (or symbolic links to them) are taken: in a folder, entries with an
+    image name that are FIFOs, sockets or devices are skipped unopened, with a warning.
+    Raises DataError for a path that does not exist, a named path that is not a regular
+    file or folder, a file that is not an image, or a folder without images."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
+        kind = special_file_kind(path)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            named = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+            special = [(p, k) for p in named if (k := special_file_kind(p)) is not None]
+            files = [p for p in named if p.is_file()]
+            if special:
+                first, what = special[0]
+                _warn(f"{len(special)} entr{'y' if len(special) == 1 else 'ies'} under '{path}' named like an image "
+                      f"{'is not a regular file' if len(special) == 1 else 'are not regular files'} and "
+                      f"{'was' if len(special) == 1 else 'were'} skipped without being opened (e.g. '{first}' is "
+                      f"not a regular file: it is {what}).")
             if not files:
                 raise DataError(f"Folder '{path}' holds no image files (looked for {' '.join(IMAGE_EXTENSIONS)}, "
                                 "recursively). Pass image files or a folder that holds some.")
             found += files
+        elif kind is not None:
+            raise DataError(f"Image path '{path}' is not a regular file: it is {kind}, which is never opened "
+                            "(reading one could wait forever). Pass image files or folders of them.")
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise DataError(f"'{path}' is not an image file (expected one of {' '.join(IMAGE_EXTENSIONS)}). "
@@ -295,35 +314,44 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def _pil_to_tensor(im, channels: int) -> torch.Tensor:
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    im = im.convert("L" if channels == 1 else "RGB")
+def _warn(text: str) -> None:
+    print(f"clusterkit: warning: {text}", file=sys.stderr)
+
+
+def _pil_to_tensor(im, channels: int, shrink_to: int | None = None) -> torch.Tensor:
+    """A PIL image -> uint8 (channels, H, W), 16-bit images scaled to 8 bits (as files are
+    decoded); ``shrink_to``: resized to that square first when it is larger."""
+    im = to_8bit(im, "L" if channels == 1 else "RGB")
+    if shrink_to is not None and max(im.size) > shrink_to:
+        from PIL import Image
+
+        im = im.resize((shrink_to, shrink_to), Image.Resampling.BILINEAR)
     array = np.array(im, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def read_image(path: str | os.PathLike, channels: int, resize_to: int | None = None) -> torch.Tensor:
-    """Decode an image file to uint8 (channels, H, W) (grayscale "L" or RGB); DataError if unreadable.
+def read_image(path: str | os.PathLike, channels: int, resize_to: int | None = None, *,
+               shrink_only: bool = False) -> torch.Tensor:
+    """Decode an image file to uint8 (channels, H, W) (grayscale "L" or RGB); DataError if unreadable
+    or not a regular file.
 
-    ``resize_to``: resize to a square of that side with PIL's bilinear filter first, as the
-    ``imagefolder`` dataset decodes its files."""
-    from PIL import Image
-
+    The decoder is the training data's (:func:`~clusterkit.data.datasets.decode_image_file`): the
+    EXIF orientation is applied and 16-bit images are scaled to 8 bits.  ``resize_to``: resize to a
+    square of that side with PIL's bilinear filter while decoding, as the ``imagefolder`` dataset
+    decodes its files (``shrink_only``: only when the image is larger)."""
     try:
-        with Image.open(path) as im:
-            if resize_to is not None and im.size != (resize_to, resize_to):
-                if im.mode == "P" and "transparency" in im.info:
-                    im = im.convert("RGBA")
-                im = im.convert("RGB").resize((resize_to, resize_to), Image.Resampling.BILINEAR)
-            return _pil_to_tensor(im, channels)
+        array = decode_image_file(path, "L" if channels == 1 else "RGB", resize_to, shrink_only=shrink_only)
     except FileNotFoundError:
         raise DataError(f"Image file '{path}' does not exist.") from None
+    except NotRegularFileError as exc:
+        raise DataError(f"Image path '{path}' is {exc}, which is never opened (reading one could wait "
+                        "forever). Pass image files or folders of them.") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure means an unreadable file
         raise DataError(f"Cannot read image '{path}' ({type(exc).__name__}: {exc}). Remove or replace the "
                         "file, or leave it out of --images.") from None
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def _as_unit_float(x: torch.Tensor) -> torch.Tensor:

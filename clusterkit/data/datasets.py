@@ -39,6 +39,11 @@ Example::
     >>> images.shape, images.dtype
     (torch.Size([3, 1, 8, 8]), torch.uint8)
 
+Image files (``imagefolder``, and ``predict``, which uses the same decoder
+:func:`decode_image_file`) are read only when they are regular files (FIFOs,
+sockets and devices named like images are skipped unopened, with a warning), with
+their EXIF orientation applied and 16-bit images scaled to 8 bits.
+
 The CIFAR loaders unpickle the files they are pointed at; only point them at
 files you trust.
 """
@@ -52,6 +57,7 @@ import hashlib
 import math
 import os
 import pickle
+import stat
 import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +68,7 @@ from typing import Any, Callable, Sequence
 import attrs
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from clusterkit.errors import DataError
@@ -74,9 +80,13 @@ __all__ = [
     "DatasetInfo",
     "ImageDataset",
     "LABEL_MODES",
+    "NotRegularFileError",
     "collate_batched",
+    "decode_image_file",
     "load_dataset",
     "read_synsets",
+    "special_file_kind",
+    "to_8bit",
 ]
 
 SPLITS = ("train", "test", "all")
@@ -720,28 +730,93 @@ def _load_stl10(info: DatasetInfo, root: Path, split: str) -> ImageDataset:
 # --------------------------------------------------------------------------- image folder
 
 
-def _decode_image(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
-    """Decode one file to ``uint8 (size, size, 3)`` RGB; returns ``(array, None)`` or ``(None, error)``.
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
 
-    Grayscale, palette and RGBA images are converted to RGB (alpha is dropped);
-    the resize is bilinear with antialiasing (PIL's filter widens when shrinking).
-    """
+
+def special_file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it is not a regular file (``"a FIFO (named pipe)"``, ``"a socket"``,
+    ...), else None.  Symbolic links are followed; a path that cannot be examined (missing, a
+    dangling link) gives None too, so that opening it reports why.  Only regular files are ever
+    opened: opening a FIFO waits for a writer, forever."""
     try:
-        with Image.open(path) as im:
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            array = np.array(im, dtype=np.uint8)  # a writable copy
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), "a special file")
+
+
+class NotRegularFileError(OSError):
+    """An image path names a FIFO, socket, device or folder: it is never opened."""
+
+
+# PIL modes of 16-bit (and 32-bit integer) images, whose values run to 65535: PIL's own
+# convert("L") would clip them at 255 instead of scaling.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(im: Image.Image, mode: str) -> Image.Image:
+    """A PIL image as 8-bit ``mode`` ("RGB" or "L"): 16-bit images are scaled to 0..255 (value /
+    257, rounded), not clipped; palette images with transparency go through RGBA (alpha is
+    dropped)."""
+    if im.mode in _WIDE_MODES:
+        wide = np.asarray(im).astype(np.int64)
+        im = Image.fromarray(np.clip((wide + 128) // 257, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im if im.mode == mode else im.convert(mode)
+
+
+def decode_image_file(path: str | os.PathLike, mode: str = "RGB", size: int | None = None, *,
+                      shrink_only: bool = False) -> np.ndarray:
+    """Decode one image file to ``uint8 (H, W, C)`` (C = 3 for "RGB", 1 for "L"): the one decoder
+    of training data (``imagefolder``) and of ``predict``.
+
+    Only regular files are opened (:class:`NotRegularFileError` otherwise).  The EXIF orientation
+    is applied (a portrait photo stored sideways comes out upright); 16-bit images are scaled, not
+    clipped (:func:`to_8bit`).  ``size``: resize to a ``size x size`` square (bilinear, with
+    PIL's antialiasing) while decoding, so that a large photo never exists at full size beyond
+    the decoder (JPEGs are decoded at a reduced scale, at least ``size``, with ``draft``);
+    ``shrink_only``: only when the image is larger than that.  Raises whatever PIL raises for an
+    unreadable file.
+    """
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise NotRegularFileError(f"not a regular file: it is {kind}")
+    with Image.open(path) as im:
+        if size is not None:
+            im.draft(im.mode, (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still >= size
+        im = ImageOps.exif_transpose(im)
+        im = to_8bit(im, mode)
+        if size is not None and im.size != (size, size) and not (shrink_only and max(im.size) <= size):
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        array = np.array(im, dtype=np.uint8)  # a writable copy
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _decode_image(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+    """Decode one file to ``uint8 (size, size, 3)`` RGB (:func:`decode_image_file`); returns
+    ``(array, None)`` or ``(None, error)``."""
+    try:
+        return decode_image_file(path, "RGB", size), None
+    except NotRegularFileError as exc:
+        return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means an unreadable file
         return None, f"{type(exc).__name__}: {exc}"
-    return array, None
 
 
 def _check_image(path: str) -> str | None:
-    """A cheap header/integrity check without a full decode; the error or None."""
+    """A cheap header/integrity check without a full decode (of regular files only); the error or None."""
+    kind = special_file_kind(path)
+    if kind is not None:
+        return f"not a regular file: it is {kind}"
     try:
         with Image.open(path) as im:
             im.verify()
@@ -766,10 +841,13 @@ def _warn(text: str) -> None:
         tqdm.write(f"clusterkit: warning: {text}", file=sys.stderr)
 
 
-def _image_files(folder: Path, loops: list[str] | None = None) -> list[str]:
+def _image_files(folder: Path, loops: list[str] | None = None,
+                 special: list[tuple[str, str]] | None = None) -> list[str]:
     """Image files under ``folder``, recursively, following directory symlinks except those
     that lead back to a folder already on the way (a loop such as ``ln -s .. loop``, which
-    would otherwise repeat the tree); those are appended to ``loops``."""
+    would otherwise repeat the tree); those are appended to ``loops``.  Entries with an image
+    name that are not regular files (FIFOs, sockets, devices: :func:`special_file_kind`) are
+    left out, never opened, and appended to ``special`` as ``(path, kind)``."""
     files = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         here = os.path.realpath(dirpath)
@@ -784,7 +862,15 @@ def _image_files(folder: Path, loops: list[str] | None = None) -> list[str]:
                 continue
             keep.append(d)
         dirnames[:] = keep
-        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+        for f in sorted(filenames):
+            if not _is_image(f):
+                continue
+            path = os.path.join(dirpath, f)
+            kind = special_file_kind(path)
+            if kind is None:
+                files.append(path)
+            elif special is not None:
+                special.append((path, kind))
     return files
 
 
@@ -805,6 +891,36 @@ def _drop_duplicates(paths: list[str], targets: list[int]) -> tuple[list[str], l
         _warn(f"{len(twice)} image file(s) were found twice through symbolic links (e.g. '{first}' and "
               f"'{again}'); each is used once, under the first path found.")
     return kept_paths, kept_targets
+
+
+def _walk_trees(trees: Sequence[tuple[Path, int]]) -> tuple[list[str], list[int], list[Path]]:
+    """The image files of every ``(folder, target)`` tree, labelled (a class folder and its class)
+    or not (a split folder and -1) alike: symlink loops are not followed, entries that are not
+    regular files are skipped, a file reached twice through symlinks is kept once, each with one
+    warning.  Returns ``(paths, targets, folders that hold no image file)``."""
+    loops: list[str] = []
+    special: list[tuple[str, str]] = []
+    paths: list[str] = []
+    targets: list[int] = []
+    empty: list[Path] = []
+    for folder, target in trees:
+        files = _image_files(folder, loops, special)
+        if not files:
+            empty.append(folder)
+        paths.extend(files)
+        targets.extend([target] * len(files))
+    if loops:
+        _warn(f"{len(loops)} symbolic link(s) to a folder above them were not followed (they loop back into the "
+              f"tree, e.g. '{loops[0]}').")
+    if special:
+        path, kind = special[0]
+        if len(special) == 1:
+            _warn(f"'{path}' is not a regular file (it is {kind}); it was skipped without being opened.")
+        else:
+            _warn(f"{len(special)} entries named like images are not regular files and were skipped without being "
+                  f"opened (e.g. '{path}' is not a regular file: it is {kind}).")
+    paths, targets = _drop_duplicates(paths, targets)
+    return paths, targets, empty
 
 
 def _split_folders(info: DatasetInfo, root: Path, split: str) -> tuple[list[Path], list[Path]]:
@@ -851,7 +967,7 @@ def _scan_imagefolder(
         loose = any(_direct_images(f) for f in everything)
         labels = "none" if loose or not any(_class_dirs(f) for f in everything) else "folders"
     if labels == "none":
-        paths = [p for folder in folders for p in _image_files(folder)]
+        paths, _, _ = _walk_trees([(folder, -1) for folder in folders])
         if not paths:
             where = " or ".join(f"'{f}'" for f in folders)
             raise DataError(
@@ -864,9 +980,7 @@ def _scan_imagefolder(
     # Classes are the union over all split folders, so that a target means the
     # same class whichever split is loaded.
     classes = sorted(set().union(*(_class_dirs(f) for f in everything)))
-    paths: list[str] = []
-    targets: list[int] = []
-    loops: list[str] = []
+    trees: list[tuple[Path, int]] = []
     for folder in folders:
         present = _class_dirs(folder)
         if not present:
@@ -875,20 +989,14 @@ def _scan_imagefolder(
                 f"one sub-folder per class with the images inside; use data.labels: none or auto to "
                 f"cluster the images without labels). {info.prepare}. {_ROOT_HINT}"
             )
-        for cls in present:
-            files = _image_files(folder / cls, loops)
-            if not files:
-                raise DataError(
-                    f"Dataset 'imagefolder': the class folder '{folder / cls}' holds no image files "
-                    f"(accepted extensions: {' '.join(IMAGE_EXTENSIONS)}, any case). Put the class's "
-                    "images in it or delete the empty folder."
-                )
-            paths.extend(files)
-            targets.extend([classes.index(cls)] * len(files))
-    if loops:
-        _warn(f"{len(loops)} symbolic link(s) to a folder above them were not followed (they loop back into the "
-              f"tree, e.g. '{loops[0]}').")
-    paths, targets = _drop_duplicates(paths, targets)
+        trees.extend((folder / cls, classes.index(cls)) for cls in present)
+    paths, targets, empty = _walk_trees(trees)
+    if empty:
+        raise DataError(
+            f"Dataset 'imagefolder': the class folder '{empty[0]}' holds no image files "
+            f"(accepted extensions: {' '.join(IMAGE_EXTENSIONS)}, any case). Put the class's "
+            "images in it or delete the empty folder."
+        )
     return classes, paths, targets
 
 

@@ -38,16 +38,19 @@ seeded run repeats exactly with the same settings, but the two paths (and differ
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import attrs
 import torch
+from tqdm.auto import tqdm
 
 from clusterkit.data.augment import BatchedTwoView, PerImageTwoView
 from clusterkit.data.datasets import collate_batched
 from clusterkit.errors import RecipeError
 
-__all__ = ["PIPELINES", "TrainPipeline", "TwoViewDataset", "build_train_pipeline"]
+__all__ = ["PIPELINES", "TrainPipeline", "TwoViewDataset", "available_cores", "build_train_pipeline"]
 
 #: The values of the recipe's ``data.pipeline``.
 PIPELINES = ("batched", "per_image")
@@ -120,6 +123,29 @@ class TrainPipeline:
         return list(views), index.to(self.device, non_blocking=True)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one, as torch's
+    DataLoader counts them), else ``os.cpu_count()``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _capped_workers(requested: int) -> int:
+    """``data.num_workers``, at most the cores available, with one note when it is capped (more
+    workers than cores only contend, and torch warns that the loader may slow down or freeze)."""
+    cores = available_cores()
+    if requested <= cores:
+        return requested
+    from clusterkit import distributed
+
+    if distributed.is_main():
+        tqdm.write(f"clusterkit: note: data.num_workers {requested} capped at the {cores} core"
+                   f"{'' if cores == 1 else 's'} available", file=sys.stderr)
+    return cores
+
+
 def build_train_pipeline(
     dataset: Any,
     data_cfg: Any,
@@ -137,7 +163,7 @@ def build_train_pipeline(
             ``info``, ``__getitems__``).
         data_cfg: the recipe's :class:`~clusterkit.recipe.DataConfig`; reads
             ``pipeline``, ``augment``, ``augment_second``, ``image_size``,
-            ``num_workers`` and ``drop_last``.
+            ``num_workers`` (capped at the cores available, with a note) and ``drop_last``.
         batch_size: images per batch (per process).
         device: where :meth:`TrainPipeline.views` puts the views; memory is pinned when
             it is a CUDA device.
@@ -177,7 +203,7 @@ def build_train_pipeline(
         shuffle=None if sampler is not None else shuffle,
         sampler=sampler,
         drop_last=data_cfg.drop_last,
-        num_workers=data_cfg.num_workers,
+        num_workers=_capped_workers(data_cfg.num_workers),
         collate_fn=collate,
         generator=generator,
         pin_memory=device.type == "cuda",
