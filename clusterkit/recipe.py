@@ -87,6 +87,9 @@ class ModelConfig:
     pretrained: bool = field(default=False, metadata=_doc("passed to timm; needs local weights"))
     pretrained_file: str | None = field(default=None, metadata=_doc("local weights file for pretrained=true"))
     backbone_kwargs: dict[str, Any] = field(factory=dict, metadata=_doc("extra timm.create_model arguments"))
+    zero_init_last: bool | None = field(default=None, metadata=_doc(
+        "zero-initialise the last BatchNorm of each residual block (timm's zero_init_last), for any backbone "
+        "that takes the argument; backbones without it (ViTs, ConvNeXt) ignore it; null: the model's default"))
 
 
 @attrs.define

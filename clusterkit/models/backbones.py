@@ -7,9 +7,13 @@ official code's torchvision ResNet does: kaiming-normal (fan_out) convolutions, 
 weight 1 / bias 0, and NO zero-initialised last BatchNorm per block (torchvision's
 ``zero_init_residual`` is False; timm's ``zero_init_last`` defaults to True, which makes the
 untrained network's eval-mode features collapse to one point); the replaced 3x3 stem is a
-fresh ``nn.Conv2d`` with PyTorch's default init, as the official code builds it.  Paper
-recipes on timm's standard ResNets set ``model.backbone_kwargs: {zero_init_last: false}``
-for the same reason.  timm's ResNet
+fresh ``nn.Conv2d`` with PyTorch's default init, as the official code builds it.  Recipes
+say the init once, ``model.zero_init_last: false`` (the BYOL-family and CC bases), and
+:func:`create_backbone` passes it to whatever backbone ``model.backbone`` (or ``--set``) names,
+when that model's constructor takes ``zero_init_last`` (timm's ResNets, ResNeXts, RegNets); a
+model without the argument (a ViT, ConvNeXt) has no such BatchNorm and is built without it,
+silently.  ``model.backbone_kwargs`` is passed as written, so a ``zero_init_last`` there is an
+error for a model without it.  timm's ResNet
 arguments pass through ``model.backbone_kwargs`` (e.g. ``channels: [32, 64, 128, 256]``
 for a narrower network; timm keeps the single-conv stem 64 wide).  They are registered
 on import of this module, so ``timm.create_model("resnet18_cifar")`` works after
@@ -77,8 +81,15 @@ def create_backbone(cfg, in_chans: int = 3) -> nn.Module:
     kwargs = dict(cfg.backbone_kwargs)
     if cfg.pretrained and cfg.pretrained_file:
         kwargs["pretrained_cfg_overlay"] = dict(file=cfg.pretrained_file)
+    optional = {}  # passed to models that take them, left out for the others
+    zero_init_last = getattr(cfg, "zero_init_last", None)
+    if zero_init_last is not None:
+        if "zero_init_last" in kwargs and kwargs["zero_init_last"] != zero_init_last:
+            raise RecipeError(f"model.zero_init_last is {zero_init_last} but model.backbone_kwargs.zero_init_last is "
+                              f"{kwargs['zero_init_last']}; say it once (model.zero_init_last).")
+        optional["zero_init_last"] = zero_init_last
     try:
-        model = timm.create_model(name, pretrained=cfg.pretrained, num_classes=0, in_chans=in_chans, **kwargs)
+        model = _create(name, optional, pretrained=cfg.pretrained, num_classes=0, in_chans=in_chans, **kwargs)
     except RecipeError:
         raise
     except Exception as exc:
@@ -93,6 +104,19 @@ def create_backbone(cfg, in_chans: int = 3) -> nn.Module:
         with torch.no_grad():
             model.num_features = model(torch.zeros(2, in_chans, 32, 32)).shape[1]
     return model
+
+
+def _create(name: str, optional: dict, **kwargs) -> nn.Module:
+    """``timm.create_model(name, **kwargs, **optional)``, or without ``optional``'s arguments when
+    the model's constructor does not take them (timm's entry points take ``**kwargs``, so only
+    building says which arguments a model accepts)."""
+    try:
+        return timm.create_model(name, **kwargs, **optional)
+    except TypeError as exc:
+        unknown = [k for k in optional if f"unexpected keyword argument '{k}'" in str(exc)]
+        if not unknown:
+            raise
+    return _create(name, {k: v for k, v in optional.items() if k not in unknown}, **kwargs)
 
 
 def _cached_weights(pcfg) -> bool:

@@ -1,5 +1,7 @@
 """timm backbones and the CIFAR-stem ResNets registered in timm's registry."""
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -141,3 +143,50 @@ def test_untrained_network_features_are_not_collapsed():
 def test_untrained_cifar_resnet_features_are_not_collapsed():
     """The quickstart's narrow CIFAR-stem ResNet-18 with its (official) default init."""
     assert _untrained_kmeans_largest_share("resnet18_cifar", {"channels": [16, 32, 64, 128]}) < 0.5
+
+
+# -- the recipe's init contract holds for any backbone chosen with --set ---------------------------
+
+@pytest.mark.parametrize("recipe", ["propos_cifar10", "digpro_imagenet10"])
+def test_a_timm_resnet_swapped_in_with_set_keeps_the_byol_recipes_init(recipe):
+    """``--set model.backbone=resnet26`` on a ProPos/DigPro recipe: the swapped-in timm ResNet
+    initialises as the recipe says, with no zero-initialised last BatchNorm per block (timm's
+    default, under which the untrained features collapse: test_untrained_network_features_are_
+    not_collapsed).  Narrowed by --set to stay small."""
+    from clusterkit.recipe import load_recipe
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / f"{recipe}.yaml"
+    r = load_recipe(path, overrides=["model.backbone=resnet26", "model.backbone_kwargs.channels=[8,8,16,16]",
+                                     "model.backbone_kwargs.stem_width=8"])
+    torch.manual_seed(0)
+    m = create_backbone(r.model, in_chans=3)
+    blocks = [b for name in ("layer1", "layer2", "layer3", "layer4") for b in getattr(m, name)]
+    assert blocks and all(type(b).__name__ == "Bottleneck" for b in blocks)
+    last_gammas = torch.cat([b.bn3.weight.detach() for b in blocks])
+    assert torch.equal(last_gammas, torch.ones_like(last_gammas))  # torchvision's BN init: weight 1
+    with torch.no_grad():
+        feats = nn.functional.normalize(m.eval()(torch.randn(64, 3, 32, 32)), dim=1)
+    # and the untrained network's eval-mode features of different inputs are not one point
+    # (0.15 measured: the norm of the per-dimension std of the normalised features)
+    spread = feats.std(dim=0).norm().item()
+    assert spread > 0.05, spread
+
+
+def test_zero_init_last_is_ignored_by_a_backbone_without_it():
+    """A ViT has no residual BatchNorm: ``model.zero_init_last`` (as the BYOL recipes set it)
+    does not stop it from being built."""
+    cfg = ModelConfig(backbone="vit_pici_small_patch16_224", zero_init_last=False,
+                      backbone_kwargs={"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2})
+    assert create_backbone(cfg)(torch.randn(2, 3, 16, 16)).shape == (2, 16)
+
+
+def test_quickstart_keeps_timms_zero_initialised_last_bn_and_a_contradiction_is_refused():
+    """The quickstart deliberately keeps zero_init_last: true (its header says why)."""
+    from clusterkit.recipe import load_recipe
+
+    r = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml")
+    m = create_backbone(r.model, in_chans=1)
+    assert all(not b.bn2.weight.any() for name in ("layer1", "layer4") for b in getattr(m, name))
+    with pytest.raises(RecipeError, match="say it once"):
+        create_backbone(ModelConfig(backbone="resnet18", zero_init_last=False,
+                                    backbone_kwargs={"zero_init_last": True}))

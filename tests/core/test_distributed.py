@@ -103,25 +103,100 @@ def test_sync_bn_on_a_cpu_torchrun_job_is_a_clear_error(monkeypatch, tmp_path, r
 # fast paths: the same training on the CPU
 # ---------------------------------------------------------------------------------------------
 
-def _final(summary: dict) -> dict:
-    return {k: v for k, v in summary["history"][-1].items() if k not in ("seconds",)}
-
-
-@pytest.mark.parametrize("overrides", [
+_FAST_PATHS = pytest.mark.parametrize("overrides", [
     {"run": {"channels_last": True}},
     {"optim": {"fused": True}},
     {"run": {"compile": True, "compile_backend": "eager"}},
 ], ids=["channels_last", "fused_sgd", "compile_eager"])
-def test_fast_paths_train_like_the_default_path(overrides, restore_threads):
+_FAST_PLUGINS = {"byol_target": {"hidden_dim": 32, "out_dim": 16}, "diffused_sampling": {},
+                 "prototype_aggregation": {"warmup_gate": False}}
+
+
+def _with_base(overrides: dict) -> dict:
     base = {"run": {"deterministic": False}}
-    plugins = {"byol_target": {"hidden_dim": 32, "out_dim": 16}, "diffused_sampling": {},
-               "prototype_aggregation": {"warmup_gate": False}}
-    ref = train_tiny("kmeans_e_step", {"n_init": 1}, with_plugins=plugins, epochs=2, overrides=base)
-    fast = train_tiny("kmeans_e_step", {"n_init": 1}, with_plugins=plugins, epochs=2,
-                      overrides={**base, **{k: {**base.get(k, {}), **v} for k, v in overrides.items()}})
+    return {**base, **{k: {**base.get(k, {}), **v} for k, v in overrides.items()}}
+
+
+def _first_steps(overrides: dict, steps: int, labels_from=None):
+    """Build the tiny ProPos-like run, run its first E-step and ``steps`` training steps.
+
+    Returns (trainer, E-step features, [loss terms per step], the first step's gradient (one
+    flat vector), the parameters' total change over the steps (one flat vector)).  With
+    ``labels_from`` (another such trainer) the k-means result of that trainer's E-step is used
+    instead of this one's: features equal to rounding can still flip an assignment at a near
+    tie, and the k-means is not what the fast paths change (the features are compared)."""
+    from clusterkit.testing import make_trainer
+
+    trainer = make_trainer("kmeans_e_step", {"n_init": 1}, with_plugins=_FAST_PLUGINS, overrides=_with_base(overrides))
+    trainer.build()
+    params = [p for p in trainer.state.model.parameters() if p.requires_grad]
+    start = torch.cat([p.detach().flatten() for p in params])
+    trainer.begin_epoch(0)
+    features = trainer.state.features("train").clone()
+    if labels_from is not None:
+        trainer.state.pseudo_labels = labels_from.state.pseudo_labels.clone()
+        trainer.state.centers = labels_from.state.centers.clone()
+    terms, grad = [], None
+    batches = iter(trainer.loader)
+    for _ in range(steps):
+        terms.append({k: v.item() for k, v in trainer.train_step(next(batches)).items()})
+        if grad is None:
+            grad = torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten() for p in params])
+    change = torch.cat([p.detach().flatten() for p in params]) - start
+    return trainer, features, terms, grad, change
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / a.norm()).item()
+
+
+@_FAST_PATHS
+def test_fast_paths_take_the_default_paths_first_steps(overrides, restore_threads):
+    """The fast paths compute what the default path computes, to float rounding: the E-step's
+    features, every loss term of the first three steps, the first step's gradient and the
+    parameters' change over the three steps (momentum and weight decay included).
+
+    Only rounding differs: channels_last convolutions sum in another order (measured on an x86
+    CPU: features 9e-7 apart, loss terms at most 1.5e-5 relative, gradient 7e-6 and parameter
+    change 2e-5 relative as whole vectors); fused SGD and eager compile were bit-identical there.
+    The tolerances below leave a margin of 50 or more over those for other CPUs' kernels, and
+    no k-means runs between the compared values.  A wrong layout conversion, a dropped optimiser
+    term or a compiled copy that the optimiser does not train moves them by far more."""
+    ref, ref_features, ref_terms, ref_grad, ref_change = _first_steps({}, steps=3)
+    _, features, terms, grad, change = _first_steps(overrides, steps=3, labels_from=ref)
+    assert torch.allclose(features, ref_features, rtol=0, atol=1e-4)
+    for step, (a, b) in enumerate(zip(ref_terms, terms, strict=True)):
+        for term in ("diffused_sampling", "prototype_aggregation", "loss"):
+            assert b[term] == pytest.approx(a[term], rel=1e-3, abs=1e-6), (step, term)
+    # whole vectors: a bias in front of a BatchNorm has a true gradient of 0, so per-tensor
+    # relative differences of its rounding noise mean nothing
+    assert _rel(ref_grad, grad) < 5e-4
+    assert _rel(ref_change, change) < 1e-3
+
+
+def _final(summary: dict) -> dict:
+    return {k: v for k, v in summary["history"][-1].items() if k not in ("seconds",)}
+
+
+@_FAST_PATHS
+def test_fast_paths_train_like_the_default_path(overrides, restore_threads):
+    """Two epochs through Trainer.fit, with the k-means E-step between them: both learn, and the
+    epoch-2 loss means agree loosely.
+
+    After an E-step the values are no longer equal to rounding: a near-tie k-means assignment
+    can flip with the CPU's rounding, and training amplifies small differences.  Measured:
+    channels_last's epoch-2 prototype_aggregation was 0.13419 on an AMD EPYC against 0.13393
+    for NCHW (1.9e-3 relative; 1.2e-4 on the machine that wrote this test), while seeds 1 and
+    2 instead of 0 move the terms by 1.8-16%.  The tolerance, 1e-2, is five times the
+    cross-CPU measurement; the exact comparison is the test above."""
+    ref = train_tiny("kmeans_e_step", {"n_init": 1}, with_plugins=_FAST_PLUGINS, epochs=2, overrides=_with_base({}))
+    fast = train_tiny("kmeans_e_step", {"n_init": 1}, with_plugins=_FAST_PLUGINS, epochs=2,
+                      overrides=_with_base(overrides))
+    for run in (ref, fast):  # the epoch-1 loss is -0.79, the epoch-2 one -1.12
+        assert run["history"][1]["loss"] < run["history"][0]["loss"] - 0.1
     a, b = _final(ref), _final(fast)
     for term in ("diffused_sampling", "prototype_aggregation", "loss"):
-        assert b[term] == pytest.approx(a[term], rel=1e-3, abs=1e-4), term
+        assert b[term] == pytest.approx(a[term], rel=1e-2, abs=1e-4), term
 
 
 # ---------------------------------------------------------------------------------------------
