@@ -46,11 +46,13 @@ __all__ = [
     "AugmentParams",
     "BatchedTwoView",
     "PerImageTwoView",
+    "ViewParams",
     "adjust_brightness",
     "adjust_contrast",
     "adjust_hue",
     "adjust_saturation",
     "blur_kernel_size",
+    "color_jitter",
     "eval_transform",
     "gaussian_blur",
     "hsv_to_rgb",
@@ -413,6 +415,63 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div_(255.0) if images.dtype == torch.uint8 else images.to(torch.float32)
 
 
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # indexed by op id
+
+
+def color_jitter(
+    images: torch.Tensor,
+    apply: torch.Tensor,
+    order: torch.Tensor,
+    factors: list[torch.Tensor | None],
+) -> None:
+    """Colour jitter in place with per-sample factors and per-sample op order, as
+    torchvision's ``ColorJitter`` applied image by image.
+
+    Args:
+        images: float ``(B, C, H, W)`` in [0, 1], changed in place.
+        apply: bool ``(B,)`` on the CPU: which samples are jittered.
+        order: ``(B, 4)`` on the CPU: each sample's permutation of the op ids 0-3
+            (brightness, contrast, saturation, hue), applied left to right.
+        factors: per op id, ``(B,)`` factors (hue: shifts in turns), or None to skip the op.
+    """
+    # The four stages are processed in turn, each op on the samples that drew it at that stage.
+    for stage in range(4):
+        for op_id, (fn, factor) in enumerate(zip(_JITTER_OPS, factors, strict=True)):
+            if factor is not None:
+                _apply_to(images, apply & (order[:, stage] == op_id), fn, factor)
+
+
+@attrs.frozen
+class ViewParams:
+    """One batched view's per-sample parameters (CPU tensors, first dim ``B``), as drawn by
+    :meth:`BatchedTwoView.sample`; None: the step is off.
+
+    Attributes:
+        boxes: ``(B, 4)`` crop boxes ``(top, left, h, w)`` in pixels.
+        flip: bool ``(B,)``: mirror horizontally.
+        degrees: ``(B,)`` rotation angles (counter-clockwise).
+        jitter: bool ``(B,)``: apply the colour jitter.
+        order: ``(B, 4)`` colour-jitter op order (0 brightness, 1 contrast, 2 saturation, 3 hue).
+        brightness, contrast, saturation: ``(B,)`` jitter factors.
+        hue: ``(B,)`` hue shifts in turns.
+        grayscale: bool ``(B,)``: convert to grayscale.
+        blur: bool ``(B,)``: blur; sigma: ``(B,)`` the blur's sigma in pixels.
+    """
+
+    boxes: torch.Tensor
+    flip: torch.Tensor | None = None
+    degrees: torch.Tensor | None = None
+    jitter: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    brightness: torch.Tensor | None = None
+    contrast: torch.Tensor | None = None
+    saturation: torch.Tensor | None = None
+    hue: torch.Tensor | None = None
+    grayscale: torch.Tensor | None = None
+    blur: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
+
+
 # --------------------------------------------------------------------------- pipelines
 
 
@@ -440,6 +499,8 @@ class BatchedTwoView(torch.nn.Module):
     the subset of samples that drew them, so untouched samples stay bit-exact.
     Colour-jitter order is random per sample as in torchvision: the four stages are
     processed in turn, each op on the samples that drew it at that stage.
+    :meth:`sample` draws a view's parameters (:class:`ViewParams`) and :meth:`apply` applies
+    given parameters, so either can be checked on its own.
 
     Example::
 
@@ -472,49 +533,55 @@ class BatchedTwoView(torch.nn.Module):
 
     def view(self, images: torch.Tensor) -> torch.Tensor:
         """One augmented view: uint8 or [0, 1] float ``(B, C, H, W)`` -> float32 ``(B, C, S, S)``."""
-        p = self.params
         x = _to_float(images)
-        b, c, height, width = x.shape
-        boxes = sample_crop_boxes(b, height, width, p.crop_scale, p.crop_ratio)
-        flip = torch.rand(b) < 0.5 if self.hflip else None
-        x = resized_crop(x, boxes, self.image_size, flip)
-        if p.rotation > 0:
-            x = rotate(x, torch.empty(b).uniform_(-p.rotation, p.rotation))
-        self._jitter(x)
-        if c == 3 and p.grayscale_p > 0:
-            gray = torch.rand(b) < p.grayscale_p
-            _apply_to(x, gray, lambda im: rgb_to_grayscale(im).expand_as(im))
-        if p.blur_p > 0:
-            blur = torch.rand(b) < p.blur_p
-            sigma = torch.empty(b).uniform_(*p.blur_sigma)
-            _apply_to(x, blur, lambda im, s: gaussian_blur(im, s, self.kernel_size), sigma)
-        return _normalise(x, self.info)
+        return _normalise(self.apply(x, self.sample(*x.shape)), self.info)
 
-    def _jitter(self, x: torch.Tensor) -> None:
-        """Colour jitter in place, per-sample factors and per-sample random op order."""
+    def sample(self, n: int, channels: int, height: int, width: int) -> ViewParams:
+        """Draw one view's per-sample parameters for ``n`` images of ``channels x height x width``
+        from torch's global CPU generator (what :meth:`view` draws, in the same order)."""
         p = self.params
-        if p.jitter_p <= 0:
-            return
-        b, c = x.shape[:2]
-        brightness, contrast, saturation, hue = p.jitter
-        apply = torch.rand(b) < p.jitter_p
-        order = torch.argsort(torch.rand(b, 4), dim=1)  # a random permutation of the 4 ops per sample
+        boxes = sample_crop_boxes(n, height, width, p.crop_scale, p.crop_ratio)
+        flip = torch.rand(n) < 0.5 if self.hflip else None
+        degrees = torch.empty(n).uniform_(-p.rotation, p.rotation) if p.rotation > 0 else None
+        jitter: dict[str, Any] = {}
+        if p.jitter_p > 0:
+            brightness, contrast, saturation, hue = p.jitter
+            colour = channels == 3
+            jitter["jitter"] = torch.rand(n) < p.jitter_p
+            jitter["order"] = torch.argsort(torch.rand(n, 4), dim=1)  # a random permutation of the 4 ops
 
-        def factor(strength: float) -> torch.Tensor:  # torchvision's range [max(0, 1 - s), 1 + s]
-            return torch.empty(b).uniform_(max(0.0, 1 - strength), 1 + strength)
+            def factor(strength: float) -> torch.Tensor:  # torchvision's range [max(0, 1 - s), 1 + s]
+                return torch.empty(n).uniform_(max(0.0, 1 - strength), 1 + strength)
 
-        colour = c == 3
-        ops: list[tuple[Callable[..., torch.Tensor], torch.Tensor] | None] = [  # indexed by op id
-            (adjust_brightness, factor(brightness)) if brightness > 0 else None,
-            (adjust_contrast, factor(contrast)) if contrast > 0 else None,
-            (adjust_saturation, factor(saturation)) if saturation > 0 and colour else None,
-            (adjust_hue, torch.empty(b).uniform_(-hue, hue)) if hue > 0 and colour else None,
-        ]
-        for stage in range(4):
-            for op_id, op in enumerate(ops):
-                if op is not None:
-                    fn, factors = op
-                    _apply_to(x, apply & (order[:, stage] == op_id), fn, factors)
+            if brightness > 0:
+                jitter["brightness"] = factor(brightness)
+            if contrast > 0:
+                jitter["contrast"] = factor(contrast)
+            if saturation > 0 and colour:
+                jitter["saturation"] = factor(saturation)
+            if hue > 0 and colour:
+                jitter["hue"] = torch.empty(n).uniform_(-hue, hue)
+        grayscale = torch.rand(n) < p.grayscale_p if channels == 3 and p.grayscale_p > 0 else None
+        blur = sigma = None
+        if p.blur_p > 0:
+            blur = torch.rand(n) < p.blur_p
+            sigma = torch.empty(n).uniform_(*p.blur_sigma)
+        return ViewParams(boxes, flip, degrees, **jitter, grayscale=grayscale, blur=blur, sigma=sigma)
+
+    def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        """Augment float ``(B, C, H, W)`` images in [0, 1] with given per-sample parameters
+        (no random draws) -> float ``(B, C, S, S)`` in [0, 1], not normalised."""
+        x = resized_crop(images, params.boxes, self.image_size, params.flip)
+        if params.degrees is not None:
+            x = rotate(x, params.degrees)
+        if params.jitter is not None:
+            factors = [params.brightness, params.contrast, params.saturation, params.hue]
+            color_jitter(x, params.jitter, params.order, factors)
+        if params.grayscale is not None:
+            _apply_to(x, params.grayscale, lambda im: rgb_to_grayscale(im).expand_as(im))
+        if params.blur is not None:
+            _apply_to(x, params.blur, lambda im, s: gaussian_blur(im, s, self.kernel_size), params.sigma)
+        return x
 
 
 class PerImageTwoView:
