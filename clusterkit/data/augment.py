@@ -16,8 +16,11 @@ Two implementations draw from the same distribution:
 
 * :class:`BatchedTwoView` transforms a whole ``uint8 (B, C, H, W)`` batch at once on
   the batch's device, with independent random parameters per sample and no
-  Python loop over the batch (crop + flip + resize is one ``affine_grid`` /
-  ``grid_sample`` call).  This is the fast path for in-memory datasets.
+  Python loop over the batch (crop + flip + resize is one ``grid_sample`` call, or for
+  crops that shrink, torchvision's antialiasing as two per-sample resampling matrices).
+  This is the fast path for in-memory datasets.  For the same per-sample parameters its
+  ops equal torchvision's image by image (float rounding apart), and its parameters are
+  drawn as torchvision draws them (tests/core/test_augment_equivalence.py).
 * :class:`PerImageTwoView` is the torchvision ``transforms.v2`` pipeline applied
   to one ``uint8 (C, H, W)`` image, for DataLoader workers over big folders.
 
@@ -225,32 +228,46 @@ def sample_crop_boxes(
 
 
 def resized_crop(
-    images: torch.Tensor,
-    boxes: torch.Tensor,
-    size: int,
-    flip: torch.Tensor | None = None,
-    max_supersample: int = 8,
+    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Crop each image to its box, optionally mirror it, and resize to ``size``.
+    """Crop each image to its box, optionally mirror it, and resize to ``size``: torchvision's
+    ``resized_crop(..., interpolation=BILINEAR, antialias=True)`` (then ``horizontal_flip``),
+    per sample, for the whole batch at once.
 
-    One ``affine_grid`` + bilinear ``grid_sample`` call for the whole batch, with
-    sample points clamped into the box: the same result as cropping and then
-    ``F.interpolate(mode="bilinear", align_corners=False)``.  When a box is larger
-    than the output, every output pixel averages an ``s x s`` grid of bilinear
-    samples (``s`` = the largest shrink factor in the batch, at most
-    ``max_supersample``), which stands in for torchvision's antialiasing.
+    Samples whose box is no larger than the output on either side take plain bilinear
+    interpolation (one ``affine_grid`` / ``grid_sample`` call, as cropping and then
+    ``F.interpolate(mode="bilinear", align_corners=False)``; antialiasing changes nothing
+    there).  Samples whose box shrinks on a side take torch's antialiased bilinear filter
+    (PIL's triangle filter widened by the shrink factor, each axis on its own), as two
+    per-sample resampling matrices.
 
     Args:
         images: float ``(B, C, H, W)``.
-        boxes: ``(B, 4)`` ``(top, left, h, w)`` in pixels (best on the CPU).
+        boxes: ``(B, 4)`` integer-valued ``(top, left, h, w)`` in pixels, inside the image
+            (best on the CPU: which samples shrink is decided there, without a device sync).
         size: output side ``S``.
         flip: optional bool ``(B,)``: mirror horizontally.
     Returns:
         float ``(B, C, S, S)``.
     """
+    shrinks = (boxes[:, 2:] > size).any(dim=1).cpu()
+    if not shrinks.any():
+        return _bilinear_crop(images, boxes, size, flip)
+    if shrinks.all():
+        return _antialiased_crop(images, boxes, size, flip)
+    out = images.new_empty(images.shape[0], images.shape[1], size, size)
+    for select, fn in ((~shrinks, _bilinear_crop), (shrinks, _antialiased_crop)):
+        index = select.nonzero().squeeze(1)
+        dev_index = index.to(images.device)
+        part_flip = None if flip is None else flip[index.to(flip.device)]
+        part = fn(images.index_select(0, dev_index), boxes[index.to(boxes.device)], size, part_flip)
+        out.index_copy_(0, dev_index, part)
+    return out
+
+
+def _bilinear_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None) -> torch.Tensor:
+    """:func:`resized_crop` without antialiasing: one bilinear ``grid_sample`` call."""
     b, c, height, width = images.shape
-    shrink = float(boxes[:, 2:].max()) / size if b else 1.0  # before moving: no device sync
-    s = int(min(max_supersample, max(1, math.ceil(shrink - 1e-6))))
     boxes = boxes.to(device=images.device, dtype=images.dtype)
     top, left, h, w = boxes.unbind(dim=1)
     sx = w / width
@@ -261,14 +278,41 @@ def resized_crop(
     theta[:, 0, 2] = (2 * left + w) / width - 1
     theta[:, 1, 1] = h / height
     theta[:, 1, 2] = (2 * top + h) / height - 1
-    grid = F.affine_grid(theta, [b, c, size * s, size * s], align_corners=False)
+    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
     # Clamp sample points to the box's outer pixel centres, so that the box edge is
     # replicated as when cropping first and resizing after (torchvision).
     lo = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], dim=1).view(b, 1, 1, 2)
     hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], dim=1).view(b, 1, 1, 2)
     grid = torch.maximum(torch.minimum(grid, hi), lo)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return F.avg_pool2d(out, s) if s > 1 else out
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _resample_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """``(B, out_size, in_size)`` weights of torch's antialiased bilinear resize (the
+    ``_upsample_bilinear2d_aa`` kernel) of each sample's pixels ``[start, start + length)``
+    to ``out_size`` pixels: triangle filter of half-width ``max(1, length / out_size)`` in
+    input pixels around each output pixel's centre, restricted to the span, normalised."""
+    scale = length / out_size  # (B,)
+    support = scale.clamp(min=1.0)
+    centre = scale[:, None] * (torch.arange(out_size, device=start.device, dtype=start.dtype) + 0.5)  # in the span
+    pixel = torch.arange(in_size, device=start.device, dtype=start.dtype) + 0.5 - start[:, None]  # (B, in)
+    weights = (1.0 - ((pixel[:, None, :] - centre[:, :, None]) / support[:, None, None]).abs()).clamp(min=0.0)
+    weights = weights * ((pixel >= 0) & (pixel < length[:, None]))[:, None, :]
+    return weights / weights.sum(dim=2, keepdim=True)
+
+
+def _antialiased_crop(
+    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`resized_crop` with torch's antialiased bilinear filter: ``Wy @ image @ Wx^T``."""
+    height, width = images.shape[-2:]
+    boxes = boxes.to(device=images.device, dtype=images.dtype)
+    top, left, h, w = boxes.unbind(dim=1)
+    wy = _resample_matrix(top, h, height, size)  # (B, S, H)
+    wx = _resample_matrix(left, w, width, size)  # (B, S, W)
+    if flip is not None:
+        wx = torch.where(flip.to(images.device)[:, None, None], wx.flip(1), wx)
+    return wy[:, None] @ (images @ wx.transpose(1, 2)[:, None])  # (B, C, S, S)
 
 
 def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
