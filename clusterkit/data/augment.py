@@ -16,8 +16,11 @@ Two implementations draw from the same distribution:
 
 * :class:`BatchedTwoView` transforms a whole ``uint8 (B, C, H, W)`` batch at once on
   the batch's device, with independent random parameters per sample and no
-  Python loop over the batch (crop + flip + resize is one ``affine_grid`` /
-  ``grid_sample`` call).  This is the fast path for in-memory datasets.
+  Python loop over the batch (crop + flip + resize is one ``grid_sample`` call, or for
+  crops that shrink, torchvision's antialiasing as two per-sample resampling matrices).
+  This is the fast path for in-memory datasets.  For the same per-sample parameters its
+  ops equal torchvision's image by image (float rounding apart), and its parameters are
+  drawn as torchvision draws them (tests/core/test_augment_equivalence.py).
 * :class:`PerImageTwoView` is the torchvision ``transforms.v2`` pipeline applied
   to one ``uint8 (C, H, W)`` image, for DataLoader workers over big folders.
 
@@ -46,11 +49,13 @@ __all__ = [
     "AugmentParams",
     "BatchedTwoView",
     "PerImageTwoView",
+    "ViewParams",
     "adjust_brightness",
     "adjust_contrast",
     "adjust_hue",
     "adjust_saturation",
     "blur_kernel_size",
+    "color_jitter",
     "eval_transform",
     "gaussian_blur",
     "hsv_to_rgb",
@@ -223,32 +228,46 @@ def sample_crop_boxes(
 
 
 def resized_crop(
-    images: torch.Tensor,
-    boxes: torch.Tensor,
-    size: int,
-    flip: torch.Tensor | None = None,
-    max_supersample: int = 8,
+    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Crop each image to its box, optionally mirror it, and resize to ``size``.
+    """Crop each image to its box, optionally mirror it, and resize to ``size``: torchvision's
+    ``resized_crop(..., interpolation=BILINEAR, antialias=True)`` (then ``horizontal_flip``),
+    per sample, for the whole batch at once.
 
-    One ``affine_grid`` + bilinear ``grid_sample`` call for the whole batch, with
-    sample points clamped into the box: the same result as cropping and then
-    ``F.interpolate(mode="bilinear", align_corners=False)``.  When a box is larger
-    than the output, every output pixel averages an ``s x s`` grid of bilinear
-    samples (``s`` = the largest shrink factor in the batch, at most
-    ``max_supersample``), which stands in for torchvision's antialiasing.
+    Samples whose box is no larger than the output on either side take plain bilinear
+    interpolation (one ``affine_grid`` / ``grid_sample`` call, as cropping and then
+    ``F.interpolate(mode="bilinear", align_corners=False)``; antialiasing changes nothing
+    there).  Samples whose box shrinks on a side take torch's antialiased bilinear filter
+    (PIL's triangle filter widened by the shrink factor, each axis on its own), as two
+    per-sample resampling matrices.
 
     Args:
         images: float ``(B, C, H, W)``.
-        boxes: ``(B, 4)`` ``(top, left, h, w)`` in pixels (best on the CPU).
+        boxes: ``(B, 4)`` integer-valued ``(top, left, h, w)`` in pixels, inside the image
+            (best on the CPU: which samples shrink is decided there, without a device sync).
         size: output side ``S``.
         flip: optional bool ``(B,)``: mirror horizontally.
     Returns:
         float ``(B, C, S, S)``.
     """
+    shrinks = (boxes[:, 2:] > size).any(dim=1).cpu()
+    if not shrinks.any():
+        return _bilinear_crop(images, boxes, size, flip)
+    if shrinks.all():
+        return _antialiased_crop(images, boxes, size, flip)
+    out = images.new_empty(images.shape[0], images.shape[1], size, size)
+    for select, fn in ((~shrinks, _bilinear_crop), (shrinks, _antialiased_crop)):
+        index = select.nonzero().squeeze(1)
+        dev_index = index.to(images.device)
+        part_flip = None if flip is None else flip[index.to(flip.device)]
+        part = fn(images.index_select(0, dev_index), boxes[index.to(boxes.device)], size, part_flip)
+        out.index_copy_(0, dev_index, part)
+    return out
+
+
+def _bilinear_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None) -> torch.Tensor:
+    """:func:`resized_crop` without antialiasing: one bilinear ``grid_sample`` call."""
     b, c, height, width = images.shape
-    shrink = float(boxes[:, 2:].max()) / size if b else 1.0  # before moving: no device sync
-    s = int(min(max_supersample, max(1, math.ceil(shrink - 1e-6))))
     boxes = boxes.to(device=images.device, dtype=images.dtype)
     top, left, h, w = boxes.unbind(dim=1)
     sx = w / width
@@ -259,14 +278,41 @@ def resized_crop(
     theta[:, 0, 2] = (2 * left + w) / width - 1
     theta[:, 1, 1] = h / height
     theta[:, 1, 2] = (2 * top + h) / height - 1
-    grid = F.affine_grid(theta, [b, c, size * s, size * s], align_corners=False)
+    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
     # Clamp sample points to the box's outer pixel centres, so that the box edge is
     # replicated as when cropping first and resizing after (torchvision).
     lo = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], dim=1).view(b, 1, 1, 2)
     hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], dim=1).view(b, 1, 1, 2)
     grid = torch.maximum(torch.minimum(grid, hi), lo)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return F.avg_pool2d(out, s) if s > 1 else out
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _resample_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """``(B, out_size, in_size)`` weights of torch's antialiased bilinear resize (the
+    ``_upsample_bilinear2d_aa`` kernel) of each sample's pixels ``[start, start + length)``
+    to ``out_size`` pixels: triangle filter of half-width ``max(1, length / out_size)`` in
+    input pixels around each output pixel's centre, restricted to the span, normalised."""
+    scale = length / out_size  # (B,)
+    support = scale.clamp(min=1.0)
+    centre = scale[:, None] * (torch.arange(out_size, device=start.device, dtype=start.dtype) + 0.5)  # in the span
+    pixel = torch.arange(in_size, device=start.device, dtype=start.dtype) + 0.5 - start[:, None]  # (B, in)
+    weights = (1.0 - ((pixel[:, None, :] - centre[:, :, None]) / support[:, None, None]).abs()).clamp(min=0.0)
+    weights = weights * ((pixel >= 0) & (pixel < length[:, None]))[:, None, :]
+    return weights / weights.sum(dim=2, keepdim=True)
+
+
+def _antialiased_crop(
+    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`resized_crop` with torch's antialiased bilinear filter: ``Wy @ image @ Wx^T``."""
+    height, width = images.shape[-2:]
+    boxes = boxes.to(device=images.device, dtype=images.dtype)
+    top, left, h, w = boxes.unbind(dim=1)
+    wy = _resample_matrix(top, h, height, size)  # (B, S, H)
+    wx = _resample_matrix(left, w, width, size)  # (B, S, W)
+    if flip is not None:
+        wx = torch.where(flip.to(images.device)[:, None, None], wx.flip(1), wx)
+    return wy[:, None] @ (images @ wx.transpose(1, 2)[:, None])  # (B, C, S, S)
 
 
 def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
@@ -413,6 +459,63 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div_(255.0) if images.dtype == torch.uint8 else images.to(torch.float32)
 
 
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # indexed by op id
+
+
+def color_jitter(
+    images: torch.Tensor,
+    apply: torch.Tensor,
+    order: torch.Tensor,
+    factors: list[torch.Tensor | None],
+) -> None:
+    """Colour jitter in place with per-sample factors and per-sample op order, as
+    torchvision's ``ColorJitter`` applied image by image.
+
+    Args:
+        images: float ``(B, C, H, W)`` in [0, 1], changed in place.
+        apply: bool ``(B,)`` on the CPU: which samples are jittered.
+        order: ``(B, 4)`` on the CPU: each sample's permutation of the op ids 0-3
+            (brightness, contrast, saturation, hue), applied left to right.
+        factors: per op id, ``(B,)`` factors (hue: shifts in turns), or None to skip the op.
+    """
+    # The four stages are processed in turn, each op on the samples that drew it at that stage.
+    for stage in range(4):
+        for op_id, (fn, factor) in enumerate(zip(_JITTER_OPS, factors, strict=True)):
+            if factor is not None:
+                _apply_to(images, apply & (order[:, stage] == op_id), fn, factor)
+
+
+@attrs.frozen
+class ViewParams:
+    """One batched view's per-sample parameters (CPU tensors, first dim ``B``), as drawn by
+    :meth:`BatchedTwoView.sample`; None: the step is off.
+
+    Attributes:
+        boxes: ``(B, 4)`` crop boxes ``(top, left, h, w)`` in pixels.
+        flip: bool ``(B,)``: mirror horizontally.
+        degrees: ``(B,)`` rotation angles (counter-clockwise).
+        jitter: bool ``(B,)``: apply the colour jitter.
+        order: ``(B, 4)`` colour-jitter op order (0 brightness, 1 contrast, 2 saturation, 3 hue).
+        brightness, contrast, saturation: ``(B,)`` jitter factors.
+        hue: ``(B,)`` hue shifts in turns.
+        grayscale: bool ``(B,)``: convert to grayscale.
+        blur: bool ``(B,)``: blur; sigma: ``(B,)`` the blur's sigma in pixels.
+    """
+
+    boxes: torch.Tensor
+    flip: torch.Tensor | None = None
+    degrees: torch.Tensor | None = None
+    jitter: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    brightness: torch.Tensor | None = None
+    contrast: torch.Tensor | None = None
+    saturation: torch.Tensor | None = None
+    hue: torch.Tensor | None = None
+    grayscale: torch.Tensor | None = None
+    blur: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
+
+
 # --------------------------------------------------------------------------- pipelines
 
 
@@ -440,6 +543,8 @@ class BatchedTwoView(torch.nn.Module):
     the subset of samples that drew them, so untouched samples stay bit-exact.
     Colour-jitter order is random per sample as in torchvision: the four stages are
     processed in turn, each op on the samples that drew it at that stage.
+    :meth:`sample` draws a view's parameters (:class:`ViewParams`) and :meth:`apply` applies
+    given parameters, so either can be checked on its own.
 
     Example::
 
@@ -472,49 +577,55 @@ class BatchedTwoView(torch.nn.Module):
 
     def view(self, images: torch.Tensor) -> torch.Tensor:
         """One augmented view: uint8 or [0, 1] float ``(B, C, H, W)`` -> float32 ``(B, C, S, S)``."""
-        p = self.params
         x = _to_float(images)
-        b, c, height, width = x.shape
-        boxes = sample_crop_boxes(b, height, width, p.crop_scale, p.crop_ratio)
-        flip = torch.rand(b) < 0.5 if self.hflip else None
-        x = resized_crop(x, boxes, self.image_size, flip)
-        if p.rotation > 0:
-            x = rotate(x, torch.empty(b).uniform_(-p.rotation, p.rotation))
-        self._jitter(x)
-        if c == 3 and p.grayscale_p > 0:
-            gray = torch.rand(b) < p.grayscale_p
-            _apply_to(x, gray, lambda im: rgb_to_grayscale(im).expand_as(im))
-        if p.blur_p > 0:
-            blur = torch.rand(b) < p.blur_p
-            sigma = torch.empty(b).uniform_(*p.blur_sigma)
-            _apply_to(x, blur, lambda im, s: gaussian_blur(im, s, self.kernel_size), sigma)
-        return _normalise(x, self.info)
+        return _normalise(self.apply(x, self.sample(*x.shape)), self.info)
 
-    def _jitter(self, x: torch.Tensor) -> None:
-        """Colour jitter in place, per-sample factors and per-sample random op order."""
+    def sample(self, n: int, channels: int, height: int, width: int) -> ViewParams:
+        """Draw one view's per-sample parameters for ``n`` images of ``channels x height x width``
+        from torch's global CPU generator (what :meth:`view` draws, in the same order)."""
         p = self.params
-        if p.jitter_p <= 0:
-            return
-        b, c = x.shape[:2]
-        brightness, contrast, saturation, hue = p.jitter
-        apply = torch.rand(b) < p.jitter_p
-        order = torch.argsort(torch.rand(b, 4), dim=1)  # a random permutation of the 4 ops per sample
+        boxes = sample_crop_boxes(n, height, width, p.crop_scale, p.crop_ratio)
+        flip = torch.rand(n) < 0.5 if self.hflip else None
+        degrees = torch.empty(n).uniform_(-p.rotation, p.rotation) if p.rotation > 0 else None
+        jitter: dict[str, Any] = {}
+        if p.jitter_p > 0:
+            brightness, contrast, saturation, hue = p.jitter
+            colour = channels == 3
+            jitter["jitter"] = torch.rand(n) < p.jitter_p
+            jitter["order"] = torch.argsort(torch.rand(n, 4), dim=1)  # a random permutation of the 4 ops
 
-        def factor(strength: float) -> torch.Tensor:  # torchvision's range [max(0, 1 - s), 1 + s]
-            return torch.empty(b).uniform_(max(0.0, 1 - strength), 1 + strength)
+            def factor(strength: float) -> torch.Tensor:  # torchvision's range [max(0, 1 - s), 1 + s]
+                return torch.empty(n).uniform_(max(0.0, 1 - strength), 1 + strength)
 
-        colour = c == 3
-        ops: list[tuple[Callable[..., torch.Tensor], torch.Tensor] | None] = [  # indexed by op id
-            (adjust_brightness, factor(brightness)) if brightness > 0 else None,
-            (adjust_contrast, factor(contrast)) if contrast > 0 else None,
-            (adjust_saturation, factor(saturation)) if saturation > 0 and colour else None,
-            (adjust_hue, torch.empty(b).uniform_(-hue, hue)) if hue > 0 and colour else None,
-        ]
-        for stage in range(4):
-            for op_id, op in enumerate(ops):
-                if op is not None:
-                    fn, factors = op
-                    _apply_to(x, apply & (order[:, stage] == op_id), fn, factors)
+            if brightness > 0:
+                jitter["brightness"] = factor(brightness)
+            if contrast > 0:
+                jitter["contrast"] = factor(contrast)
+            if saturation > 0 and colour:
+                jitter["saturation"] = factor(saturation)
+            if hue > 0 and colour:
+                jitter["hue"] = torch.empty(n).uniform_(-hue, hue)
+        grayscale = torch.rand(n) < p.grayscale_p if channels == 3 and p.grayscale_p > 0 else None
+        blur = sigma = None
+        if p.blur_p > 0:
+            blur = torch.rand(n) < p.blur_p
+            sigma = torch.empty(n).uniform_(*p.blur_sigma)
+        return ViewParams(boxes, flip, degrees, **jitter, grayscale=grayscale, blur=blur, sigma=sigma)
+
+    def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        """Augment float ``(B, C, H, W)`` images in [0, 1] with given per-sample parameters
+        (no random draws) -> float ``(B, C, S, S)`` in [0, 1], not normalised."""
+        x = resized_crop(images, params.boxes, self.image_size, params.flip)
+        if params.degrees is not None:
+            x = rotate(x, params.degrees)
+        if params.jitter is not None:
+            factors = [params.brightness, params.contrast, params.saturation, params.hue]
+            color_jitter(x, params.jitter, params.order, factors)
+        if params.grayscale is not None:
+            _apply_to(x, params.grayscale, lambda im: rgb_to_grayscale(im).expand_as(im))
+        if params.blur is not None:
+            _apply_to(x, params.blur, lambda im, s: gaussian_blur(im, s, self.kernel_size), params.sigma)
+        return x
 
 
 class PerImageTwoView:
