@@ -44,8 +44,8 @@ Image files (``imagefolder``, and ``predict``, which uses the same decoder
 sockets and devices named like images are skipped unopened, with a warning), with
 their EXIF orientation applied and 16-bit images scaled to 8 bits.
 
-The CIFAR loaders unpickle the files they are pointed at; only point them at
-files you trust.
+The CIFAR loaders unpickle their files with an allow-list (numpy arrays and plain
+data): a file that holds any other Python object is refused before it can run code.
 """
 
 from __future__ import annotations
