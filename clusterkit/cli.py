@@ -400,6 +400,16 @@ def _check_output_file(path: Path) -> None:
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise RunDirError(f"Cannot write --out '{path}': permission denied. Pass a path in a folder you can "
                           "write to.")
+    import tempfile
+
+    try:  # what the CSV's temporary file will need (root passes os.access, not a read-only file system or /proc)
+        fd, probe = tempfile.mkstemp(prefix=".clusterkit-write-check-", dir=path.parent)
+    except OSError as exc:
+        raise RunDirError(f"Cannot write --out '{path}': writing in '{path.parent}' fails "
+                          f"({exc.strerror or type(exc).__name__}); nothing was computed. Pass a path in a folder "
+                          "you can write to.") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def cmd_show(args) -> int:
