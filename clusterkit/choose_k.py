@@ -39,12 +39,15 @@ from tqdm.auto import tqdm
 from .cluster import cluster_metrics, kmeans
 from .cluster.quality import HIGHER_IS_BETTER, QUALITY_KEYS, QUALITY_NAMES, SILHOUETTE_SAMPLE, quality_metrics
 from .errors import ClusterkitError, RecipeError, RunDirError
+from .outputs import check_output_folder
 
 __all__ = ["CRITERIA", "Recommendation", "parse_ks", "score_ks", "recommend", "choose_k", "format_table"]
 
 #: Criteria that can choose K (each a key of the quality measures).
 CRITERIA = ("silhouette", "calinski_harabasz", "davies_bouldin")
 OUTPUTS = ("choose_k.csv", "choose_k.json", "choose_k.png")
+#: The most Ks one choose-k scores (each is a k-means run with n_init restarts).
+MAX_KS = 1000
 
 
 @attrs.define
@@ -77,12 +80,20 @@ def parse_ks(text: str) -> list[int]:
             parts = [int(p) for p in text.split(":")]
             if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] < 1):
                 raise ValueError
-            ks = list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1))
+            span = range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1)
+            if len(span) > MAX_KS:  # counted before the list is built (2:100000000000 would not fit in memory)
+                raise RecipeError(f"--k '{text}' gives {len(span)} cluster counts, but choose-k scores at most "
+                                  f"{MAX_KS} (each K is a k-means run on every image); nothing was computed. Give a "
+                                  "shorter range or a step, e.g. --k 2:30 or --k 10:1000:10.")
+            ks = list(span)
         else:
             ks = [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
         raise RecipeError(f"--k '{text}' is not a range of cluster counts. Write FIRST:LAST (inclusive, e.g. 2:30), "
                           "FIRST:LAST:STEP (e.g. 5:50:5) or a list (e.g. 5,10,20).") from None
+    if len(set(ks)) > MAX_KS:
+        raise RecipeError(f"--k '{text[:40]}...' lists {len(set(ks))} cluster counts, but choose-k scores at most "
+                          f"{MAX_KS}; nothing was computed. Give fewer, e.g. --k 2:30.")
     ks = sorted(set(ks))
     if len(ks) < 2 or ks[0] < 2:
         raise RecipeError(f"--k '{text}' must give at least two cluster counts, each at least 2 (one cluster has "
@@ -228,8 +239,13 @@ def choose_k(run_dir: str | os.PathLike, ks: Sequence[int], *, out: str | os.Pat
         raise RunDirError(f"choose-k clusters the features of a trained model, but '{run_dir}' holds no checkpoint "
                           "(checkpoints/epoch_*.pt), so there are no features to cluster. Train the run for at "
                           "least one epoch (clusterkit run RECIPE --out DIR), or pass another run directory.")
+    if isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1:
+        raise RecipeError(f"--n-init must be at least 1 (the k-means restarts per K; the best is kept), got "
+                          f"{n_init!r}; nothing was computed. The default is 3.")
     out = Path(out) if out is not None else run_dir / "choose_k"
     _check_out(out, force)
+    if run_dir.is_dir():  # a missing run is load()'s error; the folder is checked before anything is computed
+        check_output_folder(out, "--out")
     model = load(run_dir, device)
     ds = model.eval_dataset()
     if max(ks) >= len(ds):

@@ -137,6 +137,7 @@ def _run(args, recipe) -> int:
 
     new = not args.resume and (args.out is None or not Path(args.out).exists())
     run_dir = _prepare_run_dir(args, recipe)
+    args.run_started = True  # from here an interruption leaves a run to resume (see _main)
     try:
         return _train(args, recipe, run_dir)
     except BaseException:
@@ -364,21 +365,24 @@ def cmd_predict(args) -> int:
     import csv
 
     from .inference import find_images, load
+    from .outputs import CSV_ERRORS, write_csv
 
     if args.out:
         _check_output_file(Path(args.out))
     files = find_images(args.images)
     model = load(args.run_dir, args.device)
     pred = model.predict([str(f) for f in files])
-    out = open(args.out, "w", newline="") if args.out else sys.stdout
-    try:
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["path", "cluster", "confidence"])
-        for path, label, conf in zip(files, pred.labels.tolist(), pred.confidence.tolist(), strict=True):
-            writer.writerow([str(path), label, f"{conf:.6f}"])
-    finally:
-        if args.out:
-            out.close()
+    header = ["path", "cluster", "confidence"]
+    rows = [[os.fsdecode(path), label, f"{conf:.6f}"]
+            for path, label, conf in zip(files, pred.labels.tolist(), pred.confidence.tolist(), strict=True)]
+    if args.out:  # whole or not at all; any file name round-trips (clusterkit.outputs)
+        write_csv(args.out, header, rows)
+    else:
+        if hasattr(sys.stdout, "reconfigure"):  # a non-UTF-8 file name is printed as its own bytes
+            sys.stdout.reconfigure(errors=CSV_ERRORS)
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
     state = "" if model.finished else " (unfinished run: its last checkpoint)"
     print(f"clusterkit: {len(files)} images -> clusters of {model.recipe.name}, epoch {model.epoch}{state}"
           + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
@@ -397,6 +401,16 @@ def _check_output_file(path: Path) -> None:
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise RunDirError(f"Cannot write --out '{path}': permission denied. Pass a path in a folder you can "
                           "write to.")
+    import tempfile
+
+    try:  # what the CSV's temporary file will need (root passes os.access, not a read-only file system or /proc)
+        fd, probe = tempfile.mkstemp(prefix=".clusterkit-write-check-", dir=path.parent)
+    except OSError as exc:
+        raise RunDirError(f"Cannot write --out '{path}': writing in '{path.parent}' fails "
+                          f"({exc.strerror or type(exc).__name__}); nothing was computed. Pass a path in a folder "
+                          "you can write to.") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def cmd_show(args) -> int:
@@ -479,7 +493,13 @@ def _main(args) -> int:
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, _Terminated)
         what = "terminated (SIGTERM)" if terminated else "interrupted"
-        print(f"clusterkit: {what}; resume with --resume RUN_DIR (the last checkpoint is kept)", file=sys.stderr)
+        if getattr(args, "run_started", False):
+            print(f"clusterkit: {what}; resume with --resume RUN_DIR (the last checkpoint is kept)", file=sys.stderr)
+        elif args.command == "run":
+            print(f"clusterkit: {what} before the run started (while the recipe was read and checked); nothing "
+                  "was trained and no run directory was written. Run the same command again.", file=sys.stderr)
+        else:
+            print(f"clusterkit: {what}; {args.command} stopped before it finished.", file=sys.stderr)
         return 143 if terminated else 130
     except BrokenPipeError:  # the reader went away (clusterkit plugins | head): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -48,6 +48,7 @@ from typing import Callable, Sequence
 import attrs
 
 from .errors import ClusterkitError, RecipeError, RunDirError
+from .outputs import check_output_folder
 
 __all__ = ["compare", "CompareResult", "RunResult", "RecipeRow", "aggregate", "recipe_differences",
            "IGNORED_KEYS", "STD_NOTE"]
@@ -569,6 +570,7 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
     previous = _previous_compare(out)
     if previous is not None and not force:
         _check_same_compare(out, previous, labels, seeds, overrides)
+    check_output_folder(out, "--out")  # before anything trains
     ok = [r for r in loaded if r is not None]
     differences = recipe_differences(ok) if len(ok) > 1 else []
     # the difference table covers the recipes that loaded; align its columns with them

@@ -15,12 +15,13 @@ CIFAR, STL-10) have no image files: their images are written as PNG files
 (``<rank>_<index>.png``), and ``path`` in the CSV is ``<dataset>[<index>]``.  ``--top N`` exports
 only each cluster's N most confident images (the CSV still lists every image).  ``DIR`` must
 not exist or be empty, and must not lie inside the run's data folder (the next run would read
-the exported images as more data): nothing is ever overwritten.
+the exported images as more data): nothing is ever overwritten.  ``assignments.csv`` is written
+whole or not at all, and a file name that is not valid UTF-8 is kept byte for byte
+(:mod:`clusterkit.outputs` says how to read such a name back).
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DataError, RunDirError
+from .outputs import check_output_folder, write_csv
 
 __all__ = ["export_run", "MODES"]
 
@@ -75,6 +77,7 @@ def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, mode: str = "l
         raise DataError(f"--top must be at least 1 (the most confident images per cluster), got {top}.")
     to = Path(to)
     _check_target(to)  # before anything is loaded
+    check_output_folder(to, "--to")
     model = load(run_dir, device)
     d = model.recipe.data
     _check_target(to, d.root if d.dataset == "imagefolder" else None)
@@ -116,12 +119,8 @@ def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, mode: str = "l
                     raise RunDirError(f"Cannot make the symbolic link '{target}' ({exc}); this file system may not "
                                       "support links. Delete the partial export and rerun with --copy.") from None
         exported[i] = str(target.relative_to(to))
-    csv_path = to / "assignments.csv"
-    with open(csv_path, "w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["path", "cluster", "confidence", "rank", "exported"])
-        for i in range(len(ds)):
-            path = files[i] if files is not None else f"{ds.name}[{i}]"
-            writer.writerow([path, int(labels[i]), f"{float(conf[i]):.6f}", int(rank[i]), exported[i]])
+    csv_path = write_csv(to / "assignments.csv", ["path", "cluster", "confidence", "rank", "exported"],
+                         ([os.fsdecode(files[i]) if files is not None else f"{ds.name}[{i}]", int(labels[i]),
+                           f"{float(conf[i]):.6f}", int(rank[i]), exported[i]] for i in range(len(ds))))
     return {"sizes": sizes, "exported": len(todo), "to": to, "csv": csv_path, "files_from": how,
             "model": model}

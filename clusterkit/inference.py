@@ -365,6 +365,11 @@ def _as_unit_float(x: torch.Tensor) -> torch.Tensor:
             raise DataError("Integer images must hold values in 0..255.")
         return x.to(torch.float32).div_(255.0)
     x = x.to(torch.float32)
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise DataError(f"Float images must hold finite pixel values in [0, 1], but {bad} value(s) are NaN or "
+                        "infinite. Replace them before predicting (e.g. torch.nan_to_num(x, 0.0)), or pass the "
+                        "images as uint8 0..255.")
     if x.numel() and (float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3):
         raise DataError(f"Float images must hold raw pixel values in [0, 1], got values in "
                         f"[{float(x.min()):.3g}, {float(x.max()):.3g}]. Pass the images before normalisation "

@@ -374,13 +374,23 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, max_points:
     The model is rebuilt from the last checkpoint; the evaluation data is embedded and
     predicted by the method's own rule, as the run's final evaluation did.  Returns the PNG paths.
     """
+    from .errors import RecipeError, RunDirError
     from .inference import load
+    from .outputs import check_output_folder
     from .show import epoch_records
 
     require_matplotlib()
     run_dir = Path(run_dir)
-    model = load(run_dir, device)
+    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 2:
+        raise RecipeError(f"--max-points must be at least 2 (the points the t-SNE embeds; a random subsample when "
+                          f"the data has more), got {max_points!r}; nothing was drawn. The default is 2000.")
+    if not run_dir.is_dir():
+        raise RunDirError(f"Run directory '{run_dir}' does not exist"
+                          f"{' (it is a file)' if run_dir.exists() else ''}. Pass the folder a run wrote (it holds "
+                          "recipe.yaml, metrics.jsonl and checkpoints/), or a compare --out folder.")
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    check_output_folder(out, "--out")  # before the model is loaded and the data embedded
+    model = load(run_dir, device)
     name = f"{model.recipe.name} (epoch {model.epoch})"
     records = epoch_records(run_dir)
     ds = model.eval_dataset()

@@ -31,7 +31,7 @@ import yaml
 
 from .data.augment import AugmentParams
 from .errors import RecipeError
-from .schema import build, in_range, non_negative, positive, positive_finite, unstructure
+from .schema import build, in_range, non_negative, plain_name, positive, positive_finite, unstructure
 
 field = attrs.field
 
@@ -186,7 +186,9 @@ class StageConfig:
 
 @attrs.define
 class Recipe:
-    name: str = "unnamed"
+    name: str = field(default="unnamed", validator=plain_name, metadata=_doc(
+        "the run's name: runs go to run.out_dir/<name>/<time>/ (compare: OUT/<name>/); any characters but "
+        "'/', '\\' and NUL, not empty, '.' or '..'"))
     description: str = ""
     data: DataConfig = field(factory=DataConfig)
     model: ModelConfig = field(factory=ModelConfig)
@@ -267,14 +269,54 @@ def safe_load_unique(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def read_yaml(path: Path) -> dict:
+#: The largest recipe file read (a recipe is a page of YAML; anything bigger is not one).
+MAX_RECIPE_BYTES = 1 << 20
+
+
+def _read_recipe_text(path: Path, named_by: Path | None = None) -> str:
+    """The text of the recipe file ``path``: a regular file of at most :data:`MAX_RECIPE_BYTES`.
+
+    The file is opened without blocking and checked on its open descriptor, so a FIFO (which
+    would wait for a writer forever) or a device such as /dev/zero (endless) is refused before
+    anything is read from it.  ``named_by``: the recipe whose ``extends`` names ``path``."""
+    import os
+    import stat
+
+    via = f" (named in 'extends' of '{named_by}')" if named_by is not None else ""
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise RecipeError(f"Recipe file '{path}' does not exist. Check the path; recipes shipped with "
+        raise RecipeError(f"Recipe file '{path}'{via} does not exist. Check the path; recipes shipped with "
                           "clusterkit live in its recipes/ folder (e.g. recipes/quickstart.yaml).") from None
+    except IsADirectoryError:
+        raise RecipeError(f"Recipe file '{path}'{via} is a folder, not a file. Pass a recipe YAML file, e.g. "
+                          "recipes/quickstart.yaml.") from None
     except OSError as exc:
-        raise RecipeError(f"Recipe file '{path}' cannot be read: {exc.strerror}.") from None
+        raise RecipeError(f"Recipe file '{path}'{via} cannot be read: {exc.strerror}.") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise RecipeError(f"Recipe file '{path}'{via} is a folder, not a file. Pass a recipe YAML file, e.g. "
+                              "recipes/quickstart.yaml.")
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else
+                    "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
+                    "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise RecipeError(f"Recipe file '{path}'{via} is {kind}, not a regular file; nothing was read from "
+                              "it. Recipes are read from regular YAML files only: point it at a .yaml file.")
+        data = fh.read(MAX_RECIPE_BYTES + 1)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"Recipe file '{path}'{via} is larger than {MAX_RECIPE_BYTES // (1 << 20)} MiB, far "
+                          "more than any recipe; it was not read. Check that the path names a recipe YAML file.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"Recipe file '{path}'{via} is not UTF-8 text (byte {exc.start}); it does not look like "
+                          "a recipe. Check that the path names a recipe YAML file, saved as UTF-8.") from None
+
+
+def read_yaml(path: Path, named_by: Path | None = None) -> dict:
+    text = _read_recipe_text(path, named_by)
     try:
         data = safe_load_unique(text)
     except yaml.YAMLError as exc:
@@ -294,14 +336,14 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = (), named_by: Path | None = None) -> dict:
     """Read a recipe file and everything it ``extends``, deep-merged, as plain data."""
     path = Path(path).resolve()
     if path in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain, path))
         raise RecipeError(f"Recipe 'extends' forms a cycle: {cycle}. Remove one of these 'extends' "
                           "entries so that every recipe has a base that does not lead back to it.")
-    data = read_yaml(path)
+    data = read_yaml(path, named_by)
     bases = data.pop("extends", None)
     if bases is None:
         return data
@@ -315,7 +357,7 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         if not base_path.exists():
             raise RecipeError(f"Recipe '{path}' extends '{base}', but '{base_path}' does not exist. "
                               "Paths in 'extends' are relative to the recipe file that names them.")
-        merged = deep_merge(merged, load_raw(base_path, (*_chain, path)))
+        merged = deep_merge(merged, load_raw(base_path, (*_chain, path), named_by=path))
     return deep_merge(merged, data)
 
 

@@ -31,7 +31,7 @@ import attrs
 from .errors import RecipeError
 
 __all__ = ["build", "unstructure", "did_you_mean", "field_docs", "in_range", "positive", "positive_finite",
-           "non_negative", "in_unit_interval"]
+           "non_negative", "in_unit_interval", "plain_name"]
 
 
 def did_you_mean(word: str, choices) -> str:
@@ -67,6 +67,18 @@ positive = in_range(0, None, lo_open=True)
 positive_finite = in_range(0, None, lo_open=True, finite=True)
 non_negative = in_range(0, None)
 in_unit_interval = in_range(0, 1)
+
+
+def plain_name(_inst, attribute, value):
+    """attrs validator: a name that is used as one folder name (a recipe's ``name``: the run goes to
+    ``run.out_dir/<name>/``, compare's to ``OUT/<name>/``), so never a path that leads elsewhere:
+    not empty, not ``.`` or ``..``, no ``/``, ``\\`` or NUL."""
+    if value is None:
+        return
+    if value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+        raise ValueError("must be a plain name, not a path (it becomes a folder name: run.out_dir/<name>/); "
+                         "any characters but '/', '\\' and NUL, and not empty, '.' or '..', e.g. my_run; "
+                         f"got {value!r}")
 
 
 # -- building ------------------------------------------------------------------------------------------

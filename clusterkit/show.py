@@ -47,13 +47,19 @@ def _records(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line torn by a kill
             continue
-        if isinstance(record, dict):
-            out.append(record)
+        if not isinstance(record, dict):
+            continue
+        epoch = record.get("epoch")
+        if "epoch" in record and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            raise RunDirError(f"Line {number} of '{path}' has epoch {epoch!r}, not a whole number, so clusterkit did "
+                              "not write it (the file was edited or damaged). Delete or correct that line (epochs "
+                              "count 1, 2, ...) and run the command again.")
+        out.append(record)
     return out
 
 
@@ -61,9 +67,9 @@ def epoch_records(run_dir: str | Path) -> list[dict]:
     """The end-of-epoch records of ``metrics.jsonl`` (loss means, NMI/ACC/ARI when evaluated,
     lr, seconds), one per epoch (the last record of an epoch wins after a resume)."""
     by_epoch: dict[int, dict] = {}
-    for record in _records(Path(run_dir)):
+    for record in _records(Path(run_dir)):  # every epoch there is a whole number (_records checks)
         if "seconds" in record and "epoch" in record:
-            by_epoch[int(record["epoch"])] = record
+            by_epoch[record["epoch"]] = record
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -185,7 +191,13 @@ def _read_recipe(run_dir: Path) -> dict:
         raise RunDirError(f"'{run_dir}' holds no recipe.yaml, so it is not a clusterkit run directory (a run "
                           "writes recipe.yaml when it starts). Pass the folder a run wrote, e.g. "
                           "runs/quickstart/<time>.")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        problem = getattr(exc, "problem", None) or getattr(exc, "strerror", None) or type(exc).__name__
+        raise RunDirError(f"The run's recipe '{path}' cannot be read ({problem}): it is damaged or was edited by "
+                          "hand. The resolved recipe is also stored in every checkpoint; restore recipe.yaml "
+                          "from a copy of the run, or rerun the recipe.") from None
     if not isinstance(data, dict):
         raise RecipeError(f"'{path}' does not hold a recipe mapping.")
     return data
@@ -281,6 +293,10 @@ def show_run(run_dir: str | Path, base: str | None = None, out: TextIO | None = 
 
     out = out or sys.stdout
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"'{run_dir}' is a file, not a run directory; nothing was read from it. Pass the folder "
+                          "a run wrote (it holds recipe.yaml, metrics.jsonl and checkpoints/), e.g. "
+                          "runs/quickstart/<time>.")
     if not run_dir.is_dir():
         raise RunDirError(f"Run directory '{run_dir}' does not exist. Pass the folder a run wrote (it holds "
                           "recipe.yaml, metrics.jsonl and checkpoints/).")

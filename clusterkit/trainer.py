@@ -334,10 +334,12 @@ class Trainer:
         eval_split = d.eval_split or d.split
         try:
             size = d.decode_size or d.image_size
+            bar = self.recipe.run.progress and distributed.is_main()  # run.progress: false shows no bar at all
             train = load_dataset(d.dataset, d.root, d.split, size, cache=d.cache, skip_corrupt=d.skip_corrupt,
-                                 labels=d.labels)
+                                 labels=d.labels, progress=bar)
             evald = train if eval_split == d.split else load_dataset(
-                d.dataset, d.root, eval_split, size, cache=d.cache, skip_corrupt=d.skip_corrupt, labels=d.labels)
+                d.dataset, d.root, eval_split, size, cache=d.cache, skip_corrupt=d.skip_corrupt, labels=d.labels,
+                progress=bar)
         except DataError as exc:
             if d.guide is None or not train_data_missing(exc):
                 raise

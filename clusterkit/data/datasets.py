@@ -403,6 +403,7 @@ def load_dataset(
     cache: bool = True,
     skip_corrupt: bool = False,
     labels: str = "auto",
+    progress: bool = True,
 ) -> ImageDataset:
     """Load dataset ``name`` from ``root``.
 
@@ -419,6 +420,7 @@ def load_dataset(
         skip_corrupt: ``imagefolder`` only: drop unreadable files (listed in
             ``dataset.skipped``) instead of raising :class:`DataError`.
         labels: ``"auto"``, ``"folders"`` or ``"none"`` (see the module doc).
+        progress: ``imagefolder`` only: a progress bar on stderr while the files are decoded.
 
     Returns:
         an :class:`ImageDataset` of ``uint8`` images.
@@ -456,7 +458,7 @@ def load_dataset(
         loader = _LOADERS[name]
         if name == "imagefolder":
             return loader(info, root_path, split, image_size, cache=cache, skip_corrupt=skip_corrupt,
-                          labels=labels)
+                          labels=labels, progress=progress)
         ds = loader(info, root_path, split)
     return _unlabeled(ds) if labels == "none" else ds
 
@@ -1002,7 +1004,7 @@ def _scan_imagefolder(
 
 def _load_imagefolder(
     info: DatasetInfo, root: Path, split: str, image_size: int, *, cache: bool, skip_corrupt: bool,
-    labels: str = "auto",
+    labels: str = "auto", progress: bool = True,
 ) -> ImageDataset:
     """Decode ``ROOT[/split]/<class>/<image>`` files (or, unlabeled, any tree of image files)
     to RGB ``image_size`` squares."""
@@ -1015,12 +1017,14 @@ def _load_imagefolder(
     with ThreadPoolExecutor(workers) as pool:
         if cache:
             results = pool.map(lambda p: _decode_image(p, image_size), paths)
-            for i, (array, err) in enumerate(tqdm(results, total=len(paths), desc=desc, leave=False)):
+            for i, (array, err) in enumerate(tqdm(results, total=len(paths), desc=desc, leave=False,
+                                                  disable=not progress)):
                 errors[i] = err
                 if array is not None:
                     images[i] = torch.from_numpy(array).permute(2, 0, 1)
         else:
-            errors = list(tqdm(pool.map(_check_image, paths), total=len(paths), desc=desc, leave=False))
+            errors = list(tqdm(pool.map(_check_image, paths), total=len(paths), desc=desc, leave=False,
+                               disable=not progress))
     bad = [i for i, err in enumerate(errors) if err is not None]
     if bad and not skip_corrupt:
         i = bad[0]
