@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["TRUST_ENV", "atomic_save", "atomic_write_text", "latest_checkpoint", "load_checkpoint",
+__all__ = ["TRUST_ENV", "atomic_save", "atomic_write", "atomic_write_text", "latest_checkpoint", "load_checkpoint",
            "load_latest_checkpoint", "read_summary", "rng_state", "save_checkpoint", "set_rng_state"]
 
 #: The environment variable that lets ``torch.load`` unpickle any object (run code) from a checkpoint.
@@ -51,18 +51,22 @@ def atomic_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary file, fsync, then rename it over ``path``.
 
     Raises DiskFullError (the temporary file removed, ``path`` as it was) when the disk fills up."""
-    _atomic_write(Path(path), "wb", lambda fh: torch.save(obj, fh))
+    atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one."""
-    _atomic_write(Path(path), "w", lambda fh: fh.write(text))
+    atomic_write(path, lambda fh: fh.write(text))
 
 
-def _atomic_write(path: Path, mode: str, write) -> None:
+def atomic_write(path: str | os.PathLike, write, mode: str = "w", **open_kwargs) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path`` (opened with ``mode`` and
+    ``open_kwargs``), fsync it and rename it over ``path``: a reader sees the old file or the
+    whole new one.  Whatever fails, the temporary file is removed; a full disk raises DiskFullError."""
+    path = Path(path)
     tmp = _tmp_path(path)
     try:
-        with _open(tmp, mode) as fh:
+        with _open(tmp, mode, **open_kwargs) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .checkpoint import atomic_write
 from .errors import RunDirError
 
 __all__ = ["CSV_ENCODING", "CSV_ERRORS", "check_output_folder", "write_csv"]
@@ -65,30 +66,13 @@ def check_output_folder(folder: str | os.PathLike, flag: str = "--out") -> None:
 
 
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
-    """Write a CSV (``\\n`` line ends) so that ``path`` holds the old file or the whole new one:
-    rows go to a temporary file in the same folder, which is renamed over ``path`` once complete
-    (removed if anything fails).  Paths are encoded as the module doc says."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with open(fd, "w", newline="", encoding=CSV_ENCODING, errors=CSV_ERRORS) as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(header)
-            writer.writerows(rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    """Write a CSV (``\n`` line ends) so that ``path`` holds the old file or the whole new one
+    (:func:`~clusterkit.checkpoint.atomic_write`: a temporary file renamed over ``path`` once
+    complete, removed if anything fails).  Paths are encoded as the module doc says."""
+    def rows_out(fh) -> None:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(path, rows_out, "w", newline="", encoding=CSV_ENCODING, errors=CSV_ERRORS)
+    return Path(path)

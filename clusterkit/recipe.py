@@ -30,6 +30,7 @@ import attrs
 import yaml
 
 from .data.augment import AugmentParams
+from .data.datasets import file_kind
 from .errors import RecipeError
 from .schema import build, in_range, non_negative, plain_name, positive, positive_finite, unstructure
 
@@ -298,10 +299,8 @@ def _read_recipe_text(path: Path, named_by: Path | None = None) -> str:
         if stat.S_ISDIR(st.st_mode):
             raise RecipeError(f"Recipe file '{path}'{via} is a folder, not a file. Pass a recipe YAML file, e.g. "
                               "recipes/quickstart.yaml.")
-        if not stat.S_ISREG(st.st_mode):
-            kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else
-                    "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
-                    "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        kind = file_kind(st.st_mode)
+        if kind is not None:
             raise RecipeError(f"Recipe file '{path}'{via} is {kind}, not a regular file; nothing was read from "
                               "it. Recipes are read from regular YAML files only: point it at a .yaml file.")
         data = fh.read(MAX_RECIPE_BYTES + 1)

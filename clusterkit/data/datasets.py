@@ -83,6 +83,7 @@ __all__ = [
     "NotRegularFileError",
     "collate_batched",
     "decode_image_file",
+    "file_kind",
     "load_dataset",
     "read_synsets",
     "special_file_kind",
@@ -750,6 +751,12 @@ def special_file_kind(path: str | os.PathLike) -> str | None:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):
         return None
+    return file_kind(mode)
+
+
+def file_kind(mode: int) -> str | None:
+    """What a file of ``st_mode`` ``mode`` is when it is not a regular file (``"a FIFO (named
+    pipe)"``, ``"a folder"``, ...); None for a regular file."""
     if stat.S_ISREG(mode):
         return None
     return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), "a special file")

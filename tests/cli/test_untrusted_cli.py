@@ -262,7 +262,7 @@ def test_10_extends_dev_zero_is_refused_unread(tmp_path):
         pytest.skip("no /dev/zero on this system")
     recipe = write(tmp_path / "r.yaml", "extends: /dev/zero\nname: x\n")
     res = run_main("run", recipe, "--out", tmp_path / "out")
-    assert_clear(res, "Recipe file '/dev/zero'", f"named in 'extends' of '{recipe}'", "is a device, not a regular file")
+    assert_clear(res, "Recipe file '/dev/zero'", f"named in 'extends' of '{recipe}'", "is a character device, not a regular file")
     assert not (tmp_path / "out").exists()
 
 
@@ -281,7 +281,7 @@ def test_10_extends_a_fifo_is_refused_without_waiting(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    assert_clear(res, f"Recipe file '{fifo}'", "is a named pipe (FIFO), not a regular file")
+    assert_clear(res, f"Recipe file '{fifo}'", "is a FIFO (named pipe), not a regular file")
     assert not (tmp_path / "out").exists()
 
 
