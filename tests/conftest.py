@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +43,38 @@ TINY = {
         "prototype_aggregation": {},
     },
 }
+
+
+def tiny_recipe(**changes) -> dict:
+    """``TINY`` for one epoch on one thread without the pixel baseline, with ``changes`` applied:
+    ``a__b=value`` sets ``raw["a"]["b"]`` (so ``schedule__epochs=2`` trains two epochs)."""
+    raw = copy.deepcopy(TINY)
+    raw["schedule"]["epochs"] = 1
+    raw["eval"] = {"pixel_baseline": "never"}
+    raw["run"]["threads"] = 1
+    for key, value in changes.items():
+        node = raw
+        *head, last = key.split("__")
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return raw
+
+
+def write_recipe(path: Path, data) -> Path:
+    """``data`` (a recipe dict, or YAML text as it is) written to ``path``."""
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny tensors (they gain nothing from more, and lose a lot
+    on a busy machine), whatever an earlier test left set."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

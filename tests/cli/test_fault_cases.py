@@ -12,7 +12,6 @@ whitespace collapsed) or on how long a temporary path is.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY, flat, image_tree, run_main, torch_settings_kept
+from conftest import REPO, flat, image_tree, run_main, tiny_recipe, torch_settings_kept, write_recipe
 from PIL import Image
 
 # every test here may train in this process: the torch settings a run changes are put back
@@ -52,22 +51,10 @@ def snapshot(folder: Path) -> dict:
 
 def tiny(**changes) -> dict:
     """The tiny ProPos-on-digits recipe, one epoch, one thread, no pixel baseline."""
-    raw = copy.deepcopy(TINY)
-    raw["schedule"]["epochs"] = 1
-    raw["eval"] = {"pixel_baseline": "never"}
-    raw["run"]["threads"] = 1
-    for key, value in changes.items():
-        node = raw
-        *head, last = key.split("__")
-        for k in head:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return raw
+    return tiny_recipe(**changes)
 
 
-def write(path: Path, data) -> Path:
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
-    return path
+write = write_recipe
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ compared with their whitespace collapsed), on how long a temporary path is, or o
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -24,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import TINY, error_paragraph, image_tree, run_main, torch_settings_kept
+from conftest import error_paragraph, image_tree, run_main, tiny_recipe, torch_settings_kept, write_recipe
 from PIL import Image
 
 # every test here may train or load a model in this process: put the torch settings back
@@ -46,22 +44,10 @@ def assert_clear(res, *needles, code=2) -> str:
 def tiny(**changes) -> dict:
     """The tiny ProPos recipe, one epoch without warm-up, one thread, no pixel baseline (``a__b=v``
     sets a.b)."""
-    raw = copy.deepcopy(TINY)
-    raw["schedule"].update(epochs=1, warmup_epochs=0)
-    raw["eval"] = {"pixel_baseline": "never"}
-    raw["run"]["threads"] = 1
-    for key, value in changes.items():
-        node = raw
-        *head, last = key.split("__")
-        for k in head:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return raw
+    return tiny_recipe(**{"schedule__warmup_epochs": 0, **changes})
 
 
-def write(path: Path, data) -> Path:
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
-    return path
+write = write_recipe
 
 
 def tree(folder: Path) -> list[str]:
@@ -262,7 +248,8 @@ def test_10_extends_dev_zero_is_refused_unread(tmp_path):
         pytest.skip("no /dev/zero on this system")
     recipe = write(tmp_path / "r.yaml", "extends: /dev/zero\nname: x\n")
     res = run_main("run", recipe, "--out", tmp_path / "out")
-    assert_clear(res, "Recipe file '/dev/zero'", f"named in 'extends' of '{recipe}'", "is a character device, not a regular file")
+    assert_clear(res, "Recipe file '/dev/zero'", f"named in 'extends' of '{recipe}'",
+                 "is a character device, not a regular file")
     assert not (tmp_path / "out").exists()
 
 

@@ -56,12 +56,7 @@ BILINEAR = v2.InterpolationMode.BILINEAR
 TF_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n: int, channels: int = 3, height: int = HEIGHT, width: int = WIDTH, seed: int = 0) -> torch.Tensor:
