@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from . import distributed
-from .cluster.manifold import UmapParams, umap_available, umap_kmeans_scores, wanted
+from .cluster import manifold
+from .cluster.manifold import UmapParams, umap_kmeans_scores, wanted
 
 __all__ = ["BASELINE_ROWS", "umap_baseline", "umap_params", "umap_view"]
 
@@ -50,7 +51,7 @@ def umap_baseline(trainer) -> dict | None:
     if not distributed.is_main() or not _wanted(trainer, r.eval.umap_baseline):
         return None
     ds = trainer.eval_ds
-    if not umap_available():
+    if not manifold.umap_available():
         return umap_kmeans_scores(None, r.e_step.k)
     return umap_kmeans_scores(ds.pixels(), r.e_step.k, ds.targets if ds.has_labels else None,
                            umap_params(r, "euclidean"), r.run.seed)
@@ -66,7 +67,7 @@ def umap_view(trainer, features: Callable[[], torch.Tensor]) -> dict | None:
     if not distributed.is_main():
         return None
     ds = trainer.eval_ds
-    if not umap_available():
+    if not manifold.umap_available():
         return umap_kmeans_scores(None, r.e_step.k)
     return umap_kmeans_scores(feats, r.e_step.k, ds.targets if ds.has_labels else None,
                            umap_params(r, "cosine"), r.run.seed)

@@ -33,8 +33,8 @@ import attrs
 import torch
 
 from clusterkit import Plugin, hookimpl
-from clusterkit.cluster import KMeansPredictor, KMeansResult
-from clusterkit.cluster.manifold import UMAP_INSTALL, ManifoldKMeans, UmapParams, feature_centers, umap_available
+from clusterkit.cluster import KMeansPredictor, KMeansResult, manifold
+from clusterkit.cluster.manifold import UMAP_INSTALL, ManifoldKMeans, UmapParams, feature_centers
 from clusterkit.errors import PluginError
 from clusterkit.schema import in_range, positive
 from clusterkit.state import Prediction
@@ -63,7 +63,7 @@ class KMeansEStep(Plugin):
 
     def __init__(self, params=None):
         super().__init__(params)
-        if self.params.reduce == "umap" and not umap_available():
+        if self.params.reduce == "umap" and not manifold.umap_available():
             raise PluginError(f"kmeans_e_step: reduce: umap needs umap-learn, which is not installed. Install it "
                               f"with: {UMAP_INSTALL}, or set plugins.kmeans_e_step.reduce: none.")
         self._memo: tuple | None = None
