@@ -198,21 +198,37 @@ def _train(args, recipe, run_dir: Path) -> int:
     summary = Trainer(recipe, run_dir, resume=bool(args.resume)).fit()
     if not main:
         return 0
-    rows = [("clusterkit (" + recipe.name + ")", summary["metrics"])]
-    if summary.get("pixel_kmeans"):
-        rows.append(("k-means on pixels", summary["pixel_kmeans"]))
+    print_run_summary(summary, recipe.name, recipe.e_step.k, run_dir)
+    return 0
+
+
+def print_run_summary(summary: dict, name: str, k: int, run_dir: Path) -> None:
+    """What ``run`` prints at the end: NMI/ACC/ARI of the run and of its baselines (labelled
+    data), the label-free quality (of the run and, unlabeled, of the UMAP rows)."""
+    from .baselines import BASELINE_ROWS
+
+    rows = [("clusterkit (" + name + ")", summary["metrics"])]
+    rows += [(row, summary[key]) for key, row in BASELINE_ROWS.items() if summary.get(key)]
     width = max(len(r[0]) for r in rows)
     proto = summary["protocol"]
     unlabeled = proto.get("labels") == "unlabeled"
-    print(f"\n{recipe.name}: {proto['dataset']} ({proto['eval_split']} split{', unlabeled' if unlabeled else ''}), "
+    print(f"\n{name}: {proto['dataset']} ({proto['eval_split']} split{', unlabeled' if unlabeled else ''}), "
           f"{summary['epochs']} epochs, {summary['wall_time_s']:.0f}s on {summary['device']}")
     if not unlabeled:
         print(f"{'':{width}}    NMI    ACC    ARI")
-        for name, m in rows:
-            print(f"{name:{width}}  {_fmt(m.get('nmi'))}  {_fmt(m.get('acc'))}  {_fmt(m.get('ari'))}")
-    print(quality_line(summary.get("quality") or {}, recipe.e_step.k))
+        for row, m in rows:
+            if m.get("unavailable"):
+                print(f"{row:{width}}  {m['unavailable']}")
+            else:
+                seconds = f"  ({m['seconds']:.1f}s)" if m.get("seconds") is not None else ""
+                print(f"{row:{width}}  {_fmt(m.get('nmi'))}  {_fmt(m.get('acc'))}  {_fmt(m.get('ari'))}{seconds}")
+    print(quality_line(summary.get("quality") or {}, k))
+    for row, m in rows[1:]:
+        if unlabeled and m.get("unavailable"):
+            print(f"{row}: {m['unavailable']}")
+        elif unlabeled and m.get("quality"):
+            print(f"{row} ({m['seconds']:.1f}s), " + quality_line(m["quality"], k) + " (on its UMAP embedding)")
     print(f"\nsummary: {run_dir / 'summary.json'}")
-    return 0
 
 
 def quality_line(q: dict, k: int) -> str:

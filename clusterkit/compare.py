@@ -356,10 +356,11 @@ def write_markdown(res: CompareResult, seeds: Sequence[int], command: str, isola
         cells += [_f(row.seconds_per_epoch, 2), _f(row.wall_time_s, 1), _f(row.peak_memory_mb, 0),
                   _int(row.num_params)]
         w("| " + " | ".join(_md_cell(c) for c in cells) + " |\n")
-    baseline = pixel_baseline_row(res.runs)
-    if baseline is not None:
-        mean, std, n = baseline
-        cells = ["k-means on pixels", "baseline", f"{n}/{n}"] + [_pm(mean[k], std[k]) for k in METRIC_KEYS]
+    for name, mean, std, n, missing in baseline_rows(res.runs):
+        if missing:
+            w(f"| {_md_cell(name)} | {_md_cell(missing)} | 0/{n} |" + " – |" * 10 + "\n")
+            continue
+        cells = [name, "baseline", f"{n}/{n}"] + [_pm(mean[k], std[k]) for k in METRIC_KEYS]
         w("| " + " | ".join(_md_cell(c) for c in cells + ["–"] * 7) + " |\n")
     if any(row.mean.get(k) is not None for row in res.rows for k in QUALITY_KEYS):
         w("\n## Label-free quality\n\nOn the final features and predictions, no labels used "
@@ -401,10 +402,11 @@ def write_markdown(res: CompareResult, seeds: Sequence[int], command: str, isola
     return out.getvalue()
 
 
-def pixel_baseline_row(runs: list[RunResult]) -> tuple[dict, dict, int] | None:
+def pixel_baseline_row(runs: list[RunResult], key: str = "pixel_kmeans") -> tuple[dict, dict, int] | None:
     """(mean, sample std, seeds) of the runs' k-means on the raw pixels (``pixel_kmeans`` in their
-    summaries, one per seed), when the finished runs share one dataset and evaluation split;
-    None otherwise or when no summary holds it."""
+    summaries, or another baseline ``key`` of :data:`clusterkit.baselines.BASELINE_ROWS`), one per
+    seed, when the finished runs share one dataset and evaluation split; None otherwise or when no
+    summary holds it (or only its ``unavailable`` note)."""
     done = [r for r in runs if r.status == "ok" and r.summary]
     protocols = {json.dumps([(r.summary.get("protocol") or {}).get(k) for k in ("dataset", "eval_split")])
                  for r in done}
@@ -412,12 +414,32 @@ def pixel_baseline_row(runs: list[RunResult]) -> tuple[dict, dict, int] | None:
         return None
     per_seed: dict[int, dict] = {}
     for r in done:
-        if r.summary.get("pixel_kmeans"):
-            per_seed.setdefault(r.seed, r.summary["pixel_kmeans"])
+        if r.summary.get(key) and not r.summary[key].get("unavailable"):
+            per_seed.setdefault(r.seed, r.summary[key])
     if not per_seed:
         return None
     values = {k: [m[k] for m in per_seed.values() if m.get(k) is not None] for k in METRIC_KEYS}
     return ({k: _mean(v) for k, v in values.items()}, {k: _sample_std(v) for k, v in values.items()}, len(per_seed))
+
+
+def baseline_rows(runs: list[RunResult]) -> list[tuple[str, dict, dict, int, str | None]]:
+    """The baseline rows every table shows under the recipes: ``(name, mean, sample std, seeds,
+    note)`` for each baseline of :data:`clusterkit.baselines.BASELINE_ROWS` the runs' summaries
+    hold with labels (``nmi``); ``note``: why it is missing (umap-learn not installed), else None."""
+    from .baselines import BASELINE_ROWS
+
+    out: list[tuple[str, dict, dict, int, str | None]] = []
+    for key, name in BASELINE_ROWS.items():
+        row = pixel_baseline_row(runs, key)
+        if row is not None and any(v is not None for v in row[0].values()):
+            out.append((name, *row, None))
+            continue
+        notes = {(r.summary or {}).get(key, {}).get("unavailable") for r in runs if r.status == "ok" and r.summary
+                 and (r.summary or {}).get(key)}
+        notes.discard(None)
+        if notes:
+            out.append((name, {}, {}, len({r.seed for r in runs if r.status == "ok"}), sorted(notes)[0]))
+    return out
 
 
 def _csv_num(value) -> str:
@@ -452,6 +474,12 @@ def write_csv(res: CompareResult, seeds: Sequence[int]) -> str:
         values += [_csv_num(row.seconds_per_epoch), _csv_num(row.wall_time_s), _csv_num(row.peak_memory_mb),
                    _csv_num(row.num_params), row.error or ""]
         writer.writerow(values)
+    for name, mean, std, n, missing in baseline_rows(res.runs):  # status "baseline"; no best, time, per seed
+        values = [name, "", "baseline" if not missing else "unavailable", "", 0 if missing else n]
+        for k in METRIC_KEYS:
+            values += [_csv_num(mean.get(k)), _csv_num(std.get(k)), ""]
+        values += [""] * (len(header) - len(values) - 1) + [missing or ""]
+        writer.writerow(values)
     return out.getvalue()
 
 
@@ -481,6 +509,10 @@ def write_tex(res: CompareResult, seeds: Sequence[int]) -> str:
                   _f(row.peak_memory_mb, 0).replace("–", "--"), _int(row.num_params).replace("–", "--")
                   .replace(",", "{,}")]
         lines.append(" & ".join(cells) + " \\\\")
+    for name, mean, std, _n, missing in baseline_rows(res.runs):
+        cells = [_tex(name), _tex("baseline" if not missing else "unavailable")]
+        cells += [_pm(mean.get(k), std.get(k), sep=" $\\pm$ ").replace("–", "--") for k in METRIC_KEYS]
+        lines.append(" & ".join(cells + ["--"] * 7) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", "",
               *_tex_quality(res),
               "\\begin{table}[t]", "\\centering", "\\small",
@@ -711,7 +743,7 @@ def _check_same_compare(out: Path, previous: dict, labels: list[str], seeds: lis
 
 def plot_comparison(out: Path, runs: list[RunResult]) -> Path:
     """``OUT/convergence.png``: every recipe's NMI/ACC/ARI curves (mean over seeds, min-max band)."""
-    from .plots import METRICS, QUALITY_CURVES, plot_convergence, require_matplotlib
+    from .plots import METRICS, QUALITY_CURVES, baselines_of, plot_convergence, require_matplotlib
     from .show import epoch_records
 
     require_matplotlib()
@@ -720,7 +752,7 @@ def plot_comparison(out: Path, runs: list[RunResult]) -> Path:
     for run in runs:
         if run.status == "ok" and run.run_dir is not None:
             groups.setdefault(run.label, []).append(epoch_records(run.run_dir))
-            baseline = baseline or (run.summary or {}).get("pixel_kmeans")
+            baseline = baseline or baselines_of(run.summary)
     same_data = len({json.dumps((r.summary or {}).get("protocol", {}).get("dataset")) for r in runs
                      if r.status == "ok"}) <= 1
     labelled = any((r.summary or {}).get("metrics", {}).get("nmi") is not None for r in runs if r.status == "ok")

@@ -95,6 +95,19 @@ def _series(records: list[dict], key: str) -> dict[int, float]:
     return {int(r["epoch"]): float(r[key]) for r in records if r.get(key) is not None}
 
 
+_BASELINE_STYLES = [("0.4", "--"), ("0.2", "-."), ("0.55", ":")]
+
+
+def baselines_of(summary: dict | None) -> dict[str, dict]:
+    """``{row name: {"nmi", "acc", "ari", ...}}`` of the baseline rows a run's summary holds
+    (:data:`clusterkit.baselines.BASELINE_ROWS`; rows without scores left out)."""
+    from .baselines import BASELINE_ROWS
+
+    summary = summary or {}
+    return {name: summary[key] for key, name in BASELINE_ROWS.items()
+            if summary.get(key) and summary[key].get("nmi") is not None}
+
+
 def plot_convergence(groups: dict[str, list[list[dict]]], path: str | Path, title: str | None = None,
                      baseline: dict | None = None, metrics: Sequence[tuple[str, str]] = METRICS) -> Path:
     """NMI, ACC and ARI (or ``metrics``: ``(key, title)`` pairs, e.g. :data:`QUALITY_CURVES`)
@@ -102,7 +115,9 @@ def plot_convergence(groups: dict[str, list[list[dict]]], path: str | Path, titl
 
     ``groups``: label -> one list of epoch records (``metrics.jsonl``) per seed.  The line
     is the mean over seeds at the epochs every seed evaluated, the band their min-max.
-    ``baseline``: optional ``{"nmi": .., "acc": .., "ari": ..}`` drawn dashed (k-means on pixels).
+    ``baseline``: optional ``{"nmi": .., "acc": .., "ari": ..}`` drawn dashed (k-means on pixels),
+    or ``{row name: such a dict}`` (:func:`baselines_of`: every baseline row of a summary), each
+    drawn as a grey horizontal line of its own style.
     """
     fig = _figure(12, 3.8)
     from matplotlib.ticker import MaxNLocator
@@ -124,8 +139,10 @@ def plot_convergence(groups: dict[str, list[list[dict]]], path: str | Path, titl
                     label=f"{label} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})")
             if len(per_seed) > 1:
                 ax.fill_between(epochs, values.min(0), values.max(0), color=color, alpha=0.2, lw=0)
-        if baseline and baseline.get(key) is not None:
-            ax.axhline(baseline[key], color="0.4", ls="--", lw=1, label="k-means on pixels")
+        lines = {"k-means on pixels": baseline} if baseline and "nmi" in baseline else (baseline or {})
+        for (label, b), style in zip(lines.items(), _BASELINE_STYLES * 3, strict=False):
+            if b and b.get(key) is not None:
+                ax.axhline(b[key], color=style[0], ls=style[1], lw=1, label=label)
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
@@ -396,7 +413,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, max_points:
     ds = model.eval_dataset()
     targets = ds.targets if ds.has_labels else None  # unlabeled: nothing to match clusters to
     paths = [plot_convergence({model.recipe.name: [records]}, out / "convergence.png", title=name,
-                              baseline=(model.summary or {}).get("pixel_kmeans"),
+                              baseline=baselines_of(model.summary),
                               metrics=METRICS if targets is not None else QUALITY_CURVES),
              plot_losses(records, out / "losses.png", title=name)]
     t = model.trainer

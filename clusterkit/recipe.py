@@ -130,6 +130,18 @@ class EvalConfig:
     every: int = field(default=1, validator=in_range(1, None), metadata=_doc("evaluate every N epochs (and last)"))
     pixel_baseline: Literal["auto", "always", "never"] = field(default="auto", metadata=_doc(
         "k-means on raw pixels of the eval data for the summary; auto: when the data is small"))
+    umap_baseline: Literal["auto", "always", "never"] = field(default="auto", metadata=_doc(
+        "the strong baseline 'UMAP + k-means on pixels' (umap-learn, an optional extra) for the summary; "
+        "auto: exactly when the pixel baseline is computed (so pixel_baseline: never skips it too)"))
+    umap_view: Literal["auto", "always", "never"] = field(default="auto", metadata=_doc(
+        "the evaluation view 'k-means on UMAP of the final features' (cosine UMAP) in the summary; auto: as "
+        "umap_baseline"))
+    umap_components: int = field(default=10, validator=in_range(1, None), metadata=_doc(
+        "UMAP n_components of the baseline and the view (N2D: 10)"))
+    umap_neighbors: int = field(default=20, validator=in_range(2, None), metadata=_doc(
+        "UMAP n_neighbors of the baseline and the view (N2D: 20)"))
+    umap_min_dist: float = field(default=0.0, validator=in_range(0, None), metadata=_doc(
+        "UMAP min_dist of the baseline and the view (N2D: 0)"))
     collapse_share: float = field(default=0.9, validator=in_range(0, 1, lo_open=True), metadata=_doc(
         "warn of cluster collapse when one predicted cluster holds more than this share of the data"))
     collapse_std_ratio: float = field(default=0.1, validator=non_negative, metadata=_doc(

@@ -3,7 +3,8 @@
 A run directory holds ``recipe.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/``
 and, once finished, ``summary.json``.  :func:`show_run` prints
 
-1. the summary: final NMI/ACC/ARI (and k-means on the pixels), the protocol, time,
+1. the summary: final NMI/ACC/ARI (and k-means on the pixels, UMAP + k-means on the pixels and
+   k-means on UMAP of the final features, :mod:`clusterkit.baselines`), the protocol, time,
    memory, parameters and warnings (or, for an unfinished run, how far it got);
 2. the recipe's differences from its base.  The base is clusterkit's defaults: the
    schema's default for every core key and each plugin's ``Params`` defaults, so the
@@ -246,6 +247,7 @@ def _summary_lines(run_dir: Path, summary: dict | None, records: list[dict], rec
         b = summary["pixel_kmeans"]
         lines.append(f"k-means on the raw pixels:       NMI {_num(b['nmi'])}  ACC {_num(b['acc'])}  "
                      f"ARI {_num(b['ari'])}")
+    lines += umap_lines(summary)
     used = "yes" if p.get("test_data_used_for_training") else "no"
     labels = f"; labels: {p['labels']}" if p.get("labels") else ""
     lines.append(f"protocol: {p['dataset']}, trained on '{p['train_split']}', evaluated on '{p['eval_split']}' "
@@ -264,6 +266,29 @@ def _summary_lines(run_dir: Path, summary: dict | None, records: list[dict], rec
         lines.append(f"skipped optimiser steps (non-finite loss): {summary['skipped_steps']}")
     if summary.get("skipped_images"):
         lines.append(f"skipped unreadable images: {len(summary['skipped_images'])}")
+    return lines
+
+
+def umap_lines(summary: dict) -> list[str]:
+    """The UMAP rows of a summary (:mod:`clusterkit.baselines`): scores, or how to install umap-learn."""
+    from .baselines import BASELINE_ROWS
+
+    lines = []
+    for key in ("umap_kmeans", "umap_view"):
+        b = summary.get(key)
+        if not b:
+            continue
+        name = BASELINE_ROWS[key]
+        if b.get("unavailable"):
+            lines.append(f"{name}: {b['unavailable']}")
+            continue
+        q = b.get("quality") or {}
+        scores = (f"NMI {_num(b.get('nmi'))}  ACC {_num(b.get('acc'))}  ARI {_num(b.get('ari'))}  "
+                  if b.get("nmi") is not None else "")
+        lines.append(f"{name}: {scores}({_num(b.get('seconds'), 1)} s); on its UMAP embedding: silhouette "
+                     f"{_num(q.get('silhouette'))}  Davies-Bouldin {_num(q.get('davies_bouldin'))}  size entropy "
+                     f"{_num(q.get('size_entropy'))}  cluster shares {_num(q.get('min_share'))}-"
+                     f"{_num(q.get('max_share'))}")
     return lines
 
 

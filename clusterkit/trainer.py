@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
+from .baselines import umap_baseline, umap_view
 from .checkpoint import (
     atomic_write_text,
     latest_checkpoint,
@@ -919,6 +920,7 @@ class Trainer:
             if distributed.is_main():
                 atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(self.recipe))
         self.baseline = self.pixel_baseline()
+        self.umap_baseline = umap_baseline(self)  # "UMAP + k-means on pixels" (clusterkit.baselines)
         self._t_start = time.perf_counter()
         self.eval_metrics = next((h for h in reversed(self.history) if "collapse_share" in h), {})  # last evaluation
         return first_epoch
@@ -1022,6 +1024,8 @@ class Trainer:
             "metrics": {k: self.eval_metrics.get(k) for k in ("nmi", "acc", "ari")},
             "quality": {k: self.eval_metrics.get(k) for k in QUALITY_KEYS},
             "pixel_kmeans": self.baseline,
+            "umap_kmeans": self.umap_baseline,
+            "umap_view": umap_view(self, lambda: self._features("train" if self.eval_ds is self.train_ds else "eval")),
             "protocol": {
                 "dataset": r.data.dataset, "labels": self.labels_protocol(), "train_split": r.data.split,
                 "eval_split": r.data.eval_split or r.data.split,

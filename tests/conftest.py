@@ -35,6 +35,9 @@ TINY = {
     "optim": {"lr": 0.05, "lr_scaling": "none"},
     "schedule": {"epochs": 2, "warmup_epochs": 1},
     "e_step": {"k": 10},
+    # the UMAP rows (clusterkit.baselines) cost seconds per run and a numba compile per process:
+    # the tests that check them switch them on (tests/core/test_manifold.py)
+    "eval": {"umap_baseline": "never", "umap_view": "never"},
     "run": {"seed": 0, "progress": False, "log_every": 2},
     "plugins": {
         "byol_target": {"hidden_dim": 32, "out_dim": 16},

@@ -11,6 +11,15 @@ when no plugin predicts).  The centres of that evaluation k-means are the plugin
 checkpointed state (:meth:`KMeansEStep.state_dict`); new images of a finished run
 (``predict(fit=False)``) are assigned to the final evaluation's centres, never re-clustered.
 
+``reduce: umap`` clusters on the learned manifold instead (N2D): the features are embedded by
+UMAP (cosine metric; ``umap_components``, ``umap_neighbors``, ``umap_min_dist``) and
+scikit-learn's k-means (``n_init``) runs on the embedding, for the E-step and for prediction
+(:class:`clusterkit.cluster.manifold.ManifoldKMeans`).  The E-step's ``state.centers`` are then
+the normalised mean features of the clusters.  New images are placed on the kept manifold by a
+kNN rule over the training features, which are checkpointed as tensors (the umap-learn object is
+never pickled: checkpoints load with ``weights_only=True``); the module doc of
+:mod:`clusterkit.cluster.manifold` describes the rule and its cost.
+
 One k-means serves an evaluation and the next E-step: ``state.features(split)`` returns the
 same tensor object until the next optimiser step (its documented contract), and
 :meth:`KMeansEStep.cluster` reuses its last result for that same object.
@@ -24,9 +33,11 @@ import attrs
 import torch
 
 from clusterkit import Plugin, hookimpl
-from clusterkit.cluster import KMeansPredictor, KMeansResult
+from clusterkit.cluster import KMeansPredictor, KMeansResult, manifold
+from clusterkit.cluster.manifold import UMAP_INSTALL, ManifoldKMeans, UmapParams, feature_centers
 from clusterkit.errors import PluginError
 from clusterkit.schema import in_range, positive
+from clusterkit.state import Prediction
 
 
 class KMeansEStep(Plugin):
@@ -41,12 +52,42 @@ class KMeansEStep(Plugin):
         tol: float = attrs.field(default=1e-4, validator=positive)
         seed: int | None = attrs.field(default=None, metadata={
             "doc": "k-means seed; null: the run's seed (the official code always used 0)"})
+        reduce: Literal["none", "umap"] = attrs.field(default="none", metadata={
+            "doc": "umap: k-means on a cosine UMAP embedding of the features (needs umap-learn)"})
+        umap_components: int = attrs.field(default=10, validator=in_range(1, None), metadata={
+            "doc": "reduce: umap: the embedding's dimension"})
+        umap_neighbors: int = attrs.field(default=20, validator=in_range(2, None), metadata={
+            "doc": "reduce: umap: UMAP's n_neighbors (also the kNN of new images)"})
+        umap_min_dist: float = attrs.field(default=0.0, validator=in_range(0, None), metadata={
+            "doc": "reduce: umap: UMAP's min_dist"})
 
     def __init__(self, params=None):
         super().__init__(params)
+        if self.params.reduce == "umap" and not manifold.umap_available():
+            raise PluginError(f"kmeans_e_step: reduce: umap needs umap-learn, which is not installed. Install it "
+                              f"with: {UMAP_INSTALL}, or set plugins.kmeans_e_step.reduce: none.")
         self._memo: tuple | None = None
         #: (K, D) CPU centres of the last evaluation's k-means (checkpointed by state_dict)
         self.predict_centers: torch.Tensor | None = None
+        #: reduce: umap: the manifold rule of the last evaluation (checkpointed as tensors)
+        self.manifold: ManifoldKMeans | None = None
+
+    def manifold_rule(self, state) -> ManifoldKMeans:
+        """reduce: umap: a fresh manifold k-means rule with this plugin's parameters."""
+        p = self.params
+        return ManifoldKMeans(state.num_clusters, UmapParams(p.umap_components, p.umap_neighbors, p.umap_min_dist,
+                                                             "cosine"),
+                              n_init=p.n_init, seed=self.seed(state), owner=f"Plugin '{self.name}'",
+                              missing_error=PluginError)
+
+    def cluster_manifold(self, state, features: torch.Tensor) -> tuple[ManifoldKMeans, Prediction]:
+        """reduce: umap: UMAP + k-means of ``features``, memoised per tensor object like :meth:`cluster`."""
+        if self._memo is not None and self._memo[0] is features:
+            return self._memo[1]
+        rule = self.manifold_rule(state)
+        result = (rule, rule.fit(features))
+        self._memo = (features, result)
+        return result
 
     def rule(self, state) -> KMeansPredictor:
         """The k-means prediction rule of this run, holding the kept centres."""
@@ -70,12 +111,24 @@ class KMeansEStep(Plugin):
 
     @hookimpl
     def e_step(self, state):
-        result = self.cluster(state, state.features("train"))
+        feats = state.features("train")
+        if self.params.reduce == "umap":
+            _, pred = self.cluster_manifold(state, feats)
+            state.pseudo_labels = pred.labels.to(state.device)
+            state.centers = feature_centers(feats, pred.labels, state.num_clusters).to(state.device)
+            return
+        result = self.cluster(state, feats)
         state.pseudo_labels = result.labels.to(state.device)
         state.centers = result.centers.to(state.device)
 
     @hookimpl
     def predict(self, state, features, fit):
+        if self.params.reduce == "umap":
+            if not fit:
+                rule = self.manifold or self.manifold_rule(state)
+                return rule.assign(features)
+            self.manifold, pred = self.cluster_manifold(state, features)
+            return pred
         rule = self.rule(state)
         if not fit:  # new data: the centres of the last evaluation
             return rule.assign(features)
@@ -84,8 +137,17 @@ class KMeansEStep(Plugin):
         return pred
 
     def state_dict(self) -> dict:
-        """``{"predict_centers": (K, D) CPU tensor, or None before the first evaluation}``."""
-        return {"predict_centers": self.predict_centers}
+        """``{"predict_centers": (K, D) CPU tensor, or None before the first evaluation}``, and with
+        ``reduce: umap`` ``"manifold"``: the manifold rule's tensors (:meth:`ManifoldKMeans.state_dict`)."""
+        out: dict = {"predict_centers": self.predict_centers}
+        if self.manifold is not None:
+            out["manifold"] = self.manifold.state_dict()
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.predict_centers = state_dict.get("predict_centers")
+        if state_dict.get("manifold") is not None:
+            saved = state_dict["manifold"]
+            self.manifold = ManifoldKMeans(saved["k"], UmapParams(**saved["umap"]), seed=saved["seed"],
+                                           owner=f"Plugin '{self.name}'", missing_error=PluginError)
+            self.manifold.load_state_dict(saved)
