@@ -53,7 +53,7 @@ def tiny_recipe(**changes) -> dict:
     ``a__b=value`` sets ``raw["a"]["b"]`` (so ``schedule__epochs=2`` trains two epochs)."""
     raw = copy.deepcopy(TINY)
     raw["schedule"]["epochs"] = 1
-    raw["eval"] = {"pixel_baseline": "never"}
+    raw["eval"]["pixel_baseline"] = "never"
     raw["run"]["threads"] = 1
     for key, value in changes.items():
         node = raw
