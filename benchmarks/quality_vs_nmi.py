@@ -16,7 +16,7 @@ K and prediction rule) with its NMI/ACC/ARI next to its label-free scores.
     python benchmarks/quality_vs_nmi.py RUN_DIR... [--k 2:30] [--labels CSV] [--out benchmarks/results/quality_vs_nmi]
 
 ``--labels CSV`` (columns ``path,label``) gives the labels of a run on a folder of images without
-class folders (the README's demo keeps them aside that way).
+class folders (the Fashion-MNIST demo of docs/own-images.md keeps them aside that way).
 """
 
 from __future__ import annotations
