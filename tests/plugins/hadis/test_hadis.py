@@ -231,7 +231,9 @@ def make_state(warmup_epochs=1, epoch=0, **params):
 
 def test_params_defaults_and_validation():
     p = HardnessAwareDistillation.Params()
-    assert (p.temperature, p.sigma, p.weight, p.warmup_gate) == (0.5, 0.001, 1.0, True)
+    assert (p.temperature, p.sigma, p.weight, p.warmup_gate, p.mining) == (0.5, 0.001, 1.0, True, "global")
+    with pytest.raises(RecipeError, match="mining"):
+        build(HardnessAwareDistillation.Params, {"mining": "batch"}, "plugins.hardness_aware_distillation")
     with pytest.raises(RecipeError, match="temperature"):
         build(HardnessAwareDistillation.Params, {"temperature": 0}, "plugins.hardness_aware_distillation")
     with pytest.raises(RecipeError, match="Did you mean 'sigma'"):
@@ -272,6 +274,19 @@ def test_plugin_diffuses_q_after_warmup_and_is_not_gated():
     state0, plugin0, cache0 = make_state(warmup_epochs=1, epoch=0, sigma=0.5, warmup_gate=False)
     assert plugin0.sigma(state0) == 0.5
     assert plugin0.compute_losses(state0, cache0)[LOSS_NAME].item() > 0
+
+
+def test_mining_scope_makes_no_difference_in_one_process():
+    """mining: local (each process's batch) and global (the gathered batch) are the same batch in
+    one process: the same loss and gradients, to the bit (two processes: test_distributed_losses)."""
+    results = {}
+    for mining in ("local", "global"):
+        state, plugin, cache = make_state(warmup_epochs=0, sigma=0.5, mining=mining)
+        loss = plugin.compute_losses(state, cache)[LOSS_NAME]
+        loss.backward()
+        results[mining] = (loss.detach(), [p.grad.clone() for p in state.model["predictor"].parameters()])
+    assert torch.equal(results["local"][0], results["global"][0]) and results["local"][0] > 0
+    assert all(torch.equal(a, b) for a, b in zip(results["local"][1], results["global"][1], strict=True))
 
 
 def test_plugin_gradient_reaches_projector_and_predictor_not_target():
@@ -328,7 +343,7 @@ def test_hadis_recipes_load_validate_and_are_propos_plus_hsd(dataset, pcl_weight
     assert list(plugins) == ["byol_target", "kmeans_e_step", "diffused_sampling", "hardness_aware_distillation",
                              "prototype_aggregation"]
     hsd = plugins["hardness_aware_distillation"].params
-    assert (hsd.temperature, hsd.sigma, hsd.weight) == (0.5, 0.001, 1.0)
+    assert (hsd.temperature, hsd.sigma, hsd.weight, hsd.mining) == (0.5, 0.001, 1.0, "local")  # official scope
     assert plugins["prototype_aggregation"].params.weight == pcl_weight
     assert plugins["diffused_sampling"].params.sigma == 0.001
     text = path.read_text()
