@@ -9,6 +9,8 @@ Every check here spawns gloo processes on the CPU (torch.multiprocessing, ``spaw
   regroup and both group inits; CC; PICI with both CLI label modes);
 * a negative control: an NT-Xent written on the local batch must fail the check, the same loss
   reading its inputs with ``cache.gather`` must pass it;
+* HaDis's ``hardness_aware_distillation.mining``: ``local`` (official) gives the mean of each
+  shard's loss and gradients computed alone, ``global`` those of the concatenated batch;
 * the sharded k-means (``kmeans(..., distributed=True)``): bit-identical on every rank, the same
   partition and centres as one process, also when a rank's share of the rows is empty;
 * ``gather_with_grad``'s backward: the SUM over ranks of the gradient of this rank's rows.

@@ -322,9 +322,9 @@ def test_hadis_trains_one_epoch_on_digits(tmp_path, tiny_recipe_data, restore_th
     run_dir = make_run_dir(recipe, str(tmp_path / "run"), force=False)
     summary = Trainer(recipe, run_dir).fit()
     assert summary["steps"] == 1797 // 256
-    for name in ("nmi", "acc", "ari"):
-        assert 0.0 <= summary["metrics"][name] <= 1.0
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    # that the method learns (NMI above the untrained network's): tests/plugins/test_methods_learn.py
+    assert summary["metrics"] == {name: record[name] for name in ("nmi", "acc", "ari")}  # the last evaluation
     for term in ("diffused_sampling", LOSS_NAME, "prototype_aggregation"):
         assert term in record and math.isfinite(record[term]), term
     assert 0.0 < record[LOSS_NAME] < 10.0
