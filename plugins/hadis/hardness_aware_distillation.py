@@ -3,7 +3,8 @@
 HSD distils the target (teacher) embedding space into the online (student) one and
 spends its effort on the hardest pairs of the batch.  For a direction (online view a,
 target view b), with q = q_a the RAW online projector output, k = k_b the target output
-and p(.) the predictor, over the N samples of the global batch (N = world_size * B):
+and p(.) the predictor, over the N samples of the global batch (N = world_size * B; or of
+this process's batch, N = B, with ``mining: local``, see below):
 
     t_i = norm(k_i)                                     teacher (no gradient)
     s_j = norm(p(q_j + sigma * eps_j)),  eps ~ N(0, I)  student: the diffused sample of DSA
@@ -45,13 +46,24 @@ the warm-up epochs when ``warmup_gate`` is on).  The noise eps is drawn here, ap
 from diffused_sampling's own draw (sigma is 0.001, so the two students differ by ~1e-3),
 by ``cache.randn`` with the salt "hardness_aware_distillation/view<a>".
 
-Mining contrasts every sample with every other one, so under DDP it runs over the
-global batch: each process computes its students p(q + sigma*eps) (B, D), gathers them
-with gradients and the teachers (``cache.gather("k", b)``) into (N, D), and computes the
-same loss of the N anchors; with one process N = B.
+Which batch the mining scope covers under DDP (``mining``):
+
+* ``global`` (the default): mining contrasts every sample with every other one of the global
+  batch.  Each process computes its students p(q + sigma*eps) (B, D), gathers them with
+  gradients and the teachers (``cache.gather("k", b)``) into (N, D), and computes the same
+  loss of the N anchors, so the loss does not depend on how the batch is split over processes.
+* ``local``: the official code's scope (HaDis, a ProPos fork, calls its HSD inside each
+  process's forward on that process's own k and p(q + sigma*eps), without a gather): the
+  hardest positives and negatives are mined within each process's LOCAL batch of B, the loss
+  is the mean over its B anchors, and DDP averages the processes' gradients.  The paper
+  recipes set ``local``.
+
+With one process the two are the same (N = B).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import attrs
 import torch
@@ -151,6 +163,10 @@ class HardnessAwareDistillation(Plugin):
             "doc": "loss weight (HaDis: 1, no warm-up gate on the weight)"})
         warmup_gate: bool = attrs.field(default=True, metadata={
             "doc": "sigma = 0 while schedule.warmup_epochs last, as diffused_sampling"})
+        mining: Literal["global", "local"] = attrs.field(
+            default="global", validator=attrs.validators.in_(("global", "local")), metadata={
+                "doc": "where the hardest positives and negatives are mined under DDP: the gathered global "
+                       "batch, or each process's own batch (official; the same with one process)"})
 
     def sigma(self, state) -> float:
         return 0.0 if self.warmup_gated(state) else self.params.sigma
@@ -171,8 +187,12 @@ class HardnessAwareDistillation(Plugin):
 
     @hookimpl
     def compute_losses(self, state, cache):
-        # online view a -> student, target view b -> teacher; both over the global batch (N, D)
-        losses = [hardness_aware_distillation_loss(gather_with_grad(self.student(state, cache, a)),
-                                                   cache.gather("k", b), self.params.temperature)
-                  for a, b in DIRECTIONS]
+        # online view a -> student, target view b -> teacher; over the global batch (N, D), or
+        # over this process's batch (B, D) with mining: local (official)
+        if self.params.mining == "local":
+            pairs = [(self.student(state, cache, a), cache["k", b]) for a, b in DIRECTIONS]
+        else:
+            pairs = [(gather_with_grad(self.student(state, cache, a)), cache.gather("k", b)) for a, b in DIRECTIONS]
+        losses = [hardness_aware_distillation_loss(student, teacher, self.params.temperature)
+                  for student, teacher in pairs]
         return {LOSS_NAME: self.params.weight * torch.stack(losses).mean()}

@@ -3,6 +3,7 @@
 The commands run in this process (``clusterkit.cli.main``); ``--debug``'s traceback is the
 one case here that needs a real ``python -m clusterkit`` process."""
 
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import torch
 import yaml
 from conftest import flat
 
+import clusterkit
 from clusterkit.cli import main
 
 
@@ -40,7 +42,10 @@ def test_run_writes_summary_metrics_recipe_and_checkpoints(tmp_path, tiny_file, 
     assert summary["protocol"]["train_split"] == "all"
     assert summary["protocol"]["test_data_used_for_training"] is True
     assert summary["seed"] == 0 and summary["steps"] == 2 * 7
-    assert summary["versions"]["torch"] == torch.__version__.split("+")[0] or summary["versions"]["torch"]
+    # the installed distributions' versions (torch's may carry a local tag, e.g. 2.4.0+cpu)
+    assert summary["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert summary["versions"]["timm"] == importlib.metadata.version("timm")
+    assert summary["versions"]["clusterkit"] == clusterkit.__version__
     assert len(summary["recipe_hash"]) == 12 and summary["peak_memory_mb"] > 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if "nmi" in r]

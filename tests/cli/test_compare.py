@@ -153,7 +153,10 @@ def test_failing_recipes_are_reported_and_the_others_complete(tmp_path, tiny_rec
     assert "does not exist" in errors["missing"]
     assert "nowhere" in errors["no_data"]
     rows = read_csv(out / "results.csv")
-    assert rows["good"]["status"] == "ok" and float(rows["good"]["nmi_mean"]) >= 0
+    good_nmi = json.loads((out / "good" / "seed0" / "summary.json").read_text())["metrics"]["nmi"]
+    assert rows["good"]["status"] == "ok" and rows["good"]["seeds_ok"] == "1"
+    assert float(rows["good"]["nmi_mean"]) == pytest.approx(good_nmi, abs=1e-12)  # the one seed's NMI
+    assert float(rows["good"]["nmi_seed0"]) == good_nmi and rows["good"]["nmi_std"] == ""
     assert rows["bad_param"]["status"] == "failed" and "sigma" in rows["bad_param"]["error"]
     assert rows["bad_param"]["nmi_mean"] == ""
     md = (out / "results.md").read_text()

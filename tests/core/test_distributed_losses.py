@@ -9,6 +9,8 @@ Every check here spawns gloo processes on the CPU (torch.multiprocessing, ``spaw
   regroup and both group inits; CC; PICI with both CLI label modes);
 * a negative control: an NT-Xent written on the local batch must fail the check, the same loss
   reading its inputs with ``cache.gather`` must pass it;
+* HaDis's ``hardness_aware_distillation.mining``: ``local`` (official) gives the mean of each
+  shard's loss and gradients computed alone, ``global`` those of the concatenated batch;
 * the sharded k-means (``kmeans(..., distributed=True)``): bit-identical on every rank, the same
   partition and centres as one process, also when a rank's share of the rows is empty;
 * ``gather_with_grad``'s backward: the SUM over ranks of the gradient of this rank's rows.
@@ -64,6 +66,89 @@ def test_propos_and_hadis_are_the_same_on_two_processes_as_on_one():
     report = _check(HADIS)
     for term in ("diffused_sampling", "prototype_aggregation", "hardness_aware_distillation"):
         assert report["terms"][0][term] > 0, term
+
+
+# HSD alone (byol_target builds the predictor and k): sigma 0, so that no noise enters (the
+# step's noise is drawn for the global batch and split by rank, so a shard trained alone in one
+# process would draw other noise than the same shard on rank 1 of 2)
+HSD_ONLY = {"byol_target": {"hidden_dim": 32, "out_dim": 16},
+            "hardness_aware_distillation": {"temperature": 0.5, "sigma": 0.0, "weight": 1.0}}
+
+
+def _hsd_scope_worker(rank: int, world: int, init_file: str, raws: dict, available, batches, out_dir: str) -> None:
+    import torch.distributed as torch_dist
+
+    from clusterkit.testing import _equivalence_run
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for mining, raw in raws.items():
+            _equivalence_run(raw, available, batches, str(Path(out_dir) / f"{mining}_rank{rank}.pt"))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_hadis_mining_scope_local_is_per_process_and_global_is_the_gathered_batch(tmp_path, one_thread):
+    """``hardness_aware_distillation.mining``: with ``local`` (the official code, and the paper
+    recipes) two processes give the mean of the losses and gradients of each process's shard
+    trained alone in one process; with ``global`` those of one process on the concatenated batch;
+    the two differ on the same data; in one process they are identical."""
+    import copy
+
+    import torch.multiprocessing as mp
+
+    from clusterkit.plugin_manager import discover
+    from clusterkit.recipe import deep_merge
+    from clusterkit.testing import _equivalence_batches, _equivalence_run, tiny_recipe
+
+    world, per_rank = 2, 8
+    available = discover()
+    raws = {}
+    for mining in ("local", "global"):
+        plugins = copy.deepcopy(HSD_ONLY)
+        plugins["hardness_aware_distillation"]["mining"] = mining
+        raws[mining] = tiny_recipe(plugins, overrides=deep_merge({"data": {"batch_size": world * per_rank}}, {}))
+    batches = _equivalence_batches(raws["local"], available, 1, world * per_rank, seed=0)
+    (v0, v1, index), = batches
+
+    def alone(mining: str, rows: slice, tag: str) -> dict:
+        """One process on ``rows`` of the batch: {"term": HSD, "grads": {name: gradient}}."""
+        out = tmp_path / f"{tag}.pt"
+        _equivalence_run(raws[mining], available, [(v0[rows], v1[rows], index[rows])], str(out))
+        step = torch.load(out, weights_only=False)["steps"][0]
+        return {"term": step["terms"]["hardness_aware_distillation"], "grads": step["grads"]}
+
+    whole = {m: alone(m, slice(None), f"whole_{m}") for m in ("local", "global")}
+    shards = [alone("local", slice(r * per_rank, (r + 1) * per_rank), f"shard{r}") for r in range(world)]
+    # one process: the scope makes no difference, to the bit
+    assert whole["local"]["term"] == whole["global"]["term"]
+    assert whole["local"]["grads"].keys() == whole["global"]["grads"].keys()
+    assert all(torch.equal(g, whole["global"]["grads"][n]) for n, g in whole["local"]["grads"].items())
+
+    mp.start_processes(_hsd_scope_worker, args=(world, str(tmp_path / "init"), raws, available, batches,
+                                                str(tmp_path)), nprocs=world, start_method="spawn")
+    expected = {
+        "local": {"term": sum(s["term"] for s in shards) / world,                  # per process, then averaged
+                  "grads": {n: sum(s["grads"][n] for s in shards) / world for n in shards[0]["grads"]}},
+        "global": whole["global"],                                                  # the concatenated batch
+    }
+    got = {}
+    for mining in ("local", "global"):
+        for r in range(world):
+            step = torch.load(tmp_path / f"{mining}_rank{r}.pt", weights_only=False)["steps"][0]
+            got[mining] = {"term": step["terms"]["hardness_aware_distillation"], "grads": step["grads"]}
+            where = f"mining {mining}, rank {r} of {world}"
+            assert got[mining]["term"] == pytest.approx(expected[mining]["term"], rel=1e-5, abs=1e-6), where
+            assert got[mining]["grads"].keys() == expected[mining]["grads"].keys(), where
+            for name, grad in expected[mining]["grads"].items():
+                torch.testing.assert_close(got[mining]["grads"][name], grad, atol=1e-5, rtol=1e-5,
+                                           msg=f"{where}: gradient of {name}")
+    # the two scopes are told apart: per-shard mining is not mining over the whole batch
+    assert abs(got["local"]["term"] - got["global"]["term"]) > 1e-3, got
+    predictor = "predictor.0.weight"
+    assert predictor in got["local"]["grads"]
+    assert not torch.allclose(got["local"]["grads"][predictor], got["global"]["grads"][predictor], atol=1e-4)
 
 
 @pytest.mark.parametrize("grouping", [

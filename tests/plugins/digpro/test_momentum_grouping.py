@@ -591,9 +591,9 @@ def test_digpro_trains_one_epoch_on_digits_and_each_plugin_can_be_ablated(tmp_pa
     summary = Trainer(recipe, run_dir).fit()
     steps = 1797 // 64
     assert summary["steps"] == steps
-    for name in ("nmi", "acc", "ari"):
-        assert 0.0 <= summary["metrics"][name] <= 1.0
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    # that the method learns (NMI above the untrained network's): tests/plugins/test_methods_learn.py
+    assert summary["metrics"] == {name: record[name] for name in ("nmi", "acc", "ari")}  # the last evaluation
     for name in DIGPRO_PLUGINS:
         assert (name in record) == (name != without), name
         if name != without:

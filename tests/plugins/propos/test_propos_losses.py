@@ -88,12 +88,30 @@ def test_psl_single_cluster_is_finite_and_zero_gap():
     assert got.item() == pytest.approx(math.log(1 + 2 * math.exp(-10 - pos)), rel=1e-9)
 
 
-def test_psl_gradient_reaches_q_only():
-    q = torch.randn(10, 4, requires_grad=True)
-    k = torch.randn(10, 4, requires_grad=True)
-    prototype_aggregation_loss(q, k, torch.randint(0, 3, (10,)), 3, 0.5).backward()
-    assert q.grad.abs().sum() > 0
-    assert k.grad is None or k.grad.abs().sum() > 0  # k is a target: callers pass it without grad
+def test_psl_gradient_reaches_q_only(one_thread):
+    """In a training step PSL trains the online branch (q = projector(backbone)) and nothing else:
+    not the EMA target that gives k (byol_target computes k without gradient; the loss function
+    itself does not detach k), and not the predictor (PSL reads q, not p(q))."""
+    from clusterkit.state import StepCache
+    from clusterkit.testing import make_trainer
+
+    trainer = make_trainer("prototype_aggregation", {"weight": 1.0},
+                           with_plugins={"byol_target": {"hidden_dim": 16, "out_dim": 8},
+                                         "kmeans_e_step": {"n_init": 1, "max_iter": 5}})
+    trainer.build()
+    trainer.begin_epoch(0)
+    state = trainer.state
+    views, index = trainer.pipeline.views(next(iter(trainer.loader)))
+    cache = StepCache(views, index, trainer.producers, state)
+    assert cache["q", 0].requires_grad and not cache["k", 1].requires_grad
+    loss = trainer.plugins["prototype_aggregation"].compute_losses(state, cache)["prototype_aggregation"]
+    assert loss.item() > 0
+    loss.backward()
+    model = state.model
+    for name in ("backbone", "projector"):  # q's side
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model[name].parameters()), name
+    for name in ("target_backbone", "target_projector", "predictor"):  # k's side, and p(.)
+        assert all(p.grad is None or not p.grad.any() for p in model[name].parameters()), name
 
 
 def test_psa_is_minus_two_cosine():
