@@ -50,6 +50,15 @@ def finished(tmp_path_factory):
     return recipe, tmp / "run"
 
 
+def _interrupted(done, run):
+    """A copy of the finished run ``done`` at ``run`` as if killed during its second epoch: only
+    the first checkpoint, no summary."""
+    shutil.copytree(done, run)
+    (run / "summary.json").unlink()
+    (run / "checkpoints" / "epoch_0001.pt").unlink()
+    return run
+
+
 class _Payload:
     """Unpickling this runs a shell command (what a hostile checkpoint would do)."""
 
@@ -151,10 +160,7 @@ def test_1_a_checkpoint_of_the_previous_format_resumes_exactly(tmp_path, finishe
     """Checkpoints written before the RNG state was stored as tensors held numpy's state tuple: they
     load (the numpy array globals are allowed for them) and the resumed run equals the uninterrupted one."""
     recipe, done = finished
-    cut = tmp_path / "cut"
-    shutil.copytree(done, cut)
-    (cut / "checkpoints" / "epoch_0001.pt").unlink()
-    (cut / "summary.json").unlink()
+    cut = _interrupted(done, tmp_path / "cut")
     first = cut / "checkpoints" / "epoch_0000.pt"
     ckpt = load_checkpoint(first)
     saved = ckpt["rng"]["numpy"]
@@ -262,10 +268,7 @@ class _FullDisk:
 
 def test_5_a_full_disk_during_a_checkpoint_is_clear_and_resumable(tmp_path, finished, monkeypatch):
     recipe, done = finished
-    run = tmp_path / "run"
-    shutil.copytree(done, run)
-    (run / "summary.json").unlink()
-    (run / "checkpoints" / "epoch_0001.pt").unlink()
+    run = _interrupted(done, tmp_path / "run")
     size = (run / "checkpoints" / "epoch_0000.pt").stat().st_size
     monkeypatch.setattr(checkpoint, "_open", _FullDisk(size // 2))  # epoch 2's checkpoint does not fit
     paragraph = error_paragraph(run_main("run", recipe, "--resume", run))
@@ -286,10 +289,7 @@ def test_5_a_full_disk_while_appending_the_metrics_log_is_clear(tmp_path, finish
     import builtins
 
     recipe, done = finished
-    run = tmp_path / "run"
-    shutil.copytree(done, run)
-    (run / "summary.json").unlink()
-    (run / "checkpoints" / "epoch_0001.pt").unlink()
+    run = _interrupted(done, tmp_path / "run")
     real_open = builtins.open
 
     def full(path, mode="r", *args, **kwargs):
