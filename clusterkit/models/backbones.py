@@ -84,9 +84,9 @@ def create_backbone(cfg, in_chans: int = 3) -> nn.Module:
     optional = {}  # passed to models that take them, left out for the others
     zero_init_last = getattr(cfg, "zero_init_last", None)
     if zero_init_last is not None:
-        if "zero_init_last" in kwargs and kwargs["zero_init_last"] != zero_init_last:
+        if "zero_init_last" in kwargs and kwargs.pop("zero_init_last") != zero_init_last:  # said twice: passed once
             raise RecipeError(f"model.zero_init_last is {zero_init_last} but model.backbone_kwargs.zero_init_last is "
-                              f"{kwargs['zero_init_last']}; say it once (model.zero_init_last).")
+                              f"{cfg.backbone_kwargs['zero_init_last']}; say it once (model.zero_init_last).")
         optional["zero_init_last"] = zero_init_last
     try:
         model = _create(name, optional, pretrained=cfg.pretrained, num_classes=0, in_chans=in_chans, **kwargs)

@@ -190,3 +190,12 @@ def test_quickstart_keeps_timms_zero_initialised_last_bn_and_a_contradiction_is_
     with pytest.raises(RecipeError, match="say it once"):
         create_backbone(ModelConfig(backbone="resnet18", zero_init_last=False,
                                     backbone_kwargs={"zero_init_last": True}))
+
+
+def test_zero_init_last_said_in_both_places_alike_is_passed_once():
+    """backbone_kwargs that repeat model.zero_init_last (a recipe extending the BYOL base that also
+    keeps the older spelling) build: timm gets the keyword once, and the last BatchNorms are at 1."""
+    m = create_backbone(ModelConfig(backbone="resnet18", zero_init_last=False,
+                                    backbone_kwargs={"zero_init_last": False}))
+    blocks = [b for name in ("layer1", "layer4") for b in getattr(m, name)]
+    assert blocks and all(b.bn2.weight.eq(1).all() for b in blocks)
