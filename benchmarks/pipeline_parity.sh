@@ -6,17 +6,20 @@
 # seed 1, so an interrupted sweep stays balanced; each call reuses the seeds already recorded in its
 # --work folder and rewrites its --out with all seeds so far.
 # Usage (repo root, clusterkit's venv): bash benchmarks/pipeline_parity.sh [SEEDS...]   (default 0 1 2)
+# A subset: METHODS="cc" PIPES="batched" bash benchmarks/pipeline_parity.sh 0 1
+# WAIT_PID=<pid>: start only after that process has exited (queue behind a running sweep).
 set -euo pipefail
 seeds=("${@:-0 1 2}"); seeds=(${seeds[*]})
 work=${PIPELINE_PARITY_WORK:-/tmp/pipeline-parity}
 out=benchmarks/results/pipeline_parity
 mkdir -p "$out"
 done_seeds=()
+if [ -n "${WAIT_PID:-}" ]; then while kill -0 "$WAIT_PID" 2>/dev/null; do sleep 10; done; fi
 for seed in "${seeds[@]}"; do
   done_seeds+=("$seed")
-  for method in propos cc; do
+  for method in ${METHODS:-propos cc}; do
     sched=30; [ "$method" = cc ] && sched=6
-    for pipe in batched per_image; do
+    for pipe in ${PIPES:-batched per_image}; do
       nice -n 15 python benchmarks/parity.py --methods "$method" --systems clusterkit \
         --seeds "${done_seeds[@]}" --epochs 6 --schedule-epochs "$sched" --threads 1 \
         --extra-set "data.pipeline=$pipe" \
