@@ -29,7 +29,8 @@ non-regroup iterations).  2 torch threads per run; the official code uses 2 load
 Each (method, system, seed) runs in its own subprocess, one at a time:
 
 * ``official``: the official ``main.py`` run unmodified (``runpy``) in the official code's own
-  virtual environment (``--official-python``), from a local checkout (``--official-root``), with
+  virtual environment (``--official-python``), from a local checkout (``--official-root``; both made
+  by ``bash benchmarks/setup_official.sh``: the checkouts at the pinned commits and the environment), with
   runtime shims only (:func:`_install_official_shims`): a ``torch._six`` module, ``.cuda()`` as a
   no-op, a one-process gloo group for ``nccl``, DDP without ``device_ids``.  Nothing of the
   official code is copied here and the checkouts are not modified.  Its E-step is observed by
@@ -1187,10 +1188,12 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=DEFAULT_WORK,
                    help="PNG cache, per-run records, logs and run folders (outside the repo)")
     p.add_argument("--official-root", type=Path, default=Path("/work/official"),
-                   help="folder holding the ProPos, DigPro and torch_clustering checkouts")
+                   help="folder holding the ProPos, DigPro, torch_clustering and Contrastive-Clustering checkouts "
+                        "at the pinned commits (bash benchmarks/setup_official.sh makes it; default %(default)s)")
     p.add_argument("--official-python", type=Path, default=Path("/work/official-venv/bin/python"),
                    help="python of the official code's environment (torch, torchvision, lightly 1.4.24, "
-                        "scikit-learn, munkres, pyyaml, tqdm, matplotlib)")
+                        "scikit-learn 1.3.2, numpy<2, munkres, scipy, pyyaml, tqdm, matplotlib, timm; "
+                        "bash benchmarks/setup_official.sh builds it; default %(default)s)")
     p.add_argument("--extra-set", action="append", default=[],
                    help="a --set override for the clusterkit runs (e.g. data.pipeline=per_image); repeatable")
     p.add_argument("--clusterkit-raw-pixels", action="store_true",
