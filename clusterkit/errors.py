@@ -8,6 +8,19 @@ Anything else that escapes is a bug in clusterkit or in a plugin.
 """
 
 
+def warn(text: str) -> None:
+    """A ``clusterkit: warning: TEXT`` line on stderr, from rank 0 only, that does not break a running
+    progress bar: the one way clusterkit warns a user (the run goes on)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from . import distributed
+
+    if distributed.is_main():
+        tqdm.write(f"clusterkit: warning: {text}", file=sys.stderr)
+
+
 class ClusterkitError(Exception):
     """Base class of errors caused by user input; the message is the whole story."""
 

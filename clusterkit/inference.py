@@ -32,7 +32,6 @@ grayscale ones?): pass ``x[None]`` for one colour image.  Images with 3 channels
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -41,8 +40,9 @@ import torch
 
 from .checkpoint import load_latest_checkpoint, read_summary
 from .data import DATASETS, IMAGE_EXTENSIONS, eval_transform
-from .data.datasets import NotRegularFileError, decode_image_file, special_file_kind, to_8bit
+from .data.datasets import NotRegularFileError, decode_image_file, fit_square, special_file_kind, to_8bit
 from .errors import DataError, RunDirError
+from .errors import warn as _warn
 from .state import Prediction
 
 __all__ = ["ClusterModel", "load", "build_for_inference", "find_images", "read_image"]
@@ -314,18 +314,10 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def _warn(text: str) -> None:
-    print(f"clusterkit: warning: {text}", file=sys.stderr)
-
-
 def _pil_to_tensor(im, channels: int, shrink_to: int | None = None) -> torch.Tensor:
     """A PIL image -> uint8 (channels, H, W), 16-bit images scaled to 8 bits (as files are
     decoded); ``shrink_to``: resized to that square first when it is larger."""
-    im = to_8bit(im, "L" if channels == 1 else "RGB")
-    if shrink_to is not None and max(im.size) > shrink_to:
-        from PIL import Image
-
-        im = im.resize((shrink_to, shrink_to), Image.Resampling.BILINEAR)
+    im = fit_square(to_8bit(im, "L" if channels == 1 else "RGB"), shrink_to, shrink_only=True)
     array = np.array(im, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]

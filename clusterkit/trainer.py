@@ -42,6 +42,7 @@ from .data import eval_transform, load_dataset
 from .data.guides import guide_text, train_data_missing
 from .data.pipeline import TrainPipeline, build_train_pipeline
 from .errors import ClusterkitError, DataError, PluginError, RecipeError, RunDirError
+from .errors import warn as _warn
 from .guards import collapse_report
 from .models import create_backbone
 from .models.backbones import require_local_weights
@@ -64,12 +65,6 @@ def _some(names: list[str], most: int = 5) -> str:
     """The first ``most`` names, quoted, and how many more."""
     shown = ", ".join(f"'{n}'" for n in names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def _warn(text: str) -> None:
-    """A warning line on stderr that does not break a running progress bar (rank 0 only)."""
-    if distributed.is_main():
-        tqdm.write(f"clusterkit: warning: {text}", file=sys.stderr)
 
 
 class _StepLosses(nn.Module):

@@ -59,7 +59,6 @@ import os
 import pickle
 import stat
 import struct
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -72,6 +71,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from clusterkit.errors import DataError
+from clusterkit.errors import warn as _warn
 
 __all__ = [
     "DATASETS",
@@ -84,6 +84,7 @@ __all__ = [
     "collate_batched",
     "decode_image_file",
     "file_kind",
+    "fit_square",
     "load_dataset",
     "read_synsets",
     "special_file_kind",
@@ -783,6 +784,14 @@ def to_8bit(im: Image.Image, mode: str) -> Image.Image:
     return im if im.mode == mode else im.convert(mode)
 
 
+def fit_square(im: Image.Image, size: int | None, *, shrink_only: bool = False) -> Image.Image:
+    """``im`` resized to a ``size x size`` square (bilinear, with PIL's antialiasing when it
+    shrinks); ``size`` None: as it is; ``shrink_only``: only when the image is larger than that."""
+    if size is None or im.size == (size, size) or (shrink_only and max(im.size) <= size):
+        return im
+    return im.resize((size, size), Image.Resampling.BILINEAR)
+
+
 def decode_image_file(path: str | os.PathLike, mode: str = "RGB", size: int | None = None, *,
                       shrink_only: bool = False) -> np.ndarray:
     """Decode one image file to ``uint8 (H, W, C)`` (C = 3 for "RGB", 1 for "L"): the one decoder
@@ -803,9 +812,7 @@ def decode_image_file(path: str | os.PathLike, mode: str = "RGB", size: int | No
         if size is not None:
             im.draft(im.mode, (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still >= size
         im = ImageOps.exif_transpose(im)
-        im = to_8bit(im, mode)
-        if size is not None and im.size != (size, size) and not (shrink_only and max(im.size) <= size):
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        im = fit_square(to_8bit(im, mode), size, shrink_only=shrink_only)
         array = np.array(im, dtype=np.uint8)  # a writable copy
     return array[:, :, None] if array.ndim == 2 else array
 
@@ -840,14 +847,6 @@ def _is_image(name: str) -> bool:
 
 def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def _warn(text: str) -> None:
-    """A warning line on stderr (rank 0 only), as the trainer's."""
-    from .. import distributed
-
-    if distributed.is_main():
-        tqdm.write(f"clusterkit: warning: {text}", file=sys.stderr)
 
 
 def _image_files(folder: Path, loops: list[str] | None = None,
