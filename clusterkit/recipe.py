@@ -158,7 +158,13 @@ class RunConfig:
     seed: int = field(default=0, validator=in_range(0, 2**32 - 1), metadata=_doc(
         "seed of every random draw (python, numpy, torch); numpy takes 0 .. 2**32 - 1"))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_doc("auto: CUDA when present"))
-    amp: bool = field(default=True, metadata=_doc("bf16 autocast on CUDA (never on CPU)"))
+    amp: bool = field(default=True, metadata=_doc(
+        "bf16 autocast on CUDA: the step's forward and losses and the embedding (CUDA's autocast keeps "
+        "norms, softmax and the like in float32); the CPU has run.amp_cpu"))
+    amp_cpu: bool = field(default=False, metadata=_doc(
+        "bf16 autocast on the CPU, for CPUs with native bf16 (AVX512 / AVX512-BF16 / AMX on x86, BF16 on "
+        "Arm; elsewhere it runs emulated, several times slower, and warns): the model's modules compute in "
+        "bf16 and hand float32 on; the losses, normalisations and k-means stay float32 (clusterkit/amp.py)"))
     deterministic: bool = field(default=True, metadata=_doc("deterministic algorithms where torch has them"))
     threads: int | None = field(default=None, validator=in_range(1, None), metadata=_doc(
         "torch CPU threads (default: torch's choice)"))

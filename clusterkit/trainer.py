@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
+from . import __version__, amp, distributed
 from .baselines import umap_baseline, umap_view
 from .checkpoint import (
     atomic_write_text,
@@ -447,6 +447,7 @@ class Trainer:
         self.optimizer = self._optimizer(groups)
         self.step_losses = self._wrap_ddp()
         self.use_amp = r.run.amp and self.device.type == "cuda"
+        self.cpu_amp = amp.install_cpu_autocast(model, self.device, r.run)
         if distributed.is_distributed():
             # the model starts identical on every rank (same seed, and DDP broadcasts rank 0's);
             # augmentations and the plugins' own random draws then differ per rank
