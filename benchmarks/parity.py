@@ -175,16 +175,28 @@ def clustering_scores(gt, pred) -> dict[str, float]:
     return {"nmi": float(max(nmi, 0.0)), "acc": acc, "ari": ari}
 
 
-def epoch_record(features, pred, gt, k: int) -> dict[str, float]:
+def has_labels(gt) -> bool:
+    """Whether ``gt`` are real labels to score against: no -1 (unlabeled) and at least two classes."""
+    gt = np.asarray(gt).reshape(-1)
+    return bool(gt.size) and bool((gt >= 0).all()) and np.unique(gt).size >= 2
+
+
+def nmi_text(record: dict) -> str:
+    """``NMI 0.123`` for a progress line, or ``unlabeled``."""
+    return "unlabeled" if record.get("nmi") is None else f"NMI {record['nmi']:.3f}"
+
+
+def epoch_record(features, pred, gt, k: int) -> dict[str, float | None]:
     """The per-epoch quality record of one E-step, the same for both systems.
 
     Args:
         features: (N, D) target-branch features the E-step clustered (normalised or not).
         pred: (N,) the E-step's k-means labels.
-        gt: (N,) ground-truth classes (evaluation only).
+        gt: (N,) ground-truth classes (evaluation only); unlabeled data (``--data-root`` without class
+            folders) has none: -1 everywhere (clusterkit) or one class for all (the official ImageFolder).
         k: number of clusters.
     Returns:
-        ``nmi``, ``acc``, ``ari``, ``largest_share`` (share of the largest cluster),
+        ``nmi``, ``acc``, ``ari`` (None for unlabeled data), ``largest_share`` (share of the largest cluster),
         ``clusters`` (non-empty clusters) and ``feature_std``
         (``std(normalise(features), dim=0, unbiased).mean()``, the official ``global_std``).
     """
@@ -192,8 +204,9 @@ def epoch_record(features, pred, gt, k: int) -> dict[str, float]:
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     pred = np.asarray(pred).reshape(-1).astype(np.int64)
     counts = np.bincount(pred, minlength=k)
+    scores = clustering_scores(gt, pred) if has_labels(gt) else {"nmi": None, "acc": None, "ari": None}
     return {
-        **clustering_scores(gt, pred),
+        **scores,
         "largest_share": float(counts.max() / pred.size),
         "clusters": int((counts > 0).sum()),
         "feature_std": float(f.std(axis=0, ddof=1).mean()),
@@ -217,7 +230,7 @@ def _write_probe_record(state, epoch: int, labels, targets, path: str, since: fl
         record["own_eval"] = {k: metrics[k] for k in ("nmi", "acc", "ari", "collapse_share", "feature_std")
                               if k in metrics}
     _append_jsonl(Path(path), record)
-    log(f"clusterkit {who}seed {state.recipe.run.seed} epoch {epoch}: NMI {record['nmi']:.3f} "
+    log(f"clusterkit {who}seed {state.recipe.run.seed} epoch {epoch}: {nmi_text(record)} "
         f"largest {record['largest_share']:.2f} std {record['feature_std']:.4f}")
 
 
@@ -269,20 +282,99 @@ def prepare_images(work: Path, limit: int) -> tuple[Path, str]:
     return root, name
 
 
+#: The description of a folder made by :func:`prepare_folder`, in that folder (both systems skip it).
+FOLDER_META = ".parity.json"
+
+
+def prepare_folder(work: Path, source: Path, limit: int | None = None) -> tuple[Path, str, dict]:
+    """Stage the image folder ``source`` (``--data-root``) for both systems, once: symbolic links
+    to its image files in the layout the official code's ``torchvision.datasets.ImageFolder`` and
+    clusterkit's ``imagefolder`` both read in the same order.
+
+    ``source`` is read as clusterkit reads ``data.root`` with ``data.split: all`` and
+    ``data.labels: auto`` (:func:`clusterkit.data.load_dataset`, which also checks every file):
+    class folders when every image sits in one, else unlabeled (a flat folder or any tree; a
+    ``train/`` + ``test/`` (or ``val/``) pair is joined).  The staged tree is
+    ``WORK/data/<name>/c<class:03d>/<index:06d><ext>`` (labelled) or
+    ``WORK/data/<name>/unlabeled/<index:06d><ext>``: class folders numbered, so that no class name
+    can mean something to the official code (it treats a ``train`` folder as a split), and files
+    numbered in clusterkit's order.  ``limit``: a seeded (0) random subset of that many images, in
+    their order.  Returns ``(WORK/data, name, meta)``; ``meta`` (also written to
+    ``<name>/.parity.json``) holds ``labelled``, ``classes``, ``images`` and ``decode_size``: the
+    images' common side when all are squares of one size (clusterkit then cuts its crops from that
+    resolution, as the official RandomResizedCrop does from the file), else None (clusterkit decodes
+    to ``image_size`` squares; ``--extra-set data.decode_size=N`` changes it).
+    """
+    from PIL import Image
+
+    from clusterkit.data import load_dataset
+    from clusterkit.errors import ClusterkitError
+
+    source = Path(source).expanduser().resolve()
+    if not source.is_dir():
+        raise SystemExit(f"--data-root '{source}' is not a folder. Pass a folder of images: class sub-folders "
+                         "(<class>/<image>) for labelled data, or images at any depth for unlabeled data.")
+    try:
+        ds = load_dataset("imagefolder", source, split="all", image_size=32, cache=False, progress=False)
+    except ClusterkitError as exc:
+        raise SystemExit(f"--data-root '{source}': {exc}") from None
+    paths = list(ds.paths or [])
+    targets = ds.targets.numpy()
+    keep = np.arange(len(paths))
+    if limit is not None and limit < len(paths):
+        keep = np.sort(np.random.default_rng(0).choice(len(paths), size=limit, replace=False))
+    h = hashlib.sha1(f"{limit}".encode())
+    for i in keep:
+        st = os.stat(paths[i])
+        h.update(f"{os.path.relpath(paths[i], source)}\0{st.st_size}\0{st.st_mtime_ns}\0{targets[i]}\n".encode())
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in source.name)[:40] or "images"
+    name = f"{safe}_{h.hexdigest()[:10]}"
+    root = work / "data"
+    folder = root / name
+    meta_path = folder / FOLDER_META
+    if meta_path.exists():
+        return root, name, json.loads(meta_path.read_text())
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier attempt that did not finish
+    sizes = set()
+    for n, i in enumerate(keep):
+        sub = f"c{int(targets[i]):03d}" if ds.has_labels else "unlabeled"
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / f"{n:06d}{Path(paths[i]).suffix.lower()}").symlink_to(paths[i])
+        if len(sizes) < 2:
+            with Image.open(paths[i]) as im:
+                sizes.add(im.size)
+    side = next(iter(sizes)) if len(sizes) == 1 else None
+    meta = {"source_name": source.name, "labelled": ds.has_labels, "classes": list(ds.classes),
+            "images": int(len(keep)), "limit": limit,
+            "decode_size": side[0] if side is not None and side[0] == side[1] else None}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    log(f"staged {len(keep)} images of {source} as {folder} "
+        f"({f'{len(ds.classes)} classes' if ds.has_labels else 'unlabeled'})")
+    return root, name, meta
+
+
+def folder_meta(image_root, dataset: str) -> dict | None:
+    """The :data:`FOLDER_META` of a folder staged by :func:`prepare_folder`, or None (Fashion-MNIST)."""
+    path = Path(image_root) / dataset / FOLDER_META
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 # --------------------------------------------------------------------------- the official code (child)
 
 
-def _install_official_shims(threads: int) -> None:
-    """Runtime shims that let the official GPU/DDP code run unmodified in one CPU process.
+def _install_official_shims(threads: int, device: str = "cpu") -> None:
+    """Runtime shims that let the official GPU/DDP code run unmodified in one CPU process
+    (``device`` "cuda": only those a one-GPU run needs, marked (all) below).
 
-    * ``torch._six`` (removed from torch): ``string_classes``, ``int_classes``, ``inf``;
+    * (all) ``torch._six`` (removed from torch): ``string_classes``, ``int_classes``, ``inf``;
+    * (all) a one-process group's environment (``MASTER_ADDR``, a free ``MASTER_PORT``, rank 0 of 1);
     * ``Tensor.cuda`` / ``Module.cuda`` return the object itself (everything stays on the CPU);
       ``torch.cuda.set_device`` / ``empty_cache`` do nothing, ``current_device`` returns 0;
     * ``dist.init_process_group`` uses gloo instead of nccl (world size 1, rank 0, env://), so
       ``barrier`` / ``broadcast`` / ``all_gather`` / ``all_reduce`` and DDP work;
     * ``DistributedDataParallel`` drops ``device_ids`` / ``output_device`` (CPU modules);
     * ``torch.cuda.amp.GradScaler`` is constructed disabled (amp is off in every config);
-    * ``torchvision.transforms.functional_pil`` (removed from torchvision; DigPro's test transform
+    * (all) ``torchvision.transforms.functional_pil`` (removed from torchvision; DigPro's test transform
       calls its ``resize``, bilinear by default): a module with that one function.
     """
     import math
@@ -298,6 +390,14 @@ def _install_official_shims(threads: int) -> None:
     six.inf = math.inf
     sys.modules["torch._six"] = six
     torch._six = six
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"})
+    _install_functional_pil()
+    if device != "cpu":
+        return
 
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.nn.Module.cuda = lambda self, *a, **k: self
@@ -313,12 +413,6 @@ def _install_official_shims(threads: int) -> None:
         return original_init("gloo", *args, **kwargs)
 
     dist.init_process_group = init_process_group
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"})
-
     base = torch.nn.parallel.DistributedDataParallel
 
     class CpuDDP(base):
@@ -328,18 +422,6 @@ def _install_official_shims(threads: int) -> None:
             super().__init__(module, *args, **kwargs)
 
     torch.nn.parallel.DistributedDataParallel = CpuDDP
-
-    from PIL import Image
-
-    fpil = types.ModuleType("torchvision.transforms.functional_pil")
-
-    def pil_resize(img, size, interpolation=Image.BILINEAR):
-        """PIL resize to (h, w) = ``size``: the old public torchvision helper DigPro's test transform calls."""
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return img.resize((w, h), interpolation)
-
-    fpil.resize = pil_resize
-    sys.modules["torchvision.transforms.functional_pil"] = fpil
     try:
         scaler = torch.cuda.amp.GradScaler
 
@@ -353,6 +435,23 @@ def _install_official_shims(threads: int) -> None:
         torch.cuda.amp.GradScaler = CpuScaler
     except AttributeError:
         pass
+
+
+def _install_functional_pil() -> None:
+    """``torchvision.transforms.functional_pil`` with its ``resize`` (see :func:`_install_official_shims`)."""
+    import types
+
+    from PIL import Image
+
+    fpil = types.ModuleType("torchvision.transforms.functional_pil")
+
+    def pil_resize(img, size, interpolation=Image.BILINEAR):
+        """PIL resize to (h, w) = ``size``: the old public torchvision helper DigPro's test transform calls."""
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return img.resize((w, h), interpolation)
+
+    fpil.resize = pil_resize
+    sys.modules["torchvision.transforms.functional_pil"] = fpil
 
 
 def _official_config(args, data_root: Path, dataset: str) -> dict:
@@ -378,7 +477,7 @@ def run_official_child(args) -> None:
 
     import yaml
 
-    _install_official_shims(args.threads)
+    _install_official_shims(args.threads, args.device)
     repo = Path(args.official_root) / OFFICIAL_REPOS[args.method]
     sys.path.insert(0, str(repo))
     if args.method == "propos":  # DigPro vendors its own torch_clustering
@@ -386,7 +485,7 @@ def run_official_child(args) -> None:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "parity.yml"
-    config_path.write_text(yaml.safe_dump(_official_config(args, Path(args.data_root), args.dataset)))
+    config_path.write_text(yaml.safe_dump(_official_config(args, Path(args.image_root), args.dataset)))
     record_path = Path(args.record)
 
     import models.basic_template as basic_template  # noqa: E402  (after the shims and sys.path)
@@ -431,7 +530,7 @@ def run_official_child(args) -> None:
                                            if "predictor" not in g.get("name", "")))
         losses.clear()
         _append_jsonl(record_path, record)
-        log(f"official {args.method} seed {args.seed} epoch {epoch}: NMI {record['nmi']:.3f} "
+        log(f"official {args.method} seed {args.seed} epoch {epoch}: {nmi_text(record)} "
             f"largest {record['largest_share']:.2f} std {record['feature_std']:.4f}")
         clock["t"] = time.perf_counter()
         if epoch >= args.epochs:
@@ -451,11 +550,12 @@ def run_official_child(args) -> None:
         dist.destroy_process_group()
 
 
-def _install_cc_shims(image_dir: Path) -> None:
+def _install_cc_shims(image_dir: Path, device: str = "cpu") -> None:
     """The runtime shims the official CC ``train.py`` needs on top of :func:`_install_official_shims`.
 
-    * ``Tensor.to`` / ``Module.to`` map a CUDA device (``'cuda'``, ``torch.device('cuda')``) to the
-      CPU: ``train.py`` moves the model, the batches and the losses with ``.to('cuda')``;
+    * on the CPU (``device`` "cpu"), ``Tensor.to`` / ``Module.to`` map a CUDA device (``'cuda'``,
+      ``torch.device('cuda')``) to the CPU: ``train.py`` moves the model, the batches and the losses
+      with ``.to('cuda')``;
     * a ``cv2`` module without functions (``modules/transform.py`` imports OpenCV for its Gaussian
       blur, which the CIFAR branch never builds; the official environment has no OpenCV);
     * ``torchvision.datasets.CIFAR10`` returns the harness's image folder (torchvision's
@@ -488,8 +588,9 @@ def _install_cc_shims(image_dir: Path) -> None:
 
         cls.to = to
 
-    patch_to(torch.Tensor)
-    patch_to(torch.nn.Module)
+    if device == "cpu":
+        patch_to(torch.Tensor)
+        patch_to(torch.nn.Module)
 
     if "cv2" not in sys.modules:
         try:
@@ -529,11 +630,11 @@ def run_official_cc_child(args) -> None:
 
     import torch
 
-    _install_official_shims(args.threads)
+    _install_official_shims(args.threads, args.device)
     repo = Path(args.official_root) / OFFICIAL_REPOS["cc"]
     sys.path.insert(0, str(repo))
-    image_dir = Path(args.data_root) / args.dataset
-    _install_cc_shims(image_dir)
+    image_dir = Path(args.image_root) / args.dataset
+    _install_cc_shims(image_dir, args.device)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config").symlink_to(repo / "config", target_is_directory=True)  # train.py reads ./config/
@@ -587,9 +688,9 @@ def run_official_cc_child(args) -> None:
         states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
         was_training = model.training
         feats: list = []
-        hook = model.resnet.register_forward_hook(lambda m, i, o: feats.append(o.detach()))
+        hook = model.resnet.register_forward_hook(lambda m, i, o: feats.append(o.detach().cpu()))
         try:
-            pred, gt = official_cluster.inference(eval_loader, model, torch.device("cpu"))
+            pred, gt = official_cluster.inference(eval_loader, model, torch.device(args.device))
         finally:
             hook.remove()
             model.train(was_training)
@@ -610,7 +711,7 @@ def run_official_cc_child(args) -> None:
             record["train_seconds"] = clock["train"]
         losses.clear()
         _append_jsonl(record_path, record)
-        log(f"official cc seed {args.seed} epoch {epoch}: NMI {record['nmi']:.3f} "
+        log(f"official cc seed {args.seed} epoch {epoch}: {nmi_text(record)} "
             f"largest {record['largest_share']:.2f} std {record['feature_std']:.4f}")
         clock["t"] = time.perf_counter()
 
@@ -632,7 +733,7 @@ def run_official_cc_child(args) -> None:
     torch.utils.data.DataLoader = ObservedLoader
     s = CC_SETTING
     os.chdir(run_dir)  # train.py reads ./config/config.yaml and creates --model_path
-    sys.argv = [str(repo / "train.py"), "--dataset", "CIFAR-10", "--dataset_dir", str(args.data_root),
+    sys.argv = [str(repo / "train.py"), "--dataset", "CIFAR-10", "--dataset_dir", str(args.image_root),
                 "--resnet", s["resnet"], "--image_size", str(s["image_size"]), "--batch_size", str(args.batch_size),
                 "--epochs", str(args.schedule_epochs), "--workers", str(s["loader_workers"]), "--seed", str(args.seed),
                 "--model_path", str(run_dir / "save"), "--feature_dim", str(s["feature_dim"]),
@@ -755,6 +856,21 @@ def _cc_probe_class():
     return CCParityProbe
 
 
+def clusterkit_overrides(args) -> list[str]:
+    """The ``--set`` overrides of a clusterkit child's recipe: the harness's data, seed, schedule, batch,
+    threads and device; for a ``--data-root`` folder its resolution (``data.decode_size``) and, without
+    class folders, ``data.labels=none``; then ``--extra-set``."""
+    overrides = [f"data.root={Path(args.image_root) / args.dataset}", f"run.seed={args.seed}",
+                 f"schedule.epochs={args.schedule_epochs}", f"data.batch_size={args.batch_size}",
+                 f"run.threads={args.threads}", "run.progress=false", f"run.device={args.device}"]
+    meta = folder_meta(args.image_root, args.dataset)
+    if meta is not None:
+        overrides.append(f"data.decode_size={meta['decode_size'] or 'null'}")
+        if not meta["labelled"]:
+            overrides.append("data.labels=none")
+    return overrides + list(args.extra_set)
+
+
 def run_clusterkit_child(args) -> None:
     """Child process: clusterkit's Trainer on the parity recipe plus the probe plugin."""
     import torch
@@ -766,11 +882,7 @@ def run_clusterkit_child(args) -> None:
     from clusterkit.trainer import Trainer
 
     torch.set_num_threads(args.threads)
-    raw = load_raw(RECIPES[args.method])
-    overrides = [f"data.root={Path(args.data_root) / args.dataset}", f"run.seed={args.seed}",
-                 f"schedule.epochs={args.schedule_epochs}", f"data.batch_size={args.batch_size}",
-                 f"run.threads={args.threads}", "run.progress=false", *args.extra_set]
-    raw = apply_overrides(raw, overrides)
+    raw = apply_overrides(load_raw(RECIPES[args.method]), clusterkit_overrides(args))
     raw["plugins"]["parity_probe"] = {"record": str(args.record), "stop_after": args.epochs}
     if raw.get("allow_plugins") is not None or autoload_disabled():
         raw["allow_plugins"] = [*(raw.get("allow_plugins") or []), "parity_probe"]
@@ -828,6 +940,10 @@ def _run_key(args, method: str, system: str, seed: int) -> dict:
     key = {"method": method, "system": system, "seed": seed, "limit": args.limit, "batch_size": args.batch_size,
            "schedule_epochs": args.schedule_epochs, "threads": args.threads,
            "setting": SETTING if method in ESTEP_METHODS else CC_SETTING}
+    if getattr(args, "data_meta", None):  # a --data-root folder (the Fashion-MNIST keys stay as they were)
+        key["data"] = args.data_meta["name"]
+    if getattr(args, "device", "cpu") != "cpu":
+        key["device"] = args.device
     if system == "clusterkit":
         # the recipe as resolved through its `extends` chain: a change to a paper recipe it
         # inherits from (e.g. data.pipeline) is a different run
@@ -863,6 +979,35 @@ def _header(path: Path) -> dict | None:
     return row.get("key") if isinstance(row, dict) else None
 
 
+def prepare_data(args) -> tuple[Path, str]:
+    """The images of the runs: Fashion-MNIST's PNGs (:func:`prepare_images`), or the ``--data-root``
+    folder staged (:func:`prepare_folder`; then ``args.data_meta`` holds its description).  Stops
+    with a message when the folder has fewer images than one batch."""
+    if args.data_root is None:
+        args.data_meta = None
+        return prepare_images(args.work, args.limit)
+    root, name, meta = prepare_folder(args.work, args.data_root, args.limit)
+    if meta["images"] < args.batch_size:
+        raise SystemExit(f"--data-root '{args.data_root}' holds {meta['images']} images, fewer than one batch "
+                         f"(--batch-size {args.batch_size}); both systems drop the last incomplete batch, so "
+                         "nothing would train. Pass a smaller --batch-size or a folder with more images.")
+    args.data_meta = {**meta, "name": name}
+    return root, name
+
+
+def data_words(args) -> str:
+    """The run's images in words, for the reports."""
+    meta = getattr(args, "data_meta", None)
+    if not meta:
+        return f"the first {args.limit} Fashion-MNIST test images written as 28x28 PNGs"
+    how = (f"labelled by {len(meta['classes'])} class folders" if meta["labelled"]
+           else "unlabeled (no class folders: no NMI / ACC / ARI)")
+    some = f"a seeded random {meta['images']} of the images" if meta.get("limit") else f"the {meta['images']} images"
+    size = (f"{meta['decode_size']} px squares, clusterkit's crops cut from that size" if meta["decode_size"]
+            else "of several sizes, decoded by clusterkit to image_size squares")
+    return f"{some} of the folder `{meta['source_name']}` (`--data-root`), {how}, {size}"
+
+
 def run_one(args, method: str, system: str, seed: int, data_root: Path, dataset: str) -> list[dict]:
     """Run (or reuse) one (method, system, seed) in its own subprocess; returns its records."""
     key = _run_key(args, method, system, seed)
@@ -884,8 +1029,8 @@ def run_one(args, method: str, system: str, seed: int, data_root: Path, dataset:
     cmd = [str(python), str(Path(__file__).resolve()), "--child", system, "--method", method, "--seed", str(seed),
            "--epochs", str(args.epochs), "--schedule-epochs", str(args.schedule_epochs),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--record", str(record),
-           "--run-dir", str(run_dir), "--data-root", str(data_root), "--dataset", dataset,
-           "--official-root", str(args.official_root)]
+           "--run-dir", str(run_dir), "--image-root", str(data_root), "--dataset", dataset,
+           "--official-root", str(args.official_root), "--device", args.device]
     for item in args.extra_set:
         cmd += ["--extra-set", item]
     if args.clusterkit_raw_pixels:
@@ -959,9 +1104,11 @@ def compare(results: dict, method: str, epochs: int) -> tuple[list[str], dict]:
         if not o or not c:
             continue
         onmi = [r["nmi"] for r in o]
-        lo, hi, mean = min(onmi), max(onmi), float(np.mean(onmi))
+        labelled = None not in onmi and all(r["nmi"] is not None for r in c)
+        mean = float(np.mean(onmi)) if labelled else None
         oshare = float(np.mean([r["largest_share"] for r in o]))
-        nmi_ok = [lo <= r["nmi"] <= hi or abs(r["nmi"] - mean) <= NMI_TOL for r in c]
+        nmi_ok = ([min(onmi) <= r["nmi"] <= max(onmi) or abs(r["nmi"] - mean) <= NMI_TOL for r in c]
+                  if labelled else [])
         share_ok = [abs(r["largest_share"] - oshare) <= SHARE_TOL for r in c]
         verdict["checked"] += len(c)
         verdict["nmi_ok"] += sum(nmi_ok)
@@ -971,7 +1118,7 @@ def compare(results: dict, method: str, epochs: int) -> tuple[list[str], dict]:
         speed = f"{np.mean(osec):.1f} / {np.mean(csec):.1f}" if osec and csec else ""
         lines.append("| " + " | ".join([
             str(e), " ".join(_fmt(x) for x in onmi), _fmt(mean), " ".join(_fmt(r["nmi"]) for r in c),
-            "yes" if all(nmi_ok) else "**no**", f"{oshare:.1%}",
+            ("yes" if all(nmi_ok) else "**no**") if labelled else "n/a (unlabeled)", f"{oshare:.1%}",
             " ".join(f"{r['largest_share']:.1%}" for r in c), "yes" if all(share_ok) else "**no**", speed]) + " |")
     return lines, verdict
 
@@ -981,8 +1128,14 @@ def command_line(args) -> str:
     parts = ["python", "benchmarks/parity.py", "--methods", *args.methods, "--systems", *args.systems,
              "--seeds", *map(str, args.seeds), "--epochs", str(args.epochs), "--schedule-epochs",
              str(args.schedule_epochs)]
-    if args.limit != 5000:
+    data_root = getattr(args, "data_root", None)
+    if data_root is not None:
+        path = Path(data_root).resolve()
+        parts += ["--data-root", str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name]
+    if (args.limit != 5000) if data_root is None else (args.limit is not None):
         parts += ["--limit", str(args.limit)]
+    if getattr(args, "device", "cpu") != "cpu":
+        parts += ["--device", args.device]
     if args.batch_size != 256:
         parts += ["--batch-size", str(args.batch_size)]
     if args.threads != 2:
@@ -1030,8 +1183,10 @@ def write_report(args, results: dict) -> None:
                       "Per epoch, each clusterkit seed's NMI must lie within the official code's spread over "
                       f"the seeds or within ±{NMI_TOL} of the official mean, and its largest-cluster share "
                       f"within ±{SHARE_TOL:.2f} of the official mean.", "", *rows, "",
-                      f"NMI criterion met in {verdict['nmi_ok']} of {verdict['checked']} (epoch, seed) cells; "
-                      f"largest-cluster criterion in {verdict['share_ok']} of {verdict['checked']}.", ""]
+                      (f"NMI criterion met in {verdict['nmi_ok']} of {verdict['checked']} (epoch, seed) cells; "
+                       if not getattr(args, "data_meta", None) or args.data_meta["labelled"] else
+                       "Unlabeled data: the NMI criterion is not checked; ")
+                      + f"largest-cluster criterion in {verdict['share_ok']} of {verdict['checked']}.", ""]
         table = per_epoch_table if method in ESTEP_METHODS else per_epoch_table_cc
         for system in args.systems:
             for seed, records in sorted(results.get((method, system), {}).items()):
@@ -1082,7 +1237,7 @@ def _estep_header(args, commits: dict) -> list[str]:
         f"source digest {_source_digest()} of clusterkit/ and plugins/ including uncommitted changes)."
         + (f" Extra overrides of the clusterkit runs: `{' '.join(args.extra_set)}`." if args.extra_set else ""),
         "",
-        f"Setting (issue 13): the first {args.limit} Fashion-MNIST test images written as 28x28 PNGs and read "
+        f"Setting (issue 13): {data_words(args)} and read "
         "as an image folder by both (RGB, ImageNet normalisation), standard-stem ResNet-18 with torchvision's "
         f"init, 32 px, batch {args.batch_size}, {args.epochs} epochs of a {args.schedule_epochs}-epoch cosine "
         "schedule with 5 warm-up epochs, K = 10, lr 0.05, wd 5e-4, EMA 0.996, PSL weight 0.1 at temperature "
@@ -1135,7 +1290,7 @@ def _cc_header(args, commits: dict) -> list[str]:
         + (" **Diagnostic run: clusterkit fed raw [0, 1] pixels (`--clusterkit-raw-pixels`).**" if raw_pixels
            else ""),
         "",
-        f"CC setting (issue 13): the first {args.limit} Fashion-MNIST test images written as 28x28 PNGs and read "
+        f"CC setting (issue 13): {data_words(args)} and read "
         f"as an image folder by both (RGB), standard-stem ResNet-18 with torchvision's init, {s['image_size']} px, "
         f"batch {args.batch_size} (drop_last), {args.epochs} epochs, Adam lr {s['lr']:g} (constant), weight decay "
         f"{s['weight_decay']:g}, instance temperature {s['instance_temperature']}, cluster temperature "
@@ -1181,7 +1336,15 @@ def parse_args(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--epochs", type=int, default=6, help="epochs to run (of the schedule)")
     p.add_argument("--schedule-epochs", type=int, default=30, help="length of the lr schedule")
-    p.add_argument("--limit", type=int, default=5000, help="use the first N test images (quick checks)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="Fashion-MNIST: the first N test images (default 5000, at most 10000); --data-root: a "
+                        "seeded random subset of N images (default: all)")
+    p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                   help="train on this image folder instead of Fashion-MNIST: class sub-folders (<class>/<image>, "
+                        "scored by NMI/ACC/ARI) or images at any depth (unlabeled: no NMI/ACC/ARI), as clusterkit's "
+                        "imagefolder reads it; staged once under --work as links both systems read the same way")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where both systems train (cuda: the official code runs as written, on one GPU)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--out", default=str(DEFAULT_OUT))
@@ -1206,14 +1369,31 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--record", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
-    p.add_argument("--data-root", help=argparse.SUPPRESS)
+    p.add_argument("--image-root", help=argparse.SUPPRESS)
     p.add_argument("--dataset", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.epochs < 1 or args.epochs > args.schedule_epochs:
         p.error("--epochs must be between 1 and --schedule-epochs")
-    if args.limit < args.batch_size or args.limit > 10000:
-        p.error("--limit must be at least --batch-size and at most 10000")
+    check_data_args(p, args)
     return args
+
+
+def check_data_args(p: argparse.ArgumentParser, args) -> None:
+    """``--limit`` and ``--data-root`` (shared with benchmarks/speed_vs_official.py): Fashion-MNIST's
+    default limit is 5000 of its 10000 test images; a folder's default is all of its images."""
+    if args.child:
+        return
+    if args.data_root is None:
+        if args.limit is None:
+            args.limit = 5000
+        if args.limit < args.batch_size or args.limit > 10000:
+            p.error("--limit must be at least --batch-size and at most 10000 (Fashion-MNIST has 10000 test images)")
+    else:
+        if not args.data_root.is_dir():
+            p.error(f"--data-root '{args.data_root}' is not a folder: pass a folder of images (class sub-folders for "
+                    "labelled data, or images at any depth)")
+        if args.limit is not None and args.limit < args.batch_size:
+            p.error("--limit must be at least --batch-size")
 
 
 def main(argv=None) -> None:
@@ -1229,7 +1409,7 @@ def main(argv=None) -> None:
     if "official" in args.systems and not Path(args.official_python).exists():
         raise SystemExit(f"The official code's python '{args.official_python}' does not exist; create that "
                          "environment (see --help) or pass --official-python.")
-    data_root, dataset = prepare_images(args.work, args.limit)
+    data_root, dataset = prepare_data(args)
     results: dict = {}
     for method in args.methods:
         for system in args.systems:
