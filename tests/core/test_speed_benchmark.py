@@ -7,11 +7,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torchvision
 from conftest import image_tree
 from PIL import Image
@@ -243,3 +245,48 @@ def test_others_cpu_share_counts_only_other_processes(speed):
     assert speed.others_share({**before, "busy": None}, after) is None
     snap = speed.cpu_snapshot()
     assert snap["ours"] > 0 and snap["wall"] > 0
+
+
+# --------------------------------------------------------------------------- benchmarks/gpu_check.sh
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the check would run")
+def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
+    out = tmp_path / "gpu_check.md"
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--python", sys.executable,
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 3, res.stderr
+    message = " ".join(res.stderr.split())
+    assert "gpu_check.sh: no GPU is present: torch.cuda.is_available() is False" in message
+    assert "nothing was run" in message and "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_gpu_check_names_a_python_without_clusterkit_and_bad_options(tmp_path):
+    script = str(REPO / "benchmarks" / "gpu_check.sh")
+    res = subprocess.run(["bash", script, "--python", str(tmp_path / "no-python")], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and "cannot import clusterkit and torch" in res.stderr
+    res = subprocess.run(["bash", script, "--frobnicate"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "unknown option '--frobnicate'" in res.stderr
+
+
+# --------------------------------------------------------------------------- benchmarks/gpu_projection.py
+
+
+def test_gpu_projection_counts_traffic_and_projects_from_its_stated_assumptions():
+    spec = importlib.util.spec_from_file_location("gpu_projection", REPO / "benchmarks" / "gpu_projection.py")
+    proj = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(proj)
+    x = torch.ones(4, 8)
+    with proj.Traffic() as traffic:
+        (x * 2).sum()
+    assert traffic.ops == 2
+    assert traffic.bytes == (32 + 32) * 4 + (32 + 1) * 4  # mul reads 32 floats, writes 32; sum reads 32, writes 1
+    meta = {"rn50_flops": 8e9, "jpeg_decode_s": 0.001}
+    row = {"forwards": 8, "flops": 1e9, "bytes_per_image": 1e6, "batch": 100, "ops_per_batch": 1000,
+           "per_image_cpu_s": 0.002}
+    p = proj.project(meta, row, {"step_scale": 1.0, "bandwidth": 2e12})
+    assert p["need"] == pytest.approx(proj.RN50_A100_IMAGES_PER_S * 3 * 8e9 / 8e9)
+    assert p["batched"] == pytest.approx(100 / (1e8 / 1e12 + 1000 * proj.LAUNCH_SECONDS))
+    assert p["workers"] == pytest.approx(8 / 0.002) and p["workers_decoding"] == pytest.approx(8 / 0.003)
