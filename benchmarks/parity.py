@@ -1226,6 +1226,19 @@ def _clusterkit_augmentation(args, methods) -> str:
     return " / ".join(f"{words.get(k, k)} (`data.pipeline: {k}`)" for k in kinds)
 
 
+def _crop_source(args) -> str:
+    """Where both systems cut their random crops from, in words (Fashion-MNIST or a ``--data-root`` folder)."""
+    meta = getattr(args, "data_meta", None)
+    if not meta:
+        return ("both cut the random crops from the stored 28 px images (clusterkit's recipes set "
+                "`data.decode_size: 28`) and resize them to 32 px")
+    if meta["decode_size"]:
+        return (f"both cut the random crops from the stored {meta['decode_size']} px images (clusterkit "
+                f"decodes at that size, `data.decode_size: {meta['decode_size']}`) and resize them to 32 px")
+    return ("the official code cuts its random crops from the files at their own sizes, clusterkit from the "
+            "images decoded to 32 px squares (the files differ in size), both resizing them to 32 px")
+
+
 def _estep_header(args, commits: dict) -> list[str]:
     """The report's paragraphs on the ProPos / DigPro runs (setting, protocol, inherent differences)."""
     commits = {k: v for k, v in commits.items() if "Contrastive-Clustering" not in k}
@@ -1251,8 +1264,7 @@ def _estep_header(args, commits: dict) -> list[str]:
         "",
         "What the harness cannot make identical (inherent to the two code bases, not to be confused with "
         "training differences):",
-        "- Augmentation: both cut the random crops from the stored 28 px images (clusterkit's recipes set "
-        "`data.decode_size: 28`) and resize them to 32 px, but the official code does it per image with PIL in "
+        "- Augmentation: " + _crop_source(args) + ", but the official code does it per image with PIL in "
         f"two loader workers (ColorJitter rounding to uint8 after each operation), clusterkit "
         f"{_clusterkit_augmentation(args, ('propos', 'digpro'))} with its own random stream. The E-step images: "
         "official ProPos `PIL.Image.resize` "
