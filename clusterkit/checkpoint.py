@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["TRUST_ENV", "atomic_save", "atomic_write", "atomic_write_text", "latest_checkpoint", "load_checkpoint",
-           "load_latest_checkpoint", "read_summary", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["TRUST_ENV", "atomic_save", "atomic_write", "atomic_write_text", "checkpoint_file", "latest_checkpoint",
+           "load_checkpoint", "load_latest_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
 #: The environment variable that lets ``torch.load`` unpickle any object (run code) from a checkpoint.
 TRUST_ENV = "CLUSTERKIT_TRUST_CHECKPOINTS"
@@ -122,11 +122,16 @@ def _fsync_dir(folder: Path) -> None:
         pass
 
 
+def checkpoint_file(ckpt_dir: Path, epoch: int) -> Path:
+    """``ckpt_dir/epoch_XXXX.pt``: where the checkpoint of ``epoch`` (0-based) is written."""
+    return Path(ckpt_dir) / f"epoch_{epoch:04d}.pt"
+
+
 def save_checkpoint(obj: dict, ckpt_dir: Path, epoch: int, keep_last: int) -> Path:
     """Save ``obj`` as ``ckpt_dir/epoch_XXXX.pt`` atomically and prune older ones."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"epoch_{epoch:04d}.pt"
+    path = checkpoint_file(ckpt_dir, epoch)
     atomic_save(obj, path)
     for old in _checkpoints(ckpt_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
@@ -219,28 +224,6 @@ def load_latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
     raise RunDirError(f"No checkpoint in '{ckpt_dir}' can be read: {'; '.join(bad)}. They are truncated or "
                       "corrupt (a full disk, or a copy cut short); copy the run directory again from where it "
                       "was made, or start the run anew.")
-
-
-def read_summary(run_dir: Path) -> dict | None:
-    """A run's ``summary.json`` (None while the run is unfinished); RunDirError when it exists
-    but is not a JSON object (a truncated copy)."""
-    import json
-
-    from .errors import RunDirError
-
-    path = Path(run_dir) / "summary.json"
-    if not path.exists():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"The run's summary '{path}' cannot be read ({type(exc).__name__}: "
-                          f"{' '.join(str(exc).split())}); it is truncated or corrupt. Resume the run with "
-                          "--resume to write it again, or delete it to use the run as an unfinished one.") from None
-    if not isinstance(summary, dict):
-        raise RunDirError(f"The run's summary '{path}' holds no JSON object; resume the run with --resume to "
-                          "write it again, or delete it.")
-    return summary
 
 
 def rng_state() -> dict:

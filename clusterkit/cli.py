@@ -24,6 +24,7 @@ import textwrap
 from pathlib import Path
 
 from .errors import ClusterkitError
+from .rundir import CHECKPOINTS, PLOTS, RunDir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,13 +70,13 @@ def _parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="draw a run's plots (convergence, losses, t-SNE, montage, confusion)")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or a compare --out folder")
-    plot.add_argument("--out", help="folder for the PNG files (default: RUN_DIR/plots)")
+    plot.add_argument("--out", help=f"folder for the PNG files (default: RUN_DIR/{PLOTS})")
     plot.add_argument("--max-points", type=int, default=2000, help="t-SNE subsample size (default: 2000)")
     plot.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present, else cpu)")
     plot.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     predict = sub.add_parser("predict", help="cluster new images with a finished run's model")
-    predict.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (holds checkpoints/)")
+    predict.add_argument("run_dir", metavar="RUN_DIR", help=f"the run directory (holds {CHECKPOINTS}/)")
     predict.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE",
                          help="image files (PNG, JPEG, ...) or folders, searched recursively")
     predict.add_argument("--out", help="CSV file to write (default: print the CSV)")
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     ck = sub.add_parser("choose-k", help="score K = 2..30 clusters of a run's final features without labels")
-    ck.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (holds checkpoints/)")
+    ck.add_argument("run_dir", metavar="RUN_DIR", help=f"a trained run directory (holds {CHECKPOINTS}/)")
     ck.add_argument("--k", default="2:30", metavar="RANGE",
                     help="cluster counts: FIRST:LAST (inclusive), FIRST:LAST:STEP or a list 5,10,20 (default: 2:30)")
     ck.add_argument("--criterion", default="silhouette", choices=["silhouette", "calinski_harabasz", "davies_bouldin"],
@@ -101,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     ex = sub.add_parser("export", help="write a run's images into one folder per cluster, most confident first")
-    ex.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (holds checkpoints/)")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help=f"a trained run directory (holds {CHECKPOINTS}/)")
     ex.add_argument("--to", required=True, metavar="DIR", help="a new (or empty) folder for cluster_NN/ folders")
     how = ex.add_mutually_exclusive_group()
     how.add_argument("--link", dest="mode", action="store_const", const="link",
@@ -133,8 +134,6 @@ def cmd_run(args) -> int:
 
 
 def _run(args, recipe) -> int:
-    from .runlock import release_run_dir
-
     new = not args.resume and (args.out is None or not Path(args.out).exists())
     run_dir = _prepare_run_dir(args, recipe)
     args.run_started = True  # from here an interruption leaves a run to resume (see _main)
@@ -142,23 +141,10 @@ def _run(args, recipe) -> int:
         return _train(args, recipe, run_dir)
     except BaseException:
         if new:
-            _remove_if_empty(run_dir)
+            RunDir(run_dir).remove_if_empty()
         raise
     finally:
-        release_run_dir(run_dir)
-
-
-def _remove_if_empty(run_dir: Path) -> None:
-    """A run that failed before writing anything (a plugin or data error) leaves no empty
-    run directory behind."""
-    from .runlock import LOCK_NAME, release_run_dir
-
-    if run_dir.is_dir() and all(p.name == LOCK_NAME for p in run_dir.iterdir()):
-        release_run_dir(run_dir)
-        try:
-            run_dir.rmdir()
-        except OSError:
-            pass
+        RunDir(run_dir).release()
 
 
 def _prepare_run_dir(args, recipe) -> Path:
@@ -166,18 +152,17 @@ def _prepare_run_dir(args, recipe) -> Path:
     must hold a checkpoint; a new one is made (its name may hold the time).  Rank 0 tells the
     other ranks the path, or its error, which every rank then raises (none waits)."""
     from . import distributed
-    from .runlock import lock_run_dir
-    from .trainer import check_resumable, make_run_dir
 
     made = None
     if distributed.is_main():
         try:
             if args.resume:
-                check_resumable(Path(args.resume))
-                lock_run_dir(args.resume)
+                resumed = RunDir(args.resume)
+                resumed.check_resumable()
+                resumed.lock()
                 made = str(args.resume)
             else:
-                made = str(make_run_dir(recipe, args.out, args.force))
+                made = str(RunDir.create(recipe, args.out, args.force).path)
         except Exception as exc:  # every rank raises it, none waits for a directory
             made = exc
     made = distributed.broadcast_object(made)
@@ -228,7 +213,7 @@ def print_run_summary(summary: dict, name: str, k: int, run_dir: Path) -> None:
             print(f"{row}: {m['unavailable']}")
         elif unlabeled and m.get("quality"):
             print(f"{row} ({m['seconds']:.1f}s), " + quality_line(m["quality"], k) + " (on its UMAP embedding)")
-    print(f"\nsummary: {run_dir / 'summary.json'}")
+    print(f"\nsummary: {RunDir(run_dir).summary_file}")
 
 
 def quality_line(q: dict, k: int) -> str:
@@ -366,7 +351,7 @@ def cmd_plot(args) -> int:
 
     require_matplotlib()
     run_dir = Path(args.run_dir)
-    if (run_dir / "compare.json").exists() and not (run_dir / "recipe.yaml").exists():
+    if (run_dir / "compare.json").exists() and not RunDir(run_dir).recipe_file.exists():
         from .compare import plot_compare_dir
 
         paths = [plot_compare_dir(run_dir, args.out)]

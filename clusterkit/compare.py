@@ -49,6 +49,7 @@ import attrs
 
 from .errors import ClusterkitError, RecipeError, RunDirError
 from .outputs import check_output_folder
+from .rundir import RECIPE, RunDir
 
 __all__ = ["compare", "CompareResult", "RunResult", "RecipeRow", "aggregate", "recipe_differences",
            "IGNORED_KEYS", "STD_NOTE"]
@@ -142,9 +143,7 @@ def _labels(paths: Sequence[str], names: Sequence[str | None]) -> list[str]:
 
 def _plan(run_dir: Path, recipe) -> str:
     """"reuse", "resume" or "start" for ``run_dir`` (RunDirError when it holds another recipe)."""
-    from .checkpoint import latest_checkpoint
-
-    summary = run_dir / "summary.json"
+    summary = RunDir(run_dir).summary_file
     if summary.exists():
         try:
             done = json.loads(summary.read_text())
@@ -155,7 +154,7 @@ def _plan(run_dir: Path, recipe) -> str:
         raise RunDirError(f"'{run_dir}' holds a finished run of a different recipe "
                           f"({_recipe_change(run_dir, recipe)}). Delete that folder to rerun it, or pass "
                           "another --out.")
-    if latest_checkpoint(run_dir / "checkpoints") is not None:
+    if RunDir(run_dir).latest_checkpoint() is not None:
         return "resume"
     return "start"
 
@@ -164,28 +163,24 @@ def _same_recipe(run_dir: Path, recipe) -> bool:
     """Whether the run's recipe.yaml, re-read through today's schema, is ``recipe``: a run made
     before a key was added to clusterkit (at its default, e.g. data.labels) is the same recipe,
     though its hash differs."""
-    import yaml
-
     from .recipe import load_recipe
 
     try:
-        return load_recipe(data=yaml.safe_load((run_dir / "recipe.yaml").read_text())).to_dict() == recipe.to_dict()
+        return load_recipe(data=RunDir(run_dir).read_recipe()).to_dict() == recipe.to_dict()
     except Exception:  # noqa: BLE001 - unreadable: not the same
         return False
 
 
 def _recipe_change(run_dir: Path, recipe) -> str:
-    import yaml
-
     from .recipe import load_recipe
     from .show import differing_keys
 
     try:
-        old = load_recipe(data=yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+        old = load_recipe(data=RunDir(run_dir).read_recipe())
         diff = differing_keys([old.to_dict(), recipe.to_dict()])
         return "; ".join(f"{k}: {_fmt_value(a)} -> {_fmt_value(b)}" for k, (a, b) in diff) or "formatting only"
     except Exception:  # noqa: BLE001 - only for the message
-        return "its recipe.yaml cannot be read"
+        return f"its {RECIPE} cannot be read"
 
 
 def _error_text(exc: BaseException) -> str:
@@ -227,11 +222,9 @@ def _run_isolated(path: str, overrides: list[str], seed: int, run_dir: Path, res
             except (AttributeError, ValueError):  # a captured stream without a buffer
                 sys.stderr.write(chunk.decode(errors="replace"))
     rc = proc.wait()
-    if rc != 0 or not (run_dir / "summary.json").exists():
+    if rc != 0 or not RunDir(run_dir).summary_file.exists():
         text = tail.decode(errors="replace")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.txt").write_text(f"$ {shlex.join(cmd)}\n(exit status {rc}; the end of its stderr)\n\n"
-                                           f"{text}")
+        RunDir(run_dir).write_error(f"$ {shlex.join(cmd)}\n(exit status {rc}; the end of its stderr)\n\n{text}")
         raise _ChildFailed(_child_error(text, rc))
 
 
@@ -240,23 +233,22 @@ class _ChildFailed(Exception):
 
 
 def _run_in_process(recipe, run_dir: Path, resume: bool) -> None:
-    from .runlock import lock_run_dir, release_run_dir
-    from .trainer import Trainer, make_run_dir
+    from .trainer import Trainer
 
+    run = RunDir(run_dir)
     if not resume:
-        make_run_dir(recipe, str(run_dir), force=True)
+        RunDir.create(recipe, run_dir, force=True)
     else:
-        lock_run_dir(run_dir)
+        run.lock()
     try:
         Trainer(recipe, run_dir, resume=resume).fit()
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
+        run.write_error("".join(traceback.format_exception(exc)))
         raise
     finally:
-        release_run_dir(run_dir)
+        run.release()
 
 
 # -- aggregation -----------------------------------------------------------------------------------
@@ -396,8 +388,8 @@ def write_markdown(res: CompareResult, seeds: Sequence[int], command: str, isola
     if failures:
         w("\n## Failures\n\n")
         for run in failures:
-            where = f" (details: `{run.run_dir / 'error.txt'}`)" if run.run_dir and \
-                (run.run_dir / "error.txt").exists() else ""
+            where = f" (details: `{RunDir(run.run_dir).error_file}`)" if run.run_dir and \
+                RunDir(run.run_dir).error_file.exists() else ""
             w(f"- **{_md_cell(run.label)}**, seed {run.seed}: {_md_cell(run.error)}{where}\n")
     return out.getvalue()
 
@@ -641,14 +633,14 @@ def compare(recipes: Sequence[str | os.PathLike], seeds: Sequence[int] = (0, 1, 
                     result.how = "reused"
                     say(f"{head}: reused the finished run in {run_dir}")
                 else:
-                    (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier failed attempt
+                    RunDir(run_dir).error_file.unlink(missing_ok=True)  # from an earlier failed attempt
                     result.how = "resumed" if plan == "resume" else "started"
                     say(f"{head}: {'resuming' if plan == 'resume' else 'training'} -> {run_dir}")
                     if isolate:
                         _run_isolated(path, overrides, seed, run_dir, plan == "resume", say, quiet_runs)
                     else:
                         _run_in_process(recipe, run_dir, plan == "resume")
-                result.summary = json.loads((run_dir / "summary.json").read_text())
+                result.summary = json.loads(RunDir(run_dir).summary_file.read_text())
                 result.status = "ok"
                 m = result.summary["metrics"]
                 done_in = "" if plan == "reuse" else f" in {time.perf_counter() - t0:.0f} s"
@@ -774,8 +766,8 @@ def plot_compare_dir(out: str | os.PathLike, plot_dir: str | os.PathLike | None 
     for r in info["runs"]:
         run_dir = Path(r["run_dir"]) if r["run_dir"] else None
         summary = None
-        if r["status"] == "ok" and run_dir is not None and (run_dir / "summary.json").exists():
-            summary = json.loads((run_dir / "summary.json").read_text())
+        if r["status"] == "ok" and run_dir is not None and RunDir(run_dir).summary_file.exists():
+            summary = json.loads(RunDir(run_dir).summary_file.read_text())
         runs.append(RunResult(r["label"], r["seed"], run_dir, r["status"] if summary else "failed",
                               summary=summary))
     target = Path(plot_dir) if plot_dir is not None else out

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .errors import ClusterkitError
+from .rundir import CONTENTS, METRICS_LOG, RunDir
 
 __all__ = ["MissingDependency", "require_matplotlib", "plot_convergence", "plot_losses", "plot_tsne",
            "plot_montage", "plot_confusion", "plot_run", "METRICS", "QUALITY_CURVES"]
@@ -163,7 +164,7 @@ def plot_losses(records: list[dict], path: str | Path, title: str | None = None)
 
     terms = loss_terms(records)
     if not terms:
-        raise ClusterkitError("The run's metrics.jsonl holds no loss values yet (no finished epoch); train at "
+        raise ClusterkitError(f"The run's {METRICS_LOG} holds no loss values yet (no finished epoch); train at "
                               "least one epoch before plotting its losses.")
     cols = min(3, len(terms))
     rows = math.ceil(len(terms) / cols)
@@ -394,7 +395,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, max_points:
     from .errors import RecipeError, RunDirError
     from .inference import load
     from .outputs import check_output_folder
-    from .show import epoch_records
 
     require_matplotlib()
     run_dir = Path(run_dir)
@@ -404,12 +404,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, max_points:
     if not run_dir.is_dir():
         raise RunDirError(f"Run directory '{run_dir}' does not exist"
                           f"{' (it is a file)' if run_dir.exists() else ''}. Pass the folder a run wrote (it holds "
-                          "recipe.yaml, metrics.jsonl and checkpoints/), or a compare --out folder.")
-    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+                          f"{CONTENTS}), or a compare --out folder.")
+    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).plots
     check_output_folder(out, "--out")  # before the model is loaded and the data embedded
     model = load(run_dir, device)
     name = f"{model.recipe.name} (epoch {model.epoch})"
-    records = epoch_records(run_dir)
+    records = RunDir(run_dir).epoch_records()
     ds = model.eval_dataset()
     targets = ds.targets if ds.has_labels else None  # unlabeled: nothing to match clusters to
     paths = [plot_convergence({model.recipe.name: [records]}, out / "convergence.png", title=name,
