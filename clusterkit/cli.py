@@ -347,13 +347,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from .compare import COMPARE_FILE, plot_compare_dir
     from .plots import plot_run, require_matplotlib
 
     require_matplotlib()
     run_dir = Path(args.run_dir)
-    if (run_dir / "compare.json").exists() and not RunDir(run_dir).recipe_file.exists():
-        from .compare import plot_compare_dir
-
+    if (run_dir / COMPARE_FILE).exists() and not RunDir(run_dir).recipe_file.exists():
         paths = [plot_compare_dir(run_dir, args.out)]
     else:
         paths = plot_run(run_dir, args.out, max_points=args.max_points, device=args.device)

@@ -166,7 +166,7 @@ def _versions() -> dict:
 
 def _diff(a: dict, b: dict) -> list[str]:
     """``"key: old -> new"`` lines for the dotted keys where two nested dicts differ."""
-    from .show import differing_keys
+    from .recipe import differing_keys
 
     return [f"{key}: {va!r} -> {vb!r}" for key, (va, vb) in differing_keys([a, b])]
 

@@ -277,7 +277,7 @@ def test_compare_reuses_a_run_made_before_data_labels_existed(tmp_path):
 
     from conftest import TINY
 
-    from clusterkit.compare import _plan
+    from clusterkit.compare.plan import plan_run
     from clusterkit.recipe import load_recipe
 
     recipe = load_recipe(data=copy.deepcopy(TINY))
@@ -287,7 +287,7 @@ def test_compare_reuses_a_run_made_before_data_labels_existed(tmp_path):
     run.mkdir()
     (run / "recipe.yaml").write_text(yaml.safe_dump(old))
     (run / "summary.json").write_text(json.dumps({"recipe_hash": "0123456789ab"}))
-    assert _plan(run, recipe) == "reuse"
+    assert plan_run(run, recipe) == "reuse"
     changed = load_recipe(data={**copy.deepcopy(TINY), "schedule": {"epochs": 7}})
     with pytest.raises(Exception, match="different recipe"):
-        _plan(run, changed)
+        plan_run(run, changed)
