@@ -30,7 +30,7 @@ import attrs
 import yaml
 
 from .data.augment import AugmentParams
-from .data.datasets import file_kind
+from .data.decode import file_kind
 from .errors import RecipeError
 from .schema import build, in_range, non_negative, plain_name, positive, positive_finite, unstructure
 

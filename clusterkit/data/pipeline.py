@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clusterkit.data.augment import BatchedTwoView, PerImageTwoView
-from clusterkit.data.datasets import collate_batched
+from clusterkit.data.dataset import collate_batched
 from clusterkit.errors import RecipeError
 
 __all__ = ["PIPELINES", "TrainPipeline", "TwoViewDataset", "available_cores", "build_train_pipeline"]

@@ -198,7 +198,7 @@ def test_unlabeled_run_resumes_to_the_same_end(unlabeled_pair, tmp_path, restore
 
 
 def test_unlabeled_run_predicts_new_images(unlabeled_pair, tmp_path, capsys):
-    from clusterkit.data.datasets import _digits_arrays
+    from clusterkit.data.readers import _digits_arrays
 
     _, run = unlabeled_pair["none"]
     images = _digits_arrays()[0][:6, 0]
