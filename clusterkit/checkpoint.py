@@ -27,9 +27,15 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .cluster.kmeans import KMeansPredictor
+    from .errors import DiskFullError, UntrustedCheckpointError
+    from .state import TrainState
 
 __all__ = ["TRUST_ENV", "atomic_save", "atomic_write", "atomic_write_text", "checkpoint_file", "latest_checkpoint",
            "load_checkpoint", "load_latest_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
@@ -47,7 +53,7 @@ def _tmp_path(path: Path) -> Path:
 _open = open  # the file opener of the atomic writes (a test swaps in one whose disk fills up)
 
 
-def atomic_save(obj, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file, fsync, then rename it over ``path``.
 
     Raises DiskFullError (the temporary file removed, ``path`` as it was) when the disk fills up."""
@@ -59,7 +65,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda fh: fh.write(text))
 
 
-def atomic_write(path: str | os.PathLike, write, mode: str = "w", **open_kwargs) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any], mode: str = "w", **open_kwargs: Any) -> None:
     """Call ``write(file)`` on a temporary file beside ``path`` (opened with ``mode`` and
     ``open_kwargs``), fsync it and rename it over ``path``: a reader sees the old file or the
     whole new one.  Whatever fails, the temporary file is removed; a full disk raises DiskFullError."""
@@ -91,7 +97,7 @@ def _disk_full(exc: BaseException) -> bool:
     return False
 
 
-def _disk_full_error(path: Path, written: int):
+def _disk_full_error(path: Path, written: int) -> DiskFullError:
     from .errors import DiskFullError
 
     try:
@@ -177,7 +183,7 @@ def load_checkpoint(path: Path) -> dict:
         raise _untrusted(Path(path)) from None
 
 
-def _untrusted(path: Path):
+def _untrusted(path: Path) -> UntrustedCheckpointError:
     from .errors import UntrustedCheckpointError
 
     try:  # read from the pickle's opcodes, nothing is run
@@ -230,7 +236,7 @@ def rng_state() -> dict:
     """The process's RNG states as tensors and plain data (what ``weights_only`` loading reads):
     numpy's Mersenne Twister state as ``{"keys": int64 tensor (624,), "pos", "has_gauss",
     "cached_gaussian"}``."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state = {"torch": torch.get_rng_state(),
              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
@@ -253,7 +259,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def restore_training_state(state, plugins: dict, core_predictor, ckpt: dict) -> None:
+def restore_training_state(state: TrainState, plugins: dict, core_predictor: KMeansPredictor, ckpt: dict) -> None:
     """Load a checkpoint's model weights and training state into a built run: ``state.model``,
     ``step``, ``epoch`` (the checkpoint's, 0-based), ``pseudo_labels``, ``centers``,
     ``extra``, each plugin's :meth:`~clusterkit.plugin.Plugin.load_state_dict` and the core
@@ -287,7 +293,7 @@ def restore_training_state(state, plugins: dict, core_predictor, ckpt: dict) -> 
     core_predictor.load_state_dict(core["predict"])
 
 
-def _legacy_plugin_buffers(weights: dict, model, plugins: dict) -> tuple[dict, dict]:
+def _legacy_plugin_buffers(weights: dict, model: torch.nn.ModuleDict, plugins: dict) -> tuple[dict, dict]:
     """Split a checkpoint's model weights into those of ``model`` and, per plugin, the buffers of a
     module ``<plugin name>.*`` that this run's ``state.model`` no longer has (older checkpoints kept
     plugin state there): ``(weights for model, {plugin name: {buffer name: tensor}})``."""
