@@ -27,12 +27,18 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import numpy as np
 import torch
 
-__all__ = ["TRUST_ENV", "atomic_save", "atomic_write", "atomic_write_text", "latest_checkpoint", "load_checkpoint",
-           "load_latest_checkpoint", "read_summary", "rng_state", "save_checkpoint", "set_rng_state"]
+if TYPE_CHECKING:
+    from .cluster.kmeans import KMeansPredictor
+    from .errors import DiskFullError, UntrustedCheckpointError
+    from .state import TrainState
+
+__all__ = ["TRUST_ENV", "atomic_save", "atomic_write", "atomic_write_text", "checkpoint_file", "latest_checkpoint",
+           "load_checkpoint", "load_latest_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
 #: The environment variable that lets ``torch.load`` unpickle any object (run code) from a checkpoint.
 TRUST_ENV = "CLUSTERKIT_TRUST_CHECKPOINTS"
@@ -47,7 +53,7 @@ def _tmp_path(path: Path) -> Path:
 _open = open  # the file opener of the atomic writes (a test swaps in one whose disk fills up)
 
 
-def atomic_save(obj, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file, fsync, then rename it over ``path``.
 
     Raises DiskFullError (the temporary file removed, ``path`` as it was) when the disk fills up."""
@@ -59,7 +65,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda fh: fh.write(text))
 
 
-def atomic_write(path: str | os.PathLike, write, mode: str = "w", **open_kwargs) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any], mode: str = "w", **open_kwargs: Any) -> None:
     """Call ``write(file)`` on a temporary file beside ``path`` (opened with ``mode`` and
     ``open_kwargs``), fsync it and rename it over ``path``: a reader sees the old file or the
     whole new one.  Whatever fails, the temporary file is removed; a full disk raises DiskFullError."""
@@ -91,7 +97,7 @@ def _disk_full(exc: BaseException) -> bool:
     return False
 
 
-def _disk_full_error(path: Path, written: int):
+def _disk_full_error(path: Path, written: int) -> DiskFullError:
     from .errors import DiskFullError
 
     try:
@@ -122,11 +128,16 @@ def _fsync_dir(folder: Path) -> None:
         pass
 
 
+def checkpoint_file(ckpt_dir: Path, epoch: int) -> Path:
+    """``ckpt_dir/epoch_XXXX.pt``: where the checkpoint of ``epoch`` (0-based) is written."""
+    return Path(ckpt_dir) / f"epoch_{epoch:04d}.pt"
+
+
 def save_checkpoint(obj: dict, ckpt_dir: Path, epoch: int, keep_last: int) -> Path:
     """Save ``obj`` as ``ckpt_dir/epoch_XXXX.pt`` atomically and prune older ones."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"epoch_{epoch:04d}.pt"
+    path = checkpoint_file(ckpt_dir, epoch)
     atomic_save(obj, path)
     for old in _checkpoints(ckpt_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
@@ -172,7 +183,7 @@ def load_checkpoint(path: Path) -> dict:
         raise _untrusted(Path(path)) from None
 
 
-def _untrusted(path: Path):
+def _untrusted(path: Path) -> UntrustedCheckpointError:
     from .errors import UntrustedCheckpointError
 
     try:  # read from the pickle's opcodes, nothing is run
@@ -221,33 +232,11 @@ def load_latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
                       "was made, or start the run anew.")
 
 
-def read_summary(run_dir: Path) -> dict | None:
-    """A run's ``summary.json`` (None while the run is unfinished); RunDirError when it exists
-    but is not a JSON object (a truncated copy)."""
-    import json
-
-    from .errors import RunDirError
-
-    path = Path(run_dir) / "summary.json"
-    if not path.exists():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"The run's summary '{path}' cannot be read ({type(exc).__name__}: "
-                          f"{' '.join(str(exc).split())}); it is truncated or corrupt. Resume the run with "
-                          "--resume to write it again, or delete it to use the run as an unfinished one.") from None
-    if not isinstance(summary, dict):
-        raise RunDirError(f"The run's summary '{path}' holds no JSON object; resume the run with --resume to "
-                          "write it again, or delete it.")
-    return summary
-
-
 def rng_state() -> dict:
     """The process's RNG states as tensors and plain data (what ``weights_only`` loading reads):
     numpy's Mersenne Twister state as ``{"keys": int64 tensor (624,), "pos", "has_gauss",
     "cached_gaussian"}``."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state = {"torch": torch.get_rng_state(),
              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
@@ -270,7 +259,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def restore_training_state(state, plugins: dict, core_predictor, ckpt: dict) -> None:
+def restore_training_state(state: TrainState, plugins: dict, core_predictor: KMeansPredictor, ckpt: dict) -> None:
     """Load a checkpoint's model weights and training state into a built run: ``state.model``,
     ``step``, ``epoch`` (the checkpoint's, 0-based), ``pseudo_labels``, ``centers``,
     ``extra``, each plugin's :meth:`~clusterkit.plugin.Plugin.load_state_dict` and the core
@@ -304,7 +293,7 @@ def restore_training_state(state, plugins: dict, core_predictor, ckpt: dict) -> 
     core_predictor.load_state_dict(core["predict"])
 
 
-def _legacy_plugin_buffers(weights: dict, model, plugins: dict) -> tuple[dict, dict]:
+def _legacy_plugin_buffers(weights: dict, model: torch.nn.ModuleDict, plugins: dict) -> tuple[dict, dict]:
     """Split a checkpoint's model weights into those of ``model`` and, per plugin, the buffers of a
     module ``<plugin name>.*`` that this run's ``state.model`` no longer has (older checkpoints kept
     plugin state there): ``(weights for model, {plugin name: {buffer name: tensor}})``."""

@@ -229,15 +229,15 @@ def choose_k(run_dir: str | os.PathLike, ks: Sequence[int], *, out: str | os.Pat
     features), or whose outputs exist (without ``force``); RecipeError for a range with a K
     of at least the number of images.
     """
-    from .checkpoint import latest_checkpoint
     from .inference import load
+    from .rundir import CHECKPOINTS, RunDir
 
     run_dir = Path(run_dir)
     if criterion not in CRITERIA:
         raise RecipeError(f"Unknown criterion '{criterion}'; choose one of {', '.join(CRITERIA)}.")
-    if run_dir.is_dir() and latest_checkpoint(run_dir / "checkpoints") is None:
+    if run_dir.is_dir() and RunDir(run_dir).latest_checkpoint() is None:
         raise RunDirError(f"choose-k clusters the features of a trained model, but '{run_dir}' holds no checkpoint "
-                          "(checkpoints/epoch_*.pt), so there are no features to cluster. Train the run for at "
+                          f"({CHECKPOINTS}/epoch_*.pt), so there are no features to cluster. Train the run for at "
                           "least one epoch (clusterkit run RECIPE --out DIR), or pass another run directory.")
     if isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1:
         raise RecipeError(f"--n-init must be at least 1 (the k-means restarts per K; the best is kept), got "

@@ -24,13 +24,26 @@ import textwrap
 from pathlib import Path
 
 from .errors import ClusterkitError
+from .rundir import CHECKPOINTS, PLOTS, RunDir
+
+_DEVICE_HELP = "cpu, cuda, ... (default: CUDA when present, else cpu)"
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The ``clusterkit`` argument parser: one sub-command per verb (docs/gen_reference.py
+    writes the command-line reference from it)."""
     p = argparse.ArgumentParser(prog="clusterkit", description="Contrastive deep clustering with plugins.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_plugins, _add_new_plugin, _add_compare, _add_plot, _add_predict, _add_show,
+                _add_choose_k, _add_export):
+        command = add(sub)
+        # --debug after the verb too (clusterkit run --debug ...), not shown in its help
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return p
 
+
+def _add_run(sub) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train a recipe")
     run.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -38,20 +51,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: run.out_dir/<name>/<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     run.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
-    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return run
 
+
+def _add_plugins(sub) -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list installed plugins, their hooks and parameters")
     plugins.add_argument("--params", metavar="NAME", help="show one plugin's parameters with their docs")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.add_argument("--core", action="store_true",
                          help="list the core recipe keys (data, model, optim, schedule, ...) with their docs")
-    plugins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return plugins
 
+
+def _add_new_plugin(sub) -> argparse.ArgumentParser:
     new = sub.add_parser("new-plugin", help="write a ready-to-install plugin package skeleton")
     new.add_argument("name", metavar="NAME", help="the plugin's name in recipes, a lower-case identifier, e.g. my_loss")
     new.add_argument("--dir", default=".", help="folder to create the package folder in (default: .)")
-    new.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return new
 
+
+def _add_compare(sub) -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="run recipes x seeds and write comparison tables and plots")
     compare.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files to put side by side")
     compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N",
@@ -65,31 +84,39 @@ def _parser() -> argparse.ArgumentParser:
                          help="replace the results of a different comparison in --out")
     compare.add_argument("--in-process", action="store_true",
                          help="run in this process instead of one process per run (peak memory then accumulates)")
-    compare.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return compare
 
+
+def _add_plot(sub) -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="draw a run's plots (convergence, losses, t-SNE, montage, confusion)")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or a compare --out folder")
-    plot.add_argument("--out", help="folder for the PNG files (default: RUN_DIR/plots)")
+    plot.add_argument("--out", help=f"folder for the PNG files (default: RUN_DIR/{PLOTS})")
     plot.add_argument("--max-points", type=int, default=2000, help="t-SNE subsample size (default: 2000)")
-    plot.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present, else cpu)")
-    plot.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    plot.add_argument("--device", help=_DEVICE_HELP)
+    return plot
 
+
+def _add_predict(sub) -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="cluster new images with a finished run's model")
-    predict.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (holds checkpoints/)")
+    predict.add_argument("run_dir", metavar="RUN_DIR", help=f"the run directory (holds {CHECKPOINTS}/)")
     predict.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE",
                          help="image files (PNG, JPEG, ...) or folders, searched recursively")
     predict.add_argument("--out", help="CSV file to write (default: print the CSV)")
-    predict.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present, else cpu)")
-    predict.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    predict.add_argument("--device", help=_DEVICE_HELP)
+    return predict
 
+
+def _add_show(sub) -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print a run's summary, recipe diff and metrics table")
     show.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
     show.add_argument("--base", metavar="RECIPE_OR_RUN_DIR",
                       help="diff the recipe against this recipe file or run (default: clusterkit's defaults)")
-    show.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return show
 
+
+def _add_choose_k(sub) -> argparse.ArgumentParser:
     ck = sub.add_parser("choose-k", help="score K = 2..30 clusters of a run's final features without labels")
-    ck.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (holds checkpoints/)")
+    ck.add_argument("run_dir", metavar="RUN_DIR", help=f"a trained run directory (holds {CHECKPOINTS}/)")
     ck.add_argument("--k", default="2:30", metavar="RANGE",
                     help="cluster counts: FIRST:LAST (inclusive), FIRST:LAST:STEP or a list 5,10,20 (default: 2:30)")
     ck.add_argument("--criterion", default="silhouette", choices=["silhouette", "calinski_harabasz", "davies_bouldin"],
@@ -97,20 +124,21 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--n-init", type=int, default=3, help="k-means restarts per K (default: 3)")
     ck.add_argument("--out", help="folder for choose_k.csv/.json/.png (default: RUN_DIR/choose_k)")
     ck.add_argument("--force", action="store_true", help="replace the files of an earlier choose-k in --out")
-    ck.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present, else cpu)")
-    ck.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    ck.add_argument("--device", help=_DEVICE_HELP)
+    return ck
 
+
+def _add_export(sub) -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a run's images into one folder per cluster, most confident first")
-    ex.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (holds checkpoints/)")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help=f"a trained run directory (holds {CHECKPOINTS}/)")
     ex.add_argument("--to", required=True, metavar="DIR", help="a new (or empty) folder for cluster_NN/ folders")
     how = ex.add_mutually_exclusive_group()
     how.add_argument("--link", dest="mode", action="store_const", const="link",
                      help="symbolic links to the original files (the default)")
     how.add_argument("--copy", dest="mode", action="store_const", const="copy", help="copies of the files")
     ex.add_argument("--top", type=int, metavar="N", help="only each cluster's N most confident images")
-    ex.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present, else cpu)")
-    ex.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return p
+    ex.add_argument("--device", help=_DEVICE_HELP)
+    return ex
 
 
 def _fmt(v) -> str:
@@ -133,8 +161,6 @@ def cmd_run(args) -> int:
 
 
 def _run(args, recipe) -> int:
-    from .runlock import release_run_dir
-
     new = not args.resume and (args.out is None or not Path(args.out).exists())
     run_dir = _prepare_run_dir(args, recipe)
     args.run_started = True  # from here an interruption leaves a run to resume (see _main)
@@ -142,23 +168,10 @@ def _run(args, recipe) -> int:
         return _train(args, recipe, run_dir)
     except BaseException:
         if new:
-            _remove_if_empty(run_dir)
+            RunDir(run_dir).remove_if_empty()
         raise
     finally:
-        release_run_dir(run_dir)
-
-
-def _remove_if_empty(run_dir: Path) -> None:
-    """A run that failed before writing anything (a plugin or data error) leaves no empty
-    run directory behind."""
-    from .runlock import LOCK_NAME, release_run_dir
-
-    if run_dir.is_dir() and all(p.name == LOCK_NAME for p in run_dir.iterdir()):
-        release_run_dir(run_dir)
-        try:
-            run_dir.rmdir()
-        except OSError:
-            pass
+        RunDir(run_dir).release()
 
 
 def _prepare_run_dir(args, recipe) -> Path:
@@ -166,18 +179,17 @@ def _prepare_run_dir(args, recipe) -> Path:
     must hold a checkpoint; a new one is made (its name may hold the time).  Rank 0 tells the
     other ranks the path, or its error, which every rank then raises (none waits)."""
     from . import distributed
-    from .runlock import lock_run_dir
-    from .trainer import check_resumable, make_run_dir
 
     made = None
     if distributed.is_main():
         try:
             if args.resume:
-                check_resumable(Path(args.resume))
-                lock_run_dir(args.resume)
+                resumed = RunDir(args.resume)
+                resumed.check_resumable()
+                resumed.lock()
                 made = str(args.resume)
             else:
-                made = str(make_run_dir(recipe, args.out, args.force))
+                made = str(RunDir.create(recipe, args.out, args.force).path)
         except Exception as exc:  # every rank raises it, none waits for a directory
             made = exc
     made = distributed.broadcast_object(made)
@@ -228,7 +240,7 @@ def print_run_summary(summary: dict, name: str, k: int, run_dir: Path) -> None:
             print(f"{row}: {m['unavailable']}")
         elif unlabeled and m.get("quality"):
             print(f"{row} ({m['seconds']:.1f}s), " + quality_line(m["quality"], k) + " (on its UMAP embedding)")
-    print(f"\nsummary: {run_dir / 'summary.json'}")
+    print(f"\nsummary: {RunDir(run_dir).summary_file}")
 
 
 def quality_line(q: dict, k: int) -> str:
@@ -244,56 +256,70 @@ def quality_line(q: dict, k: int) -> str:
 
 
 def cmd_plugins(args) -> int:
-    from .errors import PluginError
-    from .plugin_manager import AUTOLOAD_ENV, describe, hidden_plugins, name_conflicts
-    from .schema import did_you_mean
+    from .plugin_manager import AUTOLOAD_ENV, hidden_plugins, name_conflicts
 
     if args.core:
         return _print_core_keys(args.json)
     found, clashes = name_conflicts()  # a name two packages register is listed, marked, not fatal
     # third-party plugins CLUSTERKIT_DISABLE_PLUGIN_AUTOLOAD keeps out
     hidden = {n: i for n, i in hidden_plugins(strict=False).items() if n not in found}
-    if args.params:
-        if args.params in hidden:
-            raise PluginError(f"Plugin '{args.params}' (package '{hidden[args.params].package}') is installed but "
+    infos = _plugin_infos(args.params, found, clashes, hidden)
+    if args.json:
+        print(json.dumps(infos, indent=2, default=str))
+        return 0
+    for d in infos:
+        _print_plugin(d, with_docs=bool(args.params))
+    if hidden and not args.params:
+        print(f"clusterkit: {AUTOLOAD_ENV} is set: {len(hidden)} third-party plugin(s) not loaded: "
+              f"{', '.join(sorted(hidden))}", file=sys.stderr)
+    return 0
+
+
+def _plugin_infos(name: str | None, found: dict, clashes: dict, hidden: dict) -> list[dict]:
+    """The description of plugin ``name`` (every plugin when None), with the packages of a name
+    registered twice; PluginError for a plugin that is hidden or unknown."""
+    from .errors import PluginError
+    from .plugin_manager import AUTOLOAD_ENV, describe
+    from .schema import did_you_mean
+
+    if name:
+        if name in hidden:
+            raise PluginError(f"Plugin '{name}' (package '{hidden[name].package}') is installed but "
                               f"not loaded: {AUTOLOAD_ENV} is set. Unset it to see the plugin, or name it in a "
                               "recipe's allow_plugins to use it.")
-        if args.params not in found:
-            raise PluginError(f"No plugin named '{args.params}'.{did_you_mean(args.params, found)} "
+        if name not in found:
+            raise PluginError(f"No plugin named '{name}'.{did_you_mean(name, found)} "
                               f"Installed: {', '.join(sorted(found))}.")
-        infos = [describe(found[args.params])]
+        infos = [describe(found[name])]
     else:
         infos = [describe(info) for _, info in sorted(found.items())]
     for d in infos:
         if d["name"] in clashes:
             d["conflict"] = [f"{i.package} {i.version} ({i.value})" for i in clashes[d["name"]]]
-    if args.json:
-        print(json.dumps(infos, indent=2, default=str))
-        return 0
-    for d in infos:
-        print(f"{d['name']}  [{d['source']}]")
-        if d["source"] != f"{d['package']} {d['version']}":  # a third party's source already names both
-            print(f"  package: {d['package']} {d['version']}")
-        if "conflict" in d:
-            print(f"  CONFLICT: this name is registered by {' and by '.join(d['conflict'])}; a recipe that uses "
-                  f"'{d['name']}' fails until one package is uninstalled or renames its entry point "
-                  "(listed here: the first)")
-        if "error" in d:
-            print(f"  failed to import: {d['error']}")
-            continue
-        if d["doc"]:
-            print(textwrap.fill(d["doc"], 88, initial_indent="  ", subsequent_indent="  "))
-        print(f"  hooks:  {', '.join(d['hooks'])}")
-        if d["params"]:
-            print("  params:")
-            for name, tp, default, doc in d["params"]:
-                line = f"    {name}: {tp} = {default!r}"
-                print(line + (f"  -- {doc}" if doc and args.params else ""))
-        print()
-    if hidden and not args.params:
-        print(f"clusterkit: {AUTOLOAD_ENV} is set: {len(hidden)} third-party plugin(s) not loaded: "
-              f"{', '.join(sorted(hidden))}", file=sys.stderr)
-    return 0
+    return infos
+
+
+def _print_plugin(d: dict, with_docs: bool) -> None:
+    """One plugin as ``clusterkit plugins`` lists it (``with_docs``: each parameter's doc too)."""
+    print(f"{d['name']}  [{d['source']}]")
+    if d["source"] != f"{d['package']} {d['version']}":  # a third party's source already names both
+        print(f"  package: {d['package']} {d['version']}")
+    if "conflict" in d:
+        print(f"  CONFLICT: this name is registered by {' and by '.join(d['conflict'])}; a recipe that uses "
+              f"'{d['name']}' fails until one package is uninstalled or renames its entry point "
+              "(listed here: the first)")
+    if "error" in d:
+        print(f"  failed to import: {d['error']}")
+        return
+    if d["doc"]:
+        print(textwrap.fill(d["doc"], 88, initial_indent="  ", subsequent_indent="  "))
+    print(f"  hooks:  {', '.join(d['hooks'])}")
+    if d["params"]:
+        print("  params:")
+        for name, tp, default, doc in d["params"]:
+            line = f"    {name}: {tp} = {default!r}"
+            print(line + (f"  -- {doc}" if doc and with_docs else ""))
+    print()
 
 
 def core_keys() -> list[tuple[str, str, object, str]]:
@@ -362,13 +388,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from .compare import COMPARE_FILE, plot_compare_dir
     from .plots import plot_run, require_matplotlib
 
     require_matplotlib()
     run_dir = Path(args.run_dir)
-    if (run_dir / "compare.json").exists() and not (run_dir / "recipe.yaml").exists():
-        from .compare import plot_compare_dir
-
+    if (run_dir / COMPARE_FILE).exists() and not RunDir(run_dir).recipe_file.exists():
         paths = [plot_compare_dir(run_dir, args.out)]
     else:
         paths = plot_run(run_dir, args.out, max_points=args.max_points, device=args.device)

@@ -86,7 +86,20 @@ def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, mode: str = "l
     pred = model.trainer.predict(feats, fit=False)
     labels, conf = pred.labels.long().cpu(), pred.confidence.float().cpu()
     k = max(model.num_clusters, int(labels.max()) + 1)
-    width = max(2, len(str(k - 1)))
+    rank, sizes = _rank_in_clusters(labels, conf, k)
+    files = ds.paths
+    todo = [i for i in range(len(ds)) if top is None or int(rank[i]) <= top]
+    exported = _write_clusters(ds, to, labels, rank, sizes, todo, mode, progress)
+    how = "PNG" if files is None else {"link": "links", "copy": "copies"}[mode]
+    csv_path = write_csv(to / "assignments.csv", ["path", "cluster", "confidence", "rank", "exported"],
+                         ([os.fsdecode(files[i]) if files is not None else f"{ds.name}[{i}]", int(labels[i]),
+                           f"{float(conf[i]):.6f}", int(rank[i]), exported[i]] for i in range(len(ds))))
+    return {"sizes": sizes, "exported": len(todo), "to": to, "csv": csv_path, "files_from": how,
+            "model": model}
+
+
+def _rank_in_clusters(labels: torch.Tensor, conf: torch.Tensor, k: int) -> tuple[torch.Tensor, dict[int, int]]:
+    """``(rank of each image in its cluster, 1 = most confident; {cluster: size})``."""
     rank = torch.empty_like(labels)
     sizes: dict[int, int] = {}
     for c in range(k):
@@ -94,14 +107,22 @@ def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, mode: str = "l
         sizes[c] = len(members)
         order = members[torch.argsort(-conf[members], stable=True)]
         rank[order] = torch.arange(1, len(order) + 1)
+    return rank, sizes
+
+
+def _write_clusters(ds, to: Path, labels: torch.Tensor, rank: torch.Tensor, sizes: dict[int, int],
+                    todo: list[int], mode: str, progress: bool) -> list[str]:
+    """The ``cluster_NN/`` folders (one per cluster of ``sizes``) with the images of ``todo``
+    (links, copies or PNG files); returns each image's exported path relative to ``to`` ("" for
+    one left out)."""
+    k = len(sizes)
+    width = max(2, len(str(k - 1)))
     digits = max(4, len(str(max(sizes.values(), default=1))))
     files = ds.paths
     to.mkdir(parents=True, exist_ok=True)
     for c in range(k):
         (to / f"cluster_{c:0{width}d}").mkdir()
     exported = [""] * len(ds)
-    todo = [i for i in range(len(ds)) if top is None or int(rank[i]) <= top]
-    how = "PNG" if files is None else {"link": "links", "copy": "copies"}[mode]
     for i in tqdm(todo, desc=f"exporting {len(todo)} images", unit="img", leave=False, disable=not progress):
         folder = to / f"cluster_{int(labels[i]):0{width}d}"
         if files is None:
@@ -110,17 +131,18 @@ def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, mode: str = "l
         else:
             source = Path(files[i])
             target = folder / f"{int(rank[i]):0{digits}d}_{source.name}"
-            if mode == "copy":
-                shutil.copy2(source, target)
-            else:
-                try:
-                    os.symlink(source.resolve(), target)
-                except OSError as exc:
-                    raise RunDirError(f"Cannot make the symbolic link '{target}' ({exc}); this file system may not "
-                                      "support links. Delete the partial export and rerun with --copy.") from None
+            _place(source, target, mode)
         exported[i] = str(target.relative_to(to))
-    csv_path = write_csv(to / "assignments.csv", ["path", "cluster", "confidence", "rank", "exported"],
-                         ([os.fsdecode(files[i]) if files is not None else f"{ds.name}[{i}]", int(labels[i]),
-                           f"{float(conf[i]):.6f}", int(rank[i]), exported[i]] for i in range(len(ds))))
-    return {"sizes": sizes, "exported": len(todo), "to": to, "csv": csv_path, "files_from": how,
-            "model": model}
+    return exported
+
+
+def _place(source: Path, target: Path, mode: str) -> None:
+    """``target`` as a copy of ``source`` or a symbolic link to it (absolute)."""
+    if mode == "copy":
+        shutil.copy2(source, target)
+        return
+    try:
+        os.symlink(source.resolve(), target)
+    except OSError as exc:
+        raise RunDirError(f"Cannot make the symbolic link '{target}' ({exc}); this file system may not "
+                          "support links. Delete the partial export and rerun with --copy.") from None

@@ -38,11 +38,11 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .checkpoint import load_latest_checkpoint, read_summary
 from .data import DATASETS, IMAGE_EXTENSIONS, eval_transform
 from .data.datasets import NotRegularFileError, decode_image_file, fit_square, special_file_kind, to_8bit
 from .errors import DataError, RunDirError
 from .errors import warn as _warn
+from .rundir import CHECKPOINTS, CONTENTS, RunDir
 from .state import Prediction
 
 __all__ = ["ClusterModel", "load", "build_for_inference", "find_images", "read_image"]
@@ -95,13 +95,13 @@ def _run_files(run_dir: Path) -> tuple[Path, dict, dict | None]:
     unfinished); RunDirError if there is none."""
     if not run_dir.is_dir():
         raise RunDirError(f"Run directory '{run_dir}' does not exist. Pass the folder a run wrote (it holds "
-                          "recipe.yaml, metrics.jsonl and checkpoints/), e.g. runs/quickstart/<time>.")
-    found = load_latest_checkpoint(run_dir / "checkpoints")
+                          f"{CONTENTS}), e.g. runs/quickstart/<time>.")
+    found = RunDir(run_dir).load_latest_checkpoint()
     if found is None:
-        raise RunDirError(f"Run directory '{run_dir}' holds no checkpoint (checkpoints/epoch_*.pt), so there is "
+        raise RunDirError(f"Run directory '{run_dir}' holds no checkpoint ({CHECKPOINTS}/epoch_*.pt), so there is "
                           "no model to load. A run writes its first checkpoint at the end of its first epoch; "
                           "train it (clusterkit run RECIPE --out DIR) or pass another run directory.")
-    return *found, read_summary(run_dir)
+    return *found, RunDir(run_dir).read_summary()
 
 
 class ClusterModel:

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from .errors import ClusterkitError
+from .rundir import CONTENTS, METRICS_LOG, RunDir
 
 __all__ = ["MissingDependency", "require_matplotlib", "plot_convergence", "plot_losses", "plot_tsne",
            "plot_montage", "plot_confusion", "plot_run", "METRICS", "QUALITY_CURVES"]
@@ -163,7 +164,7 @@ def plot_losses(records: list[dict], path: str | Path, title: str | None = None)
 
     terms = loss_terms(records)
     if not terms:
-        raise ClusterkitError("The run's metrics.jsonl holds no loss values yet (no finished epoch); train at "
+        raise ClusterkitError(f"The run's {METRICS_LOG} holds no loss values yet (no finished epoch); train at "
                               "least one epoch before plotting its losses.")
     cols = min(3, len(terms))
     rows = math.ceil(len(terms) / cols)
@@ -208,38 +209,16 @@ def plot_tsne(features, labels, path: str | Path, targets=None, class_names: Seq
     are L2-normalised first (the methods cluster them by cosine).  With ``targets`` each
     cluster takes the colour of the class it is Hungarian-matched to.
     """
-    from sklearn.manifold import TSNE
-
     require_matplotlib()
     feats = _as_numpy(features).astype(np.float32)
     labels = _as_numpy(labels).astype(np.int64)
     n_all = len(feats)
-    idx = np.arange(n_all)
-    if n_all > max_points:
-        idx = np.sort(np.random.default_rng(seed).choice(n_all, max_points, replace=False))
-    x = feats[idx] / np.maximum(np.linalg.norm(feats[idx], axis=1, keepdims=True), 1e-12)
-    perplexity = float(min(30.0, max(2.0, (len(idx) - 1) / 3)))
-    emb = TSNE(n_components=2, init="pca", learning_rate="auto", perplexity=perplexity, max_iter=TSNE_ITERATIONS,
-               random_state=seed).fit_transform(x)
+    idx, emb, perplexity = _tsne(feats, max_points, seed)
     clusters = sorted(set(labels.tolist()))
-    if targets is not None:
-        t = _as_numpy(targets).astype(np.int64)
-        classes = sorted(set(t.tolist()))
-        mapping = _match(t, labels)
-        names = list(class_names) if class_names is not None else None
-
-        def name(k: int) -> str:
-            return names[k] if names is not None and 0 <= k < len(names) else str(k)
-
-        colors = _colors(len(classes) + sum(1 for c in clusters if mapping[c] == -1))
-        extra = iter(range(len(classes), len(colors)))
-        cluster_color = {c: colors[classes.index(mapping[c])] if mapping[c] != -1 else colors[next(extra)]
-                         for c in clusters}
-    else:
-        mapping = {}
-        colors = _colors(len(clusters))
-        cluster_color = {c: colors[i] for i, c in enumerate(clusters)}
-    panels = 2 if targets is not None else 1
+    t = _as_numpy(targets).astype(np.int64) if targets is not None else None
+    classes, mapping, colors, cluster_color = _tsne_colours(labels, t, clusters)
+    name = _namer(class_names)
+    panels = 2 if t is not None else 1
     fig = _figure(6.2 * panels, 6.0)
     axes = np.atleast_1d(fig.subplots(1, panels))
     size = 6 if len(idx) > 1000 else 12
@@ -249,7 +228,7 @@ def plot_tsne(features, labels, path: str | Path, targets=None, class_names: Seq
         axes[0].scatter(emb[sel, 0], emb[sel, 1], s=size, color=cluster_color[c], label=f"cluster {c}{to}", lw=0)
     axes[0].set_title("coloured by predicted cluster" + (" (colour of its matched class)" if panels == 2 else ""),
                       fontsize=10)
-    if targets is not None:
+    if t is not None:
         for i, k in enumerate(classes):
             sel = t[idx] == k
             axes[1].scatter(emb[sel, 0], emb[sel, 1], s=size, color=colors[i], label=name(k), lw=0)
@@ -263,6 +242,48 @@ def plot_tsne(features, labels, path: str | Path, targets=None, class_names: Seq
     fig.suptitle(f"{title or 'Run'}: t-SNE of the final features ({shown}; perplexity {perplexity:g})",
                  fontsize=11)
     return _save(fig, path)
+
+
+def _tsne(feats: np.ndarray, max_points: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(indices embedded, their 2-D t-SNE, perplexity)``: at most ``max_points`` rows (a seeded
+    subsample), L2-normalised."""
+    from sklearn.manifold import TSNE
+
+    n_all = len(feats)
+    idx = np.arange(n_all)
+    if n_all > max_points:
+        idx = np.sort(np.random.default_rng(seed).choice(n_all, max_points, replace=False))
+    x = feats[idx] / np.maximum(np.linalg.norm(feats[idx], axis=1, keepdims=True), 1e-12)
+    perplexity = float(min(30.0, max(2.0, (len(idx) - 1) / 3)))
+    emb = TSNE(n_components=2, init="pca", learning_rate="auto", perplexity=perplexity, max_iter=TSNE_ITERATIONS,
+               random_state=seed).fit_transform(x)
+    return idx, emb, perplexity
+
+
+def _tsne_colours(labels: np.ndarray, targets: np.ndarray | None, clusters: list[int]) -> tuple[
+        list[int], dict[int, int], list, dict[int, Any]]:
+    """``(classes, cluster -> matched class (-1: none), colours, cluster -> colour)``: with targets
+    a cluster takes its Hungarian-matched class's colour (an unmatched one a colour of its own)."""
+    if targets is None:
+        colors = _colors(len(clusters))
+        return [], {}, colors, {c: colors[i] for i, c in enumerate(clusters)}
+    classes = sorted(set(targets.tolist()))
+    mapping = _match(targets, labels)
+    colors = _colors(len(classes) + sum(1 for c in clusters if mapping[c] == -1))
+    extra = iter(range(len(classes), len(colors)))
+    cluster_color = {c: colors[classes.index(mapping[c])] if mapping[c] != -1 else colors[next(extra)]
+                     for c in clusters}
+    return classes, mapping, colors, cluster_color
+
+
+def _namer(class_names: Sequence[str] | None) -> Callable[[int], str]:
+    """Class index -> its name (the index itself when there is no name for it)."""
+    names = list(class_names) if class_names is not None else None
+
+    def name(k: int) -> str:
+        return names[k] if names is not None and 0 <= k < len(names) else str(k)
+
+    return name
 
 
 def _cell(image: np.ndarray, scale: int) -> np.ndarray:
@@ -293,11 +314,7 @@ def plot_montage(images, labels, confidence, path: str | Path, targets=None,
     clusters = sorted(sizes, key=lambda c: -sizes[c])[:max_clusters]
     mapping = _match(targets, labels) if targets is not None else {}
     t = _as_numpy(targets).astype(np.int64) if targets is not None else None
-    names = list(class_names) if class_names is not None else None
-
-    def class_name(k: int) -> str:
-        return names[k] if names is not None and 0 <= k < len(names) else str(k)
-
+    class_name = _namer(class_names)
     clusters.sort(key=lambda c: (mapping.get(c, -1) == -1, mapping.get(c, c), c))
     _, _, h, w = images.shape
     scale = max(1, math.ceil(32 / max(h, w))) if max(h, w) < 32 else 1
@@ -394,7 +411,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, max_points:
     from .errors import RecipeError, RunDirError
     from .inference import load
     from .outputs import check_output_folder
-    from .show import epoch_records
 
     require_matplotlib()
     run_dir = Path(run_dir)
@@ -404,12 +420,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, max_points:
     if not run_dir.is_dir():
         raise RunDirError(f"Run directory '{run_dir}' does not exist"
                           f"{' (it is a file)' if run_dir.exists() else ''}. Pass the folder a run wrote (it holds "
-                          "recipe.yaml, metrics.jsonl and checkpoints/), or a compare --out folder.")
-    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+                          f"{CONTENTS}), or a compare --out folder.")
+    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).plots
     check_output_folder(out, "--out")  # before the model is loaded and the data embedded
     model = load(run_dir, device)
     name = f"{model.recipe.name} (epoch {model.epoch})"
-    records = epoch_records(run_dir)
+    records = RunDir(run_dir).epoch_records()
     ds = model.eval_dataset()
     targets = ds.targets if ds.has_labels else None  # unlabeled: nothing to match clusters to
     paths = [plot_convergence({model.recipe.name: [records]}, out / "convergence.png", title=name,

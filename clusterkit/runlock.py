@@ -1,10 +1,11 @@
 """One run at a time in a run directory: an exclusive lock file that holds the owner's pid.
 
-``clusterkit run`` takes ``RUN_DIR/.clusterkit.lock`` before it writes anything there (and
-before ``--force`` removes the old run's files) and removes it when the run ends, however
-it ends.  A second run into the same directory gets a :class:`~clusterkit.errors.RunDirError`
-naming the process that holds it.  A lock left by a process that no longer exists (a run
-killed with SIGKILL, a machine that rebooted) is stale: it is taken over with a note.
+``clusterkit run`` takes ``RUN_DIR/.clusterkit.lock`` (:data:`clusterkit.rundir.LOCK_NAME`)
+before it writes anything there (and before ``--force`` removes the old run's files) and
+removes it when the run ends, however it ends.  A second run into the same directory gets a
+:class:`~clusterkit.errors.RunDirError` naming the process that holds it.  A lock left by a
+process that no longer exists (a run killed with SIGKILL, a machine that rebooted) is stale:
+it is taken over with a note.
 
 The lock is created with ``O_CREAT | O_EXCL``, so two processes that start at the same
 moment cannot both get it.  A lock written on another host cannot be checked from here and
@@ -20,10 +21,9 @@ import sys
 from pathlib import Path
 
 from .errors import RunDirError
+from .rundir import LOCK_NAME
 
 __all__ = ["LOCK_NAME", "lock_run_dir", "release_run_dir"]
-
-LOCK_NAME = ".clusterkit.lock"
 
 _held: dict[Path, Path] = {}  # run directory -> its lock file, held by this process
 

@@ -24,7 +24,7 @@ import difflib
 import math
 import types
 import typing
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 
@@ -98,77 +98,113 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, where)
-            except RecipeError as exc:
-                errors.append(exc)
-        raise errors[0] if len(errors) == 1 else RecipeError(
-            f"'{where}' must be {' or '.join(_type_name(a) for a in args)}, got {value!r}.")
+        return _convert_union(value, args, where)
     if origin is typing.Literal:
         if value in args:
             return value
         raise RecipeError(f"'{where}' must be one of {', '.join(repr(a) for a in args)}, got {value!r}."
                           f"{did_you_mean(value, args)}")
     if attrs.has(tp):
-        if isinstance(value, tp):
-            return value
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise RecipeError(f"'{where}' must be a mapping of keys to values, got {value!r}.")
-        return build(tp, value, where)
+        return _convert_attrs(value, tp, where)
     if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"'{where}' must be a list, got {value!r}.")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise RecipeError(f"'{where}' must have {len(args)} items, got {len(value)}: {value!r}.")
-            items = [_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
-        else:
-            item_tp = args[0] if args else Any
-            items = [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _convert_sequence(value, origin, args, where)
     if origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise RecipeError(f"'{where}' must be a mapping, got {value!r}.")
-        val_tp = args[1] if args else Any
-        return {str(k): _convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-            return value.lower() in ("true", "yes", "on")
-        raise RecipeError(f"'{where}' must be true or false, got {value!r}.")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise RecipeError(f"'{where}' must be an integer, got {value!r}.")
-        try:
-            as_float = float(value)
-        except ValueError:
-            raise RecipeError(f"'{where}' must be an integer, got {value!r}.") from None
-        if not as_float.is_integer():
-            raise RecipeError(f"'{where}' must be an integer, got {value!r}.")
-        return int(as_float)
-    if tp is float:
-        if isinstance(value, bool):
-            raise RecipeError(f"'{where}' must be a number, got {value!r}.")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise RecipeError(f"'{where}' must be a number, got {value!r}.") from None
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise RecipeError(f"'{where}' must be a string, got {value!r}.")
-        return str(value)
+        return _convert_mapping(value, args, where)
+    for scalar, convert in _SCALARS:
+        if tp is scalar:
+            return convert(value, where)
     raise TypeError(f"schema: unsupported annotation {tp!r} at {where}")  # a bug in a schema, not user input
+
+
+def _convert_union(value: Any, args: tuple, where: str) -> Any:
+    """``value`` as the first member of a union that takes it (None for an optional's None)."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, where)
+        except RecipeError as exc:
+            errors.append(exc)
+    raise errors[0] if len(errors) == 1 else RecipeError(
+        f"'{where}' must be {' or '.join(_type_name(a) for a in args)}, got {value!r}.")
+
+
+def _convert_attrs(value: Any, tp: Any, where: str) -> Any:
+    """A nested section (an attrs class) from its mapping (None: every key at its default)."""
+    if isinstance(value, tp):
+        return value
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"'{where}' must be a mapping of keys to values, got {value!r}.")
+    return build(tp, value, where)
+
+
+def _convert_mapping(value: Any, args: tuple, where: str) -> dict:
+    """A ``dict[str, T]``, value by value (None: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"'{where}' must be a mapping, got {value!r}.")
+    val_tp = args[1] if args else Any
+    return {str(k): _convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+
+
+def _convert_sequence(value: Any, origin: Any, args: tuple, where: str) -> list | tuple:
+    """A list, a fixed-length tuple or a variable-length tuple, item by item."""
+    if not isinstance(value, (list, tuple)):
+        raise RecipeError(f"'{where}' must be a list, got {value!r}.")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise RecipeError(f"'{where}' must have {len(args)} items, got {len(value)}: {value!r}.")
+        items = [_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
+    else:
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return value.lower() in ("true", "yes", "on")
+    raise RecipeError(f"'{where}' must be true or false, got {value!r}.")
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise RecipeError(f"'{where}' must be an integer, got {value!r}.")
+    try:
+        as_float = float(value)
+    except ValueError:
+        raise RecipeError(f"'{where}' must be an integer, got {value!r}.") from None
+    if not as_float.is_integer():
+        raise RecipeError(f"'{where}' must be an integer, got {value!r}.")
+    return int(as_float)
+
+
+def _to_float(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise RecipeError(f"'{where}' must be a number, got {value!r}.")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise RecipeError(f"'{where}' must be a number, got {value!r}.") from None
+
+
+def _to_str(value: Any, where: str) -> str:
+    if isinstance(value, (dict, list)) or value is None:
+        raise RecipeError(f"'{where}' must be a string, got {value!r}.")
+    return str(value)
+
+
+#: The scalar annotations a recipe value may have, with their converters.
+_SCALARS: tuple[tuple[type, Callable[[Any, str], Any]], ...] = (
+    (bool, _to_bool), (int, _to_int), (float, _to_float), (str, _to_str))
 
 
 def build(cls, data: dict | None, where: str = ""):

@@ -16,7 +16,6 @@ and, once finished, ``summary.json``.  :func:`show_run` prints
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TextIO
@@ -24,12 +23,14 @@ from typing import TextIO
 import attrs
 import yaml
 
-from .checkpoint import read_summary
 from .cluster.quality import QUALITY_KEYS
-from .errors import RecipeError, RunDirError
+from .errors import RunDirError
+from .recipe import ABSENT as _ABSENT
+from .recipe import differing_keys
+from .rundir import CONTENTS, METRICS_LOG, SUMMARY, RunDir
 
 __all__ = ["show_run", "epoch_records", "step_records", "resolved_dict", "recipe_diff", "differing_keys",
-           "NOT_A_LOSS"]
+           "format_value", "NOT_A_LOSS"]
 
 #: Keys of an epoch record in metrics.jsonl that are not loss terms.
 NOT_A_LOSS = frozenset({"epoch", "step", "lr", "stage", "nmi", "acc", "ari", "collapse_share", "feature_std",
@@ -38,45 +39,18 @@ NOT_A_LOSS = frozenset({"epoch", "step", "lr", "stage", "nmi", "acc", "ari", "co
 TABLE_QUALITY = (("silhouette", "silh"), ("davies_bouldin", "DB"), ("size_entropy", "size_H"),
                  ("min_share", "min_sh"), ("mean_confidence", "conf"))
 
-_ABSENT = "(absent)"
-
 
 # -- metrics.jsonl ---------------------------------------------------------------------------------
 
-def _records(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by a kill
-            continue
-        if not isinstance(record, dict):
-            continue
-        epoch = record.get("epoch")
-        if "epoch" in record and (isinstance(epoch, bool) or not isinstance(epoch, int)):
-            raise RunDirError(f"Line {number} of '{path}' has epoch {epoch!r}, not a whole number, so clusterkit did "
-                              "not write it (the file was edited or damaged). Delete or correct that line (epochs "
-                              "count 1, 2, ...) and run the command again.")
-        out.append(record)
-    return out
-
-
 def epoch_records(run_dir: str | Path) -> list[dict]:
     """The end-of-epoch records of ``metrics.jsonl`` (loss means, NMI/ACC/ARI when evaluated,
-    lr, seconds), one per epoch (the last record of an epoch wins after a resume)."""
-    by_epoch: dict[int, dict] = {}
-    for record in _records(Path(run_dir)):  # every epoch there is a whole number (_records checks)
-        if "seconds" in record and "epoch" in record:
-            by_epoch[record["epoch"]] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
+    lr, seconds), one per epoch (:meth:`clusterkit.rundir.RunDir.epoch_records`)."""
+    return RunDir(run_dir).epoch_records()
 
 
 def step_records(run_dir: str | Path) -> list[dict]:
     """The every-``run.log_every``-steps records of ``metrics.jsonl``."""
-    return [r for r in _records(Path(run_dir)) if "seconds" not in r and "step" in r]
+    return RunDir(run_dir).step_records()
 
 
 def loss_terms(records: list[dict]) -> list[str]:
@@ -129,7 +103,7 @@ def _default_dict(names: list[str]) -> dict:
     return resolved_dict(base)
 
 
-def _flat(value) -> str:
+def format_value(value) -> str:
     if value is _ABSENT:
         return value
     if isinstance(value, (dict, list)):
@@ -137,38 +111,11 @@ def _flat(value) -> str:
     return repr(value)
 
 
-def differing_keys(dicts: list[dict], ignore: tuple[str, ...] = ()) -> list[tuple[str, list]]:
-    """Dotted keys whose values differ between nested dicts: ``[(key, [value per dict])]``.
-
-    Mappings present in every dict are compared key by key; a key missing from some dict
-    shows ``"(absent)"`` for it.  ``ignore``: dotted keys to leave out."""
-    out: list[tuple[str, list]] = []
-
-    def walk(nodes: list, prefix: str) -> None:
-        keys: list = []
-        for node in nodes:
-            for k in node:
-                if k not in keys:
-                    keys.append(k)
-        for k in keys:
-            path = f"{prefix}{k}"
-            if path in ignore:
-                continue
-            values = [node.get(k, _ABSENT) for node in nodes]
-            if all(isinstance(v, dict) for v in values):
-                walk(values, path + ".")
-            elif any(v != values[0] for v in values[1:]):
-                out.append((path, values))
-
-    walk(list(dicts), "")
-    return out
-
-
 def recipe_diff(run_dir: Path, base: str | None = None) -> tuple[str, list[str]]:
     """(what the base is, ["key: base -> run" lines]) for the run's resolved recipe."""
     from .recipe import load_recipe
 
-    run = load_recipe(data=_read_recipe(run_dir))
+    run = load_recipe(data=RunDir(run_dir).read_recipe())
     mine = resolved_dict(run)
     if base is None:
         label = "clusterkit's defaults (core schema and each plugin's Params)"
@@ -176,32 +123,14 @@ def recipe_diff(run_dir: Path, base: str | None = None) -> tuple[str, list[str]]
     else:
         path = Path(base)
         if path.is_dir():
-            other = load_recipe(data=_read_recipe(path))
+            other = load_recipe(data=RunDir(path).read_recipe())
             label = f"run '{path}'"
         else:
             other = load_recipe(path)
             label = f"recipe '{path}'"
         theirs = resolved_dict(other)
-    lines = [f"{key}: {_flat(a)} -> {_flat(b)}" for key, (a, b) in differing_keys([theirs, mine])]
+    lines = [f"{key}: {format_value(a)} -> {format_value(b)}" for key, (a, b) in differing_keys([theirs, mine])]
     return label, lines
-
-
-def _read_recipe(run_dir: Path) -> dict:
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.exists():
-        raise RunDirError(f"'{run_dir}' holds no recipe.yaml, so it is not a clusterkit run directory (a run "
-                          "writes recipe.yaml when it starts). Pass the folder a run wrote, e.g. "
-                          "runs/quickstart/<time>.")
-    try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        problem = getattr(exc, "problem", None) or getattr(exc, "strerror", None) or type(exc).__name__
-        raise RunDirError(f"The run's recipe '{path}' cannot be read ({problem}): it is damaged or was edited by "
-                          "hand. The resolved recipe is also stored in every checkpoint; restore recipe.yaml "
-                          "from a copy of the run, or rerun the recipe.") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"'{path}' does not hold a recipe mapping.")
-    return data
 
 
 # -- printing --------------------------------------------------------------------------------------
@@ -221,7 +150,7 @@ def _summary_lines(run_dir: Path, summary: dict | None, records: list[dict], rec
     if summary is None:
         done = records[-1]["epoch"] if records else 0
         total = recipe.get("schedule", {}).get("epochs", "?")
-        lines = [f"{name}  ({run_dir})  UNFINISHED: {done} of {total} epochs logged, no summary.json yet. "
+        lines = [f"{name}  ({run_dir})  UNFINISHED: {done} of {total} epochs logged, no {SUMMARY} yet. "
                  f"Continue it with: clusterkit run RECIPE --resume {run_dir}"]
         last = next((r for r in reversed(records) if r.get("nmi") is not None), None)
         if last:
@@ -297,7 +226,7 @@ def metrics_table(records: list[dict]) -> list[str]:
     label-free quality (silhouette, Davies-Bouldin, size entropy, smallest share, mean confidence),
     lr, seconds."""
     if not records:
-        return ["(metrics.jsonl holds no epoch records yet)"]
+        return [f"({METRICS_LOG} holds no epoch records yet)"]
     cols = ["epoch"] + (["stage"] if any("stage" in r for r in records) else [])
     cols += loss_terms(records)
     cols += [c for c in ("nmi", "acc", "ari") if any(r.get(c) is not None for r in records)]
@@ -320,18 +249,17 @@ def show_run(run_dir: str | Path, base: str | None = None, out: TextIO | None = 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"'{run_dir}' is a file, not a run directory; nothing was read from it. Pass the folder "
-                          "a run wrote (it holds recipe.yaml, metrics.jsonl and checkpoints/), e.g. "
-                          "runs/quickstart/<time>.")
+                          f"a run wrote (it holds {CONTENTS}), e.g. runs/quickstart/<time>.")
     if not run_dir.is_dir():
         raise RunDirError(f"Run directory '{run_dir}' does not exist. Pass the folder a run wrote (it holds "
-                          "recipe.yaml, metrics.jsonl and checkpoints/).")
-    recipe = _read_recipe(run_dir)
-    summary = read_summary(run_dir)
+                          f"{CONTENTS}).")
+    recipe = RunDir(run_dir).read_recipe()
+    summary = RunDir(run_dir).read_summary()
     records = epoch_records(run_dir)
     label, diff = recipe_diff(run_dir, base)
     lines = _summary_lines(run_dir, summary, records, recipe)
     lines += ["", f"recipe vs. {label}:"] + ([f"  {d}" for d in diff] or ["  (no differences)"])
-    lines += ["", "per epoch (metrics.jsonl; loss terms are epoch means, metrics where evaluated; silh: silhouette, "
+    lines += ["", f"per epoch ({METRICS_LOG}; loss terms are epoch means, metrics where evaluated; silh: silhouette, "
               "DB: Davies-Bouldin, size_H: size entropy, min_sh: smallest cluster's share, conf: mean confidence):"]
     lines += metrics_table(records)
     print("\n".join(lines), file=out)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from .data import BatchedTwoView, DatasetInfo, ImageDataset
 from .plugin_manager import HookDispatcher, PluginInfo, autoload_disabled, discover, implemented_hooks
 from .recipe import deep_merge, load_recipe
+from .rundir import METRICS_LOG, RunDir
 from .state import StepCache
 from .trainer import Trainer
 
@@ -220,9 +221,7 @@ def _keep_threads():
 
 def _epoch_records(run_dir: Path) -> list[dict]:
     """The per-epoch records of metrics.jsonl, without the timing."""
-    from .show import epoch_records
-
-    return [{k: v for k, v in record.items() if k != "seconds"} for record in epoch_records(run_dir)]
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in RunDir(run_dir).epoch_records()]
 
 
 def train_tiny(plugin, params: dict | None = None, *, name: str | None = None,
@@ -404,11 +403,11 @@ def check_checkpoint_roundtrip(plugin, params: dict | None = None, *, name: str 
     with _keep_threads():
         full = first.fit()
     name = first.plugin_name
-    last = run_dir / "checkpoints" / f"epoch_{epochs - 1:04d}.pt"
+    last = RunDir(run_dir).checkpoint_of(epochs - 1)
     uninterrupted = torch.load(last, weights_only=False)
     records = _epoch_records(run_dir)
     last.unlink()  # as if the run had been killed during its last epoch
-    (run_dir / "summary.json").unlink()
+    RunDir(run_dir).summary_file.unlink()
     with _keep_threads():
         resumed = make_trainer(plugin, params, resume=True, **kwargs).fit()
     again = torch.load(last, weights_only=False)
@@ -419,7 +418,7 @@ def check_checkpoint_roundtrip(plugin, params: dict | None = None, *, name: str 
             shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
             problems.append(shown)
     if _epoch_records(run_dir) != records:
-        problems.append("the metrics.jsonl records (loss terms or NMI/ACC/ARI)")
+        problems.append(f"the {METRICS_LOG} records (loss terms or NMI/ACC/ARI)")
     if problems:
         raise PluginCheckError(
             f"plugin '{name}': checkpoint round-trip failed: after resuming from the checkpoint of epoch "

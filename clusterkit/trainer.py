@@ -6,14 +6,12 @@ evaluation, logging and checkpoints.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
 import resource
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +25,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, amp, distributed
 from .baselines import umap_baseline, umap_view
-from .checkpoint import (
-    atomic_write_text,
-    latest_checkpoint,
-    load_latest_checkpoint,
-    restore_training_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from .checkpoint import restore_training_state, rng_state, set_rng_state
 from .cluster import KMeansPredictor, cluster_metrics, kmeans, quality_metrics
 from .cluster.quality import QUALITY_KEYS
 from .data import eval_transform, load_dataset
@@ -48,10 +38,12 @@ from .models import create_backbone
 from .models.backbones import require_local_weights
 from .models.recalibrate import recalibrated_batchnorm
 from .plugin_manager import STAGED_HOOKS, HookDispatcher, load_plugins
-from .recipe import Recipe, check_stages, dump_recipe, load_recipe
-from .runlock import LOCK_NAME, lock_run_dir
+from .recipe import Recipe, check_stages, load_recipe
+from .rundir import CHECKPOINTS, RECIPE, RUN_OUTPUTS, RunDir, check_resumable, make_run_dir, trim_metrics_log
 from .state import ParamGroup, Prediction, StepCache, TrainState
 
+# make_run_dir, check_resumable, trim_metrics_log and RUN_OUTPUTS moved to clusterkit.rundir; importable
+# from here as before.
 __all__ = ["Trainer", "make_run_dir", "check_resumable", "trim_metrics_log", "RUN_OUTPUTS", "lr_at", "lr_for_step",
            "DivergenceError", "STAGED_HOOKS"]
 
@@ -142,101 +134,6 @@ def lr_for_step(step: int, steps_per_epoch: int, sched, base_lr: float) -> float
     return lr_at(tick / steps_per_epoch, sched, base_lr)
 
 
-#: What a run writes in its directory: ``--force`` removes exactly these before a new run starts.
-RUN_OUTPUTS = ("recipe.yaml", "metrics.jsonl", "summary.json", "error.txt", "checkpoints", "plots")
-
-
-def make_run_dir(recipe: Recipe, out: str | None, force: bool) -> Path:
-    """A fresh run directory (``out``, or ``run.out_dir/<name>/<time>``), locked for this process
-    (:mod:`clusterkit.runlock`; release it with ``release_run_dir``).
-
-    An existing non-empty ``out`` is refused unless ``force``; with ``force`` the previous run's
-    outputs (:data:`RUN_OUTPUTS`, plots included) are removed once the lock is held, and any other
-    file is left where it is, with a note.
-    """
-    if out is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path(recipe.run.out_dir) / recipe.name / stamp
-        n = 1
-        while path.exists():
-            path = Path(recipe.run.out_dir) / recipe.name / f"{stamp}-{n}"
-            n += 1
-    else:
-        path = Path(out)
-        if path.exists() and not path.is_dir():
-            raise RunDirError(f"Cannot use '{path}' as the run directory: it is a file, not a folder. Choose "
-                              "another --out (a folder that does not exist yet, or an empty one).")
-        if path.is_dir() and _user_entries(path) and not force:
-            raise RunDirError(f"Run directory '{path}' already exists and is not empty. Use --resume {path} "
-                              "to continue that run, --force to overwrite it, or choose another --out.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunDirError(f"Cannot create the run directory '{path}': {exc.strerror or exc}. Choose another --out "
-                          f"(or run.out_dir) in a folder you can write to.") from None
-    lock_run_dir(path)
-    if out is not None and force:
-        _clear_run_outputs(path)
-    return path
-
-
-def check_resumable(run_dir: Path) -> None:
-    """RunDirError unless ``run_dir`` is a run directory with a checkpoint to resume from;
-    checked before anything is read or written there."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(f"Cannot resume '{run_dir}': no such directory. Pass the run directory that "
-                          "holds recipe.yaml and checkpoints/ (printed when the run started).")
-    if not (run_dir / "checkpoints").is_dir():
-        raise RunDirError(f"Cannot resume '{run_dir}': it is not a run directory (it has no checkpoints/ folder, "
-                          "so it holds no checkpoint). --resume takes the folder a run wrote (printed when the run "
-                          "started, e.g. runs/<name>/<time>); nothing in this folder was changed.")
-    if latest_checkpoint(run_dir / "checkpoints") is None:
-        raise RunDirError(f"Cannot resume '{run_dir}': it holds no checkpoint (checkpoints/epoch_*.pt). A run "
-                          "writes its first checkpoint at the end of its first epoch; start it anew with --out "
-                          f"{run_dir} --force, or point --resume at another run directory.")
-
-
-def _user_entries(path: Path) -> list[Path]:
-    """The entries of a run directory other than its lock file."""
-    return [p for p in path.iterdir() if p.name != LOCK_NAME]
-
-
-def _clear_run_outputs(path: Path) -> None:
-    """``--force``: remove the previous run's outputs (and temporary files) from ``path``."""
-    import shutil
-
-    for name in RUN_OUTPUTS:
-        target = path / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
-    for tmp in path.glob(".*.tmp-*"):
-        tmp.unlink(missing_ok=True)
-    others = sorted(p.name for p in _user_entries(path))
-    if others:
-        _warn(f"--force removed the previous run's files from '{path}' but left what clusterkit did not "
-              f"write there: {', '.join(others)}.")
-
-
-def trim_metrics_log(run_dir: Path, epochs_done: int, step: int) -> None:
-    """metrics.jsonl after a crash: keep the records up to the checkpoint (``epochs_done`` epochs,
-    ``step`` optimiser steps), drop those of the killed epoch and a line torn by the kill."""
-    log = Path(run_dir) / "metrics.jsonl"
-    if not log.exists():
-        return
-    keep = []
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step and record.get("epoch", 0) <= epochs_done:
-            keep.append(line)
-    atomic_write_text(log, "".join(line + "\n" for line in keep))
-
-
 def _eta(history: list[dict], epochs_left: int) -> str:
     """``", ETA 3m 20s"``: the time the remaining epochs take at the mean pace of the last
     (up to five) epochs; empty at the end."""
@@ -269,7 +166,7 @@ def _versions() -> dict:
 
 def _diff(a: dict, b: dict) -> list[str]:
     """``"key: old -> new"`` lines for the dotted keys where two nested dicts differ."""
-    from .show import differing_keys
+    from .recipe import differing_keys
 
     return [f"{key}: {va!r} -> {vb!r}" for key, (va, vb) in differing_keys([a, b])]
 
@@ -735,8 +632,8 @@ class Trainer:
 
     def _kept_checkpoint(self) -> str:
         """What a stopped run leaves to resume from, and what to change (for divergence messages)."""
-        ckpts = self.run_dir / "checkpoints"
-        if latest_checkpoint(ckpts) is None:
+        ckpts = RunDir(self.run_dir).checkpoints
+        if RunDir(self.run_dir).latest_checkpoint() is None:
             return ("no checkpoint was written yet (it diverged in its first epoch). Lower optim.lr (or raise "
                     "schedule.warmup_epochs), check the plugins' parameters, and start it again")
         return (f"the last good checkpoint in '{ckpts}' is kept. Lower optim.lr, check the plugin's parameters, "
@@ -762,8 +659,7 @@ class Trainer:
     def _write_jsonl(self, record: dict) -> None:
         if not distributed.is_main():
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        RunDir(self.run_dir).append_record(record)
 
     def _checkpoint(self, epoch: int, wall: float) -> None:
         """Rank 0 writes the checkpoint; under torchrun it holds every rank's RNG state."""
@@ -775,7 +671,7 @@ class Trainer:
             torch.distributed.all_gather_object(rng_ranks, rng)
         if not distributed.is_main():
             return
-        save_checkpoint({
+        RunDir(self.run_dir).save_checkpoint({
             "epoch": epoch, "step": s.step, "model": s.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": rng, "rng_ranks": rng_ranks, "world_size": distributed.world_size(),
             "pseudo_labels": s.pseudo_labels, "centers": s.centers, "extra": s.extra,
@@ -785,14 +681,14 @@ class Trainer:
             "recipe_hash": self.recipe.hash(), "data_fingerprint": self._data_fingerprint(),
             "skipped_steps": self.skipped_steps,
             "collapse_warnings": self.collapse_warnings,
-        }, self.run_dir / "checkpoints", epoch, self.recipe.run.keep_last)
+        }, epoch, self.recipe.run.keep_last)
 
     def _restore(self) -> tuple[int, list, float]:
         """Load the newest readable checkpoint (after checking the recipe is the same); returns
         (first epoch to train, the per-epoch history so far, the wall time spent so far)."""
-        found = load_latest_checkpoint(self.run_dir / "checkpoints")  # the newest readable one
+        found = RunDir(self.run_dir).load_latest_checkpoint()  # the newest readable one
         if found is None:
-            raise RunDirError(f"Cannot resume '{self.run_dir}': it holds no checkpoint (checkpoints/epoch_*.pt). "
+            raise RunDirError(f"Cannot resume '{self.run_dir}': it holds no checkpoint ({CHECKPOINTS}/epoch_*.pt). "
                               "A run writes its first checkpoint at the end of its first epoch; start it anew "
                               "with --force, or point --resume at another run directory.")
         _, ckpt = found
@@ -800,7 +696,7 @@ class Trainer:
         if saved != self.recipe.to_dict() and not self._extends(saved, ckpt):
             diff = "; ".join(_diff(saved, self.recipe.to_dict())) or "(formatting only)"
             raise RunDirError(f"Cannot resume '{self.run_dir}' with a changed recipe: {diff}. Resume with the "
-                              "recipe and --set overrides the run started with (its recipe.yaml), or start a new run.")
+                              f"recipe and --set overrides the run started with (its {RECIPE}), or start a new run.")
         self._check_same_data(ckpt)
         s = self.state
         restore_training_state(s, self.plugins, self.core_predictor, ckpt)
@@ -816,7 +712,7 @@ class Trainer:
             _warn(f"resuming a run of {saved_world} process(es) with {world}: the data order and random draws "
                   "differ from an uninterrupted run from here on (the training itself is the same recipe).")
         if distributed.is_main():
-            trim_metrics_log(self.run_dir, ckpt["epoch"] + 1, s.step)
+            RunDir(self.run_dir).trim_metrics_log(ckpt["epoch"] + 1, s.step)
         return ckpt["epoch"] + 1, ckpt["history"], ckpt["wall_time"]
 
     def _data_fingerprint(self) -> dict:
@@ -870,7 +766,7 @@ class Trainer:
                               "runs with schedule.lr_schedule: constant can be extended.")
         _warn(f"extending '{self.run_dir}' from {old} to {new} epochs (schedule.lr_schedule: constant).")
         if distributed.is_main():
-            atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(self.recipe))
+            RunDir(self.run_dir).write_recipe(self.recipe)
         return True
 
     @staticmethod
@@ -914,7 +810,7 @@ class Trainer:
         else:
             first_epoch, self.history, self._wall_before = 0, [], 0.0
             if distributed.is_main():
-                atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(self.recipe))
+                RunDir(self.run_dir).write_recipe(self.recipe)
         self.baseline = self.pixel_baseline()
         self.umap_baseline = umap_baseline(self)  # "UMAP + k-means on pixels" (clusterkit.baselines)
         self._t_start = time.perf_counter()
@@ -1040,7 +936,7 @@ class Trainer:
             "versions": _versions(),
         }
         if distributed.is_main():
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            RunDir(self.run_dir).write_summary(summary)
         return summary
 
 

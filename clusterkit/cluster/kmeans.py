@@ -412,6 +412,34 @@ def kmeans(
     """
     x = _as_float_matrix(x, "x")
     n = x.shape[0]
+    _check_kmeans_args(n, k, metric=metric, n_init=n_init, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
+                       init=init)
+    xa, mean, tol_abs = _prepare(x, metric, tol)
+    centres = _initial_centres(xa, k, n_init, metric, init, chunk_size, seed)
+    shard = dist.shard_range(n) if distributed and dist.is_distributed() else None
+    centres, n_iter = _lloyd(xa, centres, metric, max_iter, tol_abs, chunk_size, shard)
+    labels, inertia = _final_assignment(xa, centres, metric, chunk_size, shard)
+    best = int(inertia.argmin())
+    renumber, order = _first_point_order(labels[best], k)
+    best_centres = centres[best][order]
+    out_centres = best_centres + mean if mean is not None else best_centres
+    return KMeansResult(labels=renumber[labels[best]], centers=out_centres.clone(), inertia=float(inertia[best]),
+                        n_iter=int(n_iter[best]))
+
+
+def _initial_centres(xa: torch.Tensor, k: int, n_init: int, metric: str, init: str, chunk_size: int,
+                     seed: int) -> torch.Tensor:
+    """``(n_init, K, D)`` starting centres, drawn with a private generator seeded with ``seed``."""
+    gen = torch.Generator(device=xa.device)
+    gen.manual_seed(seed)
+    if init == "random":
+        return _init_random(xa[:, :-2], k, n_init, gen)
+    return _init_kmeans_pp(xa, k, n_init, metric, chunk_size, gen)
+
+
+def _check_kmeans_args(n: int, k: int, *, metric: str, n_init: int, max_iter: int, tol: float, chunk_size: int,
+                       init: str) -> None:
+    """ValueError for an option :func:`kmeans` cannot run with, on ``n`` points."""
     _check_metric(metric)
     _check_chunk_size(chunk_size)
     if init not in INITS:
@@ -427,58 +455,55 @@ def kmeans(
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
 
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
 
+def _prepare(x: torch.Tensor, metric: str, tol: float) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """``(augmented points, the mean subtracted (euclidean; None for cosine), absolute tol)``.
+
+    Euclidean: the points are centred, which leaves the partition unchanged and makes
+    |x|^2 - 2x.c + |c|^2 more accurate; cosine: they are L2-normalised."""
+    mean = None
     if metric == "euclidean":
-        # Centring leaves the partition unchanged and makes |x|^2 - 2x.c + |c|^2 more accurate.
         mean = x.mean(dim=0)
         work = x - mean
     else:
         work = F.normalize(x, dim=1)
     tol_abs = tol * float(work.var(dim=0, unbiased=False).mean())
-    xa = _augment_points(work, metric)
-    del work
-    x = xa[:, :-2]
+    return _augment_points(work, metric), mean, tol_abs
 
-    if init == "random":
-        centres = _init_random(x, k, n_init, gen)
-    else:
-        centres = _init_kmeans_pp(xa, k, n_init, metric, chunk_size, gen)
-    shard = dist.shard_range(n) if distributed and dist.is_distributed() else None
-    centres, n_iter = _lloyd(xa, centres, metric, max_iter, tol_abs, chunk_size, shard)
 
-    # Final assignment so that the labels match the returned centres.
+def _final_assignment(
+    xa: torch.Tensor, centres: torch.Tensor, metric: str, chunk_size: int, shard: tuple[int, int] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every restart's labels ``(R, N)`` for its final centres and its inertia ``(R,)`` (float64);
+    a restart left with an empty cluster gets it filled first (``centres`` is updated in place)."""
+    n = xa.shape[0]
+    r, k, _ = centres.shape
     if shard is None:
         labels, cost = _best_centre(xa, centres, metric, chunk_size)
     else:
         labels, cost = _best_centre(xa[shard[0]:shard[1]], centres, metric, chunk_size)
         labels, cost = dist.gather_rows(labels, n, dim=1), dist.gather_rows(cost, n, dim=1)
     inertia = cost.sum(dim=1, dtype=torch.float64)
-    counts = torch.zeros(n_init, k, dtype=torch.long, device=x.device)
+    counts = torch.zeros(r, k, dtype=torch.long, device=xa.device)
     counts.scatter_add_(1, labels, torch.ones_like(labels))
     for i in torch.nonzero((counts == 0).any(dim=1)).flatten().tolist():
         labels[i], centres[i] = _fill_empty(xa, labels[i], centres[i], metric, chunk_size)
-        inertia[i] = _exact_cost(x, centres[i][labels[i]], metric).sum(dtype=torch.float64)
+        inertia[i] = _exact_cost(xa[:, :-2], centres[i][labels[i]], metric).sum(dtype=torch.float64)
+    return labels, inertia
 
-    best = int(inertia.argmin())
-    # Number the clusters by their first point, so that restarts (or ranks) that reach the same
-    # partition give the same labels: near-tied restarts whose inertias differ by rounding only
-    # (as with sums all-reduced in another order) cannot renumber the result.
-    best_labels = labels[best]
-    first = torch.full((k,), n, dtype=torch.long, device=x.device)
-    first.scatter_reduce_(0, best_labels, torch.arange(n, device=x.device), reduce="amin")
-    order = torch.argsort(first, stable=True)                      # old ids in order of first point
+
+def _first_point_order(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(renumber, order)``: cluster ids renumbered by their first point, so that restarts (or
+    ranks) that reach the same partition give the same labels (near-tied restarts whose inertias
+    differ by rounding only, as with sums all-reduced in another order, cannot renumber the
+    result).  ``order``: the old ids in the order of their first point; ``renumber[old] = new``."""
+    n = labels.shape[0]
+    first = torch.full((k,), n, dtype=torch.long, device=labels.device)
+    first.scatter_reduce_(0, labels, torch.arange(n, device=labels.device), reduce="amin")
+    order = torch.argsort(first, stable=True)
     renumber = torch.empty_like(order)
-    renumber[order] = torch.arange(k, device=x.device)
-    best_centres = centres[best][order]
-    out_centres = best_centres + mean if metric == "euclidean" else best_centres
-    return KMeansResult(
-        labels=renumber[best_labels],
-        centers=out_centres.clone(),
-        inertia=float(inertia[best]),
-        n_iter=int(n_iter[best]),
-    )
+    renumber[order] = torch.arange(k, device=labels.device)
+    return renumber, order
 
 
 @torch.no_grad()

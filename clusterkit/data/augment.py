@@ -43,7 +43,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from clusterkit.data.datasets import DatasetInfo
+from clusterkit.data.registry import DatasetInfo
 
 __all__ = [
     "AugmentParams",

@@ -185,7 +185,7 @@ def guide_text(name: str) -> str:
         ) from None
 
 
-# Phrases of the loaders' messages (clusterkit.data.datasets) for data that is absent: no root
+# Phrases of the loaders' messages (clusterkit.data.registry, .readers, .imagefolder) for absent data: no root
 # given, a root that does not exist, no dataset files under the root, a missing file, a
 # folder without class folders, an empty class folder, a val/ folder without train/.
 _MISSING_MARKERS = (

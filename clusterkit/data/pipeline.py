@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clusterkit.data.augment import BatchedTwoView, PerImageTwoView
-from clusterkit.data.datasets import collate_batched
+from clusterkit.data.dataset import collate_batched
 from clusterkit.errors import RecipeError
 
 __all__ = ["PIPELINES", "TrainPipeline", "TwoViewDataset", "available_cores", "build_train_pipeline"]
@@ -186,17 +186,7 @@ def build_train_pipeline(
             "(torchvision transforms per image in the DataLoader workers, for data too big to cache)."
         )
     device = torch.device(device)
-    info = dataset.info
-    if kind == "batched":
-        source, collate = dataset, collate_batched
-        augment: BatchedTwoView | None = BatchedTwoView(
-            data_cfg.augment, data_cfg.image_size, info, second=data_cfg.augment_second
-        ).to(device)
-        per_image = None
-    else:
-        augment = None
-        per_image = PerImageTwoView(data_cfg.augment, data_cfg.image_size, info, second=data_cfg.augment_second)
-        source, collate = TwoViewDataset(dataset, per_image), None  # None: the default collate
+    source, collate, augment, per_image = _two_views(dataset, data_cfg, kind, device)
     loader = torch.utils.data.DataLoader(
         source,
         batch_size=batch_size,
@@ -210,3 +200,15 @@ def build_train_pipeline(
     )
     return TrainPipeline(kind=kind, loader=loader, device=device, augment=augment, per_image=per_image)
 
+
+def _two_views(dataset: Any, data_cfg: Any, kind: str, device: torch.device) -> tuple[
+        Any, Any, BatchedTwoView | None, PerImageTwoView | None]:
+    """``(what the loader reads, its collate_fn, the batched augmentation, the per-image one)``:
+    ``batched`` reads the uint8 images and augments whole batches on ``device``; ``per_image``
+    reads a :class:`TwoViewDataset` whose workers make the views (default collate)."""
+    info = dataset.info
+    if kind == "batched":
+        augment = BatchedTwoView(data_cfg.augment, data_cfg.image_size, info, second=data_cfg.augment_second)
+        return dataset, collate_batched, augment.to(device), None
+    per_image = PerImageTwoView(data_cfg.augment, data_cfg.image_size, info, second=data_cfg.augment_second)
+    return TwoViewDataset(dataset, per_image), None, None, per_image  # None: the default collate

@@ -12,7 +12,8 @@ import yaml
 
 from clusterkit import trainer as trainer_module
 from clusterkit.cli import main
-from clusterkit.compare import _child_error, compare
+from clusterkit.compare import compare
+from clusterkit.compare.runner import child_error
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -187,9 +188,9 @@ def test_cli_compare_runs_each_run_in_its_own_process(tmp_path, tiny_recipe_data
 def test_a_failing_run_process_is_reported_with_its_error_paragraph():
     tail = ("epoch 1/2: 100%|##########| 7/7 [00:01<00:00]\r\nclusterkit: error: Plugin 'x' failed in hook\n"
             "'setup': bad value. Fix the\nrecipe.\n")
-    assert _child_error(tail, 2) == "Plugin 'x' failed in hook 'setup': bad value. Fix the recipe."
+    assert child_error(tail, 2) == "Plugin 'x' failed in hook 'setup': bad value. Fix the recipe."
     crash = "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: boom\n"
-    assert _child_error(crash, 1) == "the run exited with status 1: RuntimeError: boom"
+    assert child_error(crash, 1) == "the run exited with status 1: RuntimeError: boom"
 
 
 def test_plot_redraws_a_comparison_folder(compared, capsys):

@@ -311,7 +311,8 @@ def test_4_a_symlink_loop_is_not_followed(tmp_path):
 def test_4_images_found_twice_are_said_and_used_once():
     import tempfile
 
-    from clusterkit.data.datasets import DATASETS, _scan_imagefolder
+    from clusterkit.data.imagefolder import scan_imagefolder
+    from clusterkit.data.registry import DATASETS
 
     with tempfile.TemporaryDirectory() as tmp:
         root = image_tree(Path(tmp) / "data", classes=("one", "zero"))
@@ -321,7 +322,7 @@ def test_4_images_found_twice_are_said_and_used_once():
 
         err = io.StringIO()
         with redirect_stderr(err):
-            classes, paths, targets = _scan_imagefolder(DATASETS["imagefolder"], root, "train")
+            classes, paths, targets = scan_imagefolder(DATASETS["imagefolder"], root, "train")
     assert len(paths) == 8 and len({os.path.realpath(p) for p in paths}) == 8
     assert "4 image file(s) were found twice through symbolic links" in flat(err.getvalue())
 

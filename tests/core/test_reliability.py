@@ -25,7 +25,8 @@ from clusterkit.guards import collapse_report
 from clusterkit.plugin import Plugin, hookimpl
 from clusterkit.plugin_manager import PluginInfo, discover
 from clusterkit.recipe import load_recipe
-from clusterkit.trainer import DivergenceError, Trainer, trim_metrics_log
+from clusterkit.rundir import trim_metrics_log
+from clusterkit.trainer import DivergenceError, Trainer
 
 
 @pytest.fixture(autouse=True)

@@ -198,7 +198,7 @@ def test_unlabeled_run_resumes_to_the_same_end(unlabeled_pair, tmp_path, restore
 
 
 def test_unlabeled_run_predicts_new_images(unlabeled_pair, tmp_path, capsys):
-    from clusterkit.data.datasets import _digits_arrays
+    from clusterkit.data.readers import _digits_arrays
 
     _, run = unlabeled_pair["none"]
     images = _digits_arrays()[0][:6, 0]
@@ -277,7 +277,7 @@ def test_compare_reuses_a_run_made_before_data_labels_existed(tmp_path):
 
     from conftest import TINY
 
-    from clusterkit.compare import _plan
+    from clusterkit.compare.plan import plan_run
     from clusterkit.recipe import load_recipe
 
     recipe = load_recipe(data=copy.deepcopy(TINY))
@@ -287,7 +287,7 @@ def test_compare_reuses_a_run_made_before_data_labels_existed(tmp_path):
     run.mkdir()
     (run / "recipe.yaml").write_text(yaml.safe_dump(old))
     (run / "summary.json").write_text(json.dumps({"recipe_hash": "0123456789ab"}))
-    assert _plan(run, recipe) == "reuse"
+    assert plan_run(run, recipe) == "reuse"
     changed = load_recipe(data={**copy.deepcopy(TINY), "schedule": {"epochs": 7}})
     with pytest.raises(Exception, match="different recipe"):
-        _plan(run, changed)
+        plan_run(run, changed)

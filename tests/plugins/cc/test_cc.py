@@ -344,7 +344,8 @@ def test_cc_recipes_follow_the_paper_and_the_matched_twins_digpro(key):
 
 def test_cc_trains_one_epoch_on_digits(tmp_path, tiny_recipe_data, restore_threads):
     from clusterkit.checkpoint import latest_checkpoint, load_checkpoint
-    from clusterkit.trainer import Trainer, make_run_dir
+    from clusterkit.rundir import make_run_dir
+    from clusterkit.trainer import Trainer
 
     raw = tiny_recipe_data
     raw["name"] = "cc_digits_test"

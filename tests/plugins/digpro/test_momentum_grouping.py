@@ -584,7 +584,8 @@ def test_digpro_trains_one_epoch_on_digits_and_each_plugin_can_be_ablated(tmp_pa
     import json
 
     from clusterkit.checkpoint import latest_checkpoint, load_checkpoint
-    from clusterkit.trainer import Trainer, make_run_dir
+    from clusterkit.rundir import make_run_dir
+    from clusterkit.trainer import Trainer
 
     recipe = _digpro_recipe(without)
     run_dir = make_run_dir(recipe, str(tmp_path / "run"), force=False)

@@ -310,7 +310,8 @@ def test_setup_without_byol_target_says_what_to_add():
 # ---------------------------------------------------------------------------------------------
 
 def test_hadis_trains_one_epoch_on_digits(tmp_path, tiny_recipe_data, restore_threads):
-    from clusterkit.trainer import Trainer, make_run_dir
+    from clusterkit.rundir import make_run_dir
+    from clusterkit.trainer import Trainer
 
     data = tiny_recipe_data
     data["name"] = "hadis_digits_test"

@@ -550,7 +550,8 @@ def test_fmnist_pici_benchmark_recipe_matches_the_digpro_budget():
 
 def test_tiny_pici_trains_through_pretrain_train_and_boost(tmp_path, tiny_recipe_data, restore_threads):
     from clusterkit.checkpoint import latest_checkpoint, load_checkpoint
-    from clusterkit.trainer import Trainer, make_run_dir
+    from clusterkit.rundir import make_run_dir
+    from clusterkit.trainer import Trainer
 
     raw = copy.deepcopy(tiny_recipe_data)
     raw["name"] = "pici_digits_test"
