@@ -38,6 +38,7 @@ from torch import nn
 
 from clusterkit import StepCache
 from clusterkit.data import DatasetInfo, ImageDataset
+from clusterkit.hookspecs import PROJECT
 from clusterkit.plugin_manager import discover
 from clusterkit.recipe import load_raw, load_recipe
 from clusterkit.testing import TinyTrainer, synthetic_dataset, tiny_recipe
@@ -380,8 +381,15 @@ class _NoNormalize:
         return x
 
 
-def _wrap(mp, module, name: str, make):
-    mp.setattr(module, name, make(getattr(module, name)))
+def _wrap(mp, owner, name: str, make):
+    """Replace ``owner.name`` by ``make(original)``; a hook implementation keeps its pluggy marker (a plain
+    function would not be registered as the hook at all)."""
+    original = getattr(owner, name)
+    replacement = make(original)
+    marker = f"{PROJECT}_impl"
+    if hasattr(original, marker):
+        setattr(replacement, marker, getattr(original, marker))
+    mp.setattr(owner, name, replacement)
 
 
 def plant(defect: str, mp: pytest.MonkeyPatch) -> None:
@@ -409,6 +417,16 @@ def plant(defect: str, mp: pytest.MonkeyPatch) -> None:
     elif defect == "no_extra_ema":          # the old golden's extra_ema: false
         _wrap(mp, mg.MomentumGrouping, "on_step_start", lambda f: lambda self, state, cache: (
             setattr(self.params, "extra_ema", False), f(self, state, cache))[1])
+    elif defect == "extra_ema_on_regroup":  # the extra EMA also before a regroup iteration (official: skipped)
+        def also_on_regroup(f):
+            def on_step_start(self, state, cache):
+                if self.is_regroup_iteration(state, self.memory.iteration + 1):
+                    m, momentum = state.model, self.params.extra_ema_momentum
+                    mg.ema_update(m["target_backbone"], m["backbone"], momentum)
+                    mg.ema_update(m["target_projector"], m["projector"], momentum)
+                f(self, state, cache)
+            return on_step_start
+        _wrap(mp, mg.MomentumGrouping, "on_step_start", also_on_regroup)
     elif defect == "hsd_detached_student":  # HSD on p(q + noise).detach()
         _wrap(mp, hsd.HardnessAwareDistillation, "student", lambda f: lambda *a: f(*a).detach())
     elif defect == "hsd_unnormalised":      # distances of the raw student and teacher
@@ -428,6 +446,7 @@ def plant(defect: str, mp: pytest.MonkeyPatch) -> None:
 PLANTED = [("propos", "psl_detached_q"), ("propos", "psl_unnormalised"), ("propos", "psa_normalised_q"),
            ("propos", "ema_after_step"),
            ("digpro", "groups_detached"), ("digpro", "groups_unnormalised"), ("digpro", "no_extra_ema"),
+           ("digpro", "extra_ema_on_regroup"),
            ("hadis", "hsd_detached_student"), ("hadis", "hsd_unnormalised"),
            ("cc", "cc_instance_detached_h"), ("cc", "cc_softmax_over_batch"),
            ("pici", "pisd_detached_tokens"), ("pici", "pisd_unnormalised_target")]
