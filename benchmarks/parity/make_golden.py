@@ -8,10 +8,17 @@ updated state, and a ``source`` dict naming ``owner/repo@commit`` and the
 ``file:function`` that produced every value.  ``tests/plugins/test_golden.py`` then runs
 clusterkit's own functions on the same inputs and compares, without the official code.
 
+The ``*_train_step`` cases run a whole official training step instead (ProPos, HaDis and DigPro
+``BYOL.train``, CC's ``train.py:train``, PICI's ``train_one_epoch`` and ``finetune_one_epoch``) on
+a fixed batch and fixed weights of a small encoder, and record the loss terms, the gradient of
+every parameter and the state after the step under clusterkit's ``state.model`` names;
+``tests/plugins/test_golden_steps.py`` runs a clusterkit trainer's own step through the hooks on
+them (see the section "Whole training steps" below).
+
 Usage (a separate virtual environment for the official code, no network needed)::
 
     /work/official-venv/bin/python benchmarks/parity/make_golden.py \\
-        --official /work/official --out tests/golden
+        --official /work/official --out tests/golden [--only digpro_train_step ...]
 
 ``--official`` is a folder with the checkouts ``ProPos``, ``DigPro``, ``HaDis``,
 ``Contrastive-Clustering``, ``PICI`` and ``torch_clustering``.  The environment needs
@@ -24,7 +31,9 @@ and the backbone/projector of the BYOL wrappers replaced by column slices so tha
 online output q and the target output k of every view are given tensors.  Random draws
 inside the official code (the diffusion noise, PICI's masking noise) are injected by
 temporarily replacing ``torch.randn_like`` / ``torch.rand`` with functions that return
-the recorded tensors.
+the recorded tensors.  Two import-time shims: ``np.float`` (PICI's pos_embed.py, removed from
+numpy) and an empty ``cv2`` module when OpenCV is absent (CC's transform.py imports it; no
+golden uses it).
 """
 
 from __future__ import annotations
