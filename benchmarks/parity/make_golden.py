@@ -8,10 +8,17 @@ updated state, and a ``source`` dict naming ``owner/repo@commit`` and the
 ``file:function`` that produced every value.  ``tests/plugins/test_golden.py`` then runs
 clusterkit's own functions on the same inputs and compares, without the official code.
 
+The ``*_train_step`` cases run a whole official training step instead (ProPos, HaDis and DigPro
+``BYOL.train``, CC's ``train.py:train``, PICI's ``train_one_epoch`` and ``finetune_one_epoch``) on
+a fixed batch and fixed weights of a small encoder, and record the loss terms, the gradient of
+every parameter and the state after the step under clusterkit's ``state.model`` names;
+``tests/plugins/test_golden_steps.py`` runs a clusterkit trainer's own step through the hooks on
+them (see the section "Whole training steps" below).
+
 Usage (a separate virtual environment for the official code, no network needed)::
 
     /work/official-venv/bin/python benchmarks/parity/make_golden.py \\
-        --official /work/official --out tests/golden
+        --official /work/official --out tests/golden [--only digpro_train_step ...]
 
 ``--official`` is a folder with the checkouts ``ProPos``, ``DigPro``, ``HaDis``,
 ``Contrastive-Clustering``, ``PICI`` and ``torch_clustering``.  The environment needs
@@ -24,13 +31,16 @@ and the backbone/projector of the BYOL wrappers replaced by column slices so tha
 online output q and the target output k of every view are given tensors.  Random draws
 inside the official code (the diffusion noise, PICI's masking noise) are injected by
 temporarily replacing ``torch.randn_like`` / ``torch.rand`` with functions that return
-the recorded tensors.
+the recorded tensors.  Two import-time shims: ``np.float`` (PICI's pos_embed.py, removed from
+numpy) and an empty ``cv2`` module when OpenCV is absent (CC's transform.py imports it; no
+golden uses it).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import math
 import os
@@ -48,7 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 
 #: Package names that the three BYOL-family repositories (and PICI) all use for their own code.
-REPO_PACKAGES = ("models", "utils", "network", "torch_clustering", "modules", "evaluation")
+REPO_PACKAGES = ("models", "utils", "network", "torch_clustering", "modules", "evaluation", "train", "train_pici",
+                 "cluster_pici")
 
 GITHUB = {"ProPos": "Hzzone/ProPos", "DigPro": "Regan-Zhang/DigPro", "HaDis": "Regan-Zhang/HaDis",
           "Contrastive-Clustering": "Yunfan-Li/Contrastive-Clustering", "PICI": "Regan-Zhang/PICI",
@@ -75,6 +86,12 @@ def install_shims() -> None:
         return original_to(self, *args, **kwargs)
 
     torch.Tensor.to = to_cpu
+    if "float" not in np.__dict__:           # PICI's utils/pos_embed.py uses np.float (float, removed in numpy 1.24)
+        np.float = float
+    try:                                     # CC's modules/transform.py imports OpenCV, which no golden uses
+        import cv2  # noqa: F401
+    except ImportError:
+        sys.modules["cv2"] = types.ModuleType("cv2")
     if not dist.is_initialized():            # GatherLayer / concat_all_gather need a process group
         store = os.path.join(tempfile.mkdtemp(prefix="golden-gloo-"), "store")
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
@@ -558,10 +575,383 @@ def case_lr(root: Path) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Whole training steps through the official code (issue 25, item 4: goldens through the plugins)
+# ---------------------------------------------------------------------------------------------
+#
+# The cases below run the official training step itself -- ProPos/HaDis/DigPro ``BYOL.train``
+# (the wrapper's forward with its EMA, DigPro's extra EMA, SMoG groups and memory bank, the loss
+# weighting, backward and the official SGD), CC's ``train.train`` and PICI's
+# ``train_pici.train_one_epoch`` / ``finetune_one_epoch`` -- on a fixed batch and fixed weights,
+# and record the loss terms, the gradient of every trainable parameter (taken when the official
+# optimiser steps), and the state after the step.  Every tensor is stored under the name it has in
+# clusterkit's ``state.model`` (``STEP_NAMES`` maps the official module names), so that
+# ``tests/plugins/test_golden_steps.py`` can load the weights into a clusterkit trainer, run its
+# own step through the hooks and compare.  The encoder is a harness module (``GoldenConvNet``; PICI:
+# the official MAE at a tiny size); everything method-specific is the official code's.
+
+#: Sizes of the step goldens: batch, image side, channels, width of the harness encoder, hidden and
+#: output width of the BYOL heads, training-set size (``clusterkit.testing.TinyTrainer``'s 256).
+STEP = {"batch": 12, "size": 8, "channels": 3, "encoder_hidden": 6, "encoder_width": 8, "hidden": 16, "out": 8,
+        "num_train": 256, "lr": 0.1, "sgd_momentum": 0.9, "weight_decay": 5e-4, "predictor_lr_scale": 10.0}
+
+#: Official module prefixes of the BYOL wrappers -> clusterkit's state.model keys (byol_target).
+BYOL_NAMES = {"encoder_q.": "backbone.", "projector_q.": "projector.", "predictor.": "predictor.",
+              "encoder_k.": "target_backbone.", "projector_k.": "target_projector."}
+#: Official CC Network -> clusterkit (contrastive_heads).
+CC_NAMES = {"resnet.": "backbone.", "instance_projector.": "instance_head.", "cluster_projector.": "cluster_head."}
+#: Official PICI Network_mae -> clusterkit (masked_vit's backbone, partial_self_discrimination's decoder,
+#: contrastive_heads); the fixed position embeddings are compared, not loaded (clusterkit computes them).
+PICI_NAMES = {"mae.decoder_embed.": "pisd_decoder.embed.", "mae.mask_token": "pisd_decoder.mask_token",
+              "mae.decoder_blocks.": "pisd_decoder.blocks.", "mae.decoder_norm.": "pisd_decoder.norm.",
+              "mae.decoder_pred.": "pisd_decoder.pred.", "mae.pos_embed": None, "mae.decoder_pos_embed": None,
+              "mae.": "backbone.", "instance_projector.": "instance_head.", "cluster_projector.": "cluster_head."}
+
+
+class GoldenConvNet(nn.Sequential):
+    """Harness encoder of the step goldens: Conv3x3-BN-ReLU-Conv3x3(stride 2)-BN-ReLU-avgpool, (B, C, S, S) ->
+    (B, width).  Not method code: the official wrappers take any encoder (BYOLWrapper's ``encoder``, CC's
+    ``resnet`` with its ``rep_dim``); the clusterkit test registers the same layout in timm and loads the
+    recorded weights into it."""
+
+    def __init__(self, in_chans: int, hidden: int, width: int):
+        super().__init__(nn.Conv2d(in_chans, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
+                         nn.Conv2d(hidden, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features = self.rep_dim = width
+
+
+def renamed(named, names: dict) -> dict:
+    """{clusterkit name: tensor} from official (name, tensor) pairs; names under no prefix (or a None
+    prefix) are left out."""
+    out = {}
+    for name, value in named:
+        for prefix, ours in names.items():
+            if name.startswith(prefix):
+                if ours is not None:
+                    out[ours + name[len(prefix):]] = value.detach().clone()
+                break
+    return out
+
+
+@torch.no_grad()
+def perturb(module: nn.Module, gen: torch.Generator, scale: float = 0.2) -> None:
+    """Move every parameter off its initial value (BN weights 1 / biases 0 give special gradients) and
+    give the BN running statistics generic values, so that the recorded state is not a special case."""
+    for p in module.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=gen))
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+            m.running_var.copy_(1.0 + 0.2 * torch.rand(m.running_var.shape, generator=gen))
+
+
+def step_batch(gen: torch.Generator, classes: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Two views (B, C, S, S) of B images of ``classes`` well separated patterns (so that DigPro's regrouping
+    k-means has one clear optimum) and their dataset indices (B distinct of the training set)."""
+    B, C, S = STEP["batch"], STEP["channels"], STEP["size"]
+    patterns = 1.5 * torch.randn(classes, C, S, S, generator=gen)
+    members = torch.arange(B) % classes
+    views = [patterns[members] + 0.3 * torch.randn(B, C, S, S, generator=gen) for _ in range(2)]
+    return views, torch.randperm(STEP["num_train"], generator=gen)[:B]
+
+
+def recorded(store: dict, name: str, fn):
+    """``fn`` (an official loss module), with each result kept as ``store[name]``."""
+    def call(*args):
+        store[name] = fn(*args)
+        return store[name]
+    return call
+
+
+class Solo(nn.Module):
+    """Stands in for the DistributedDataParallel wrapper of the official BYOL task (``task.byol.module``);
+    records the outputs of every forward."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module, self.outputs = module, []
+
+    def forward(self, *args, **kwargs):
+        out = self.module(*args, **kwargs)
+        self.outputs.append(out)
+        return out
+
+
+def recording_step(optimizer, model: nn.Module, record: list) -> None:
+    """Make ``optimizer.step`` first record the gradient of every parameter of ``model`` (the official loops
+    zero them right after stepping)."""
+    real_step = optimizer.step
+
+    def step(*args, **kwargs):
+        record.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        return real_step(*args, **kwargs)
+    optimizer.step = step
+
+
+#: ProPos / HaDis / DigPro step goldens: which official checkout, K, the pseudo-labels present in the
+#: batch, the number of steps, and the recipe whose plugin settings the test runs.
+BYOL_CASES = {
+    "propos": {"repo": "ProPos", "K": 5, "present": [0, 1, 2, 4], "steps": 1, "seed": 11,
+               "recipe": "recipes/propos_cifar10.yaml"},
+    "hadis": {"repo": "HaDis", "K": 4, "present": [0, 1, 3], "steps": 1, "seed": 12,
+              "recipe": "recipes/hadis_cifar10.yaml"},
+    # K = 3 and three steps: iterations 1 and 2 apply the extra EMA, iteration 3 regroups (n % K == 0)
+    # and skips it; the bank holds exactly one step (2B rows), so iteration 3 regroups on iteration 2's q
+    "digpro": {"repo": "DigPro", "K": 3, "present": [0, 1, 2], "steps": 3, "seed": 13,
+               "recipe": "recipes/digpro_cifar10.yaml"},
+}
+#: The recipe values the official runs use (the test checks that the recipes still say so): EMA
+#: momentum, sigma of the diffusion (DSA and HSD), PSL weight and temperature; DigPro's group loss
+#: weight 0.3, temperature 0.1 and beta 0.99 and its extra EMA 0.99 are hard-coded in the official code.
+BYOL_SETTINGS = {"momentum": 0.996, "sigma": 0.001, "psl_weight": 0.1, "psl_temperature": 0.5}
+
+
+def case_byol_step(root: Path, method: str) -> dict:
+    """A whole official training step (DigPro: three) of ProPos, HaDis or DigPro: ``BYOL.train``."""
+    case = BYOL_CASES[method]
+    off = Official(root, case["repo"], (root / "torch_clustering",) if method == "propos" else ())
+    s, K = STEP, case["K"]
+    B, D, H = s["batch"], s["out"], s["hidden"]
+    with off.imported("models.propos.byol", "models.propos.byol_wrapper", "models.basic_template",
+                      "utils.grad_scaler") as (byol, bw, bt, gs):
+        gen = torch.Generator().manual_seed(case["seed"])
+        torch.manual_seed(case["seed"])            # the wrapper's own init (and DigPro's torch.rand groups)
+        np.random.seed(case["seed"])               # DigPro's unseeded sklearn KMeans
+        encoder = GoldenConvNet(s["channels"], s["encoder_hidden"], s["encoder_width"])
+        w = bw.BYOLWrapper(encoder, num_cluster=K, in_dim=s["encoder_width"],
+                           temperature=BYOL_SETTINGS["psl_temperature"], hidden_size=H, fea_dim=D,
+                           byol_momentum=BYOL_SETTINGS["momentum"], symmetric=True, shuffling_bn=False,
+                           latent_std=BYOL_SETTINGS["sigma"])
+        regroups = []
+        if method == "digpro":
+            from lightly.loss.memory_bank import MemoryBankModule
+            w.memory_bank = MemoryBankModule(size=2 * B)   # official 2560 = 5 iterations at 256: here 1 step
+            original_reset = w.reset_group_features
+
+            def reset_group_features(memory_bank):
+                regroups.append(memory_bank.bank.detach().t().clone())
+                original_reset(memory_bank)
+            w.reset_group_features = reset_group_features
+        with torch.no_grad():
+            perturb(w.encoder_q, gen)
+            perturb(w.projector_q, gen)
+            w.predictor.load_state_dict(predictor_state(D, H, gen))
+            for q_param, k_param in zip(w.q_params, w.k_params, strict=True):   # a target away from the online net
+                k_param.copy_(q_param + 0.05 * torch.randn(q_param.shape, generator=gen))
+        init = renamed(w.state_dict().items(), BYOL_NAMES)
+        labels = torch.randint(0, K, (s["num_train"],), generator=gen)
+        present = torch.tensor(case["present"])
+        batches = [step_batch(gen, len(case["present"])) for _ in range(case["steps"])]
+        for _, index in batches:
+            labels[index] = present[torch.arange(B) % len(present)][torch.randperm(B, generator=gen)]
+        groups_init = w.smog.group_features.detach().clone() if method == "digpro" else None
+        opt = types.SimpleNamespace(acc_grd_step=1, warmup_epochs=0, latent_std=BYOL_SETTINGS["sigma"], amp=False,
+                                    v2=False, cluster_loss_weight=BYOL_SETTINGS["psl_weight"])
+        optimizer = torch.optim.SGD(bt.TrainTask.collect_params(None, w, exclude_bias_and_bn=False), lr=s["lr"],
+                                    momentum=s["sgd_momentum"], weight_decay=s["weight_decay"])
+        for group in optimizer.param_groups:      # BYOL.adjust_learning_rate at a constant lr
+            group["lr"] = s["lr"] * s["predictor_lr_scale"] if "predictor" in group["name"] else s["lr"]
+        grads_at_step: list = []
+        recording_step(optimizer, w, grads_at_step)
+        task = types.SimpleNamespace(
+            opt=opt, byol=Solo(w), psedo_labels=labels, cur_epoch=1, optimizer=optimizer,
+            scaler=gs.NativeScalerWithGradNormCount(amp=False),
+            logger=types.SimpleNamespace(msg=lambda *a, **k: None, log_save_dir=tempfile.mkdtemp(prefix="golden-")))
+        steps = []
+        for n_iter, (views, index) in enumerate(batches, start=1):
+            eps = [torch.randn(B, D, generator=gen) for _ in range(2)]   # torch.randn_like(q): direction 1, 2
+            before = len(regroups)
+            with replaced(torch, "randn_like", queue_of(eps)), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                byol.BYOL.train(task, ((views[0], views[1]), None), index, n_iter)
+            out = task.byol.outputs[-1]
+            if method == "propos":
+                terms = {"diffused_sampling": out[0], "prototype_aggregation": opt.cluster_loss_weight * out[1]}
+            elif method == "hadis":
+                terms = {"diffused_sampling": out[0], "hardness_aware_distillation": out[2],
+                         "prototype_aggregation": opt.cluster_loss_weight * out[1]}
+            else:
+                terms = {"diffused_sampling": out[0], "prototype_aggregation": opt.cluster_loss_weight * out[1],
+                         "momentum_grouping": 0.3 * out[3]}
+            record = {"views": views, "index": index,
+                      "noise": {f"diffused_sampling/view{v}": eps[v] for v in range(2)},
+                      "terms": {k: v.detach() for k, v in terms.items()},
+                      "loss": sum(terms.values()).detach(),
+                      "grads": renamed(grads_at_step[-1].items(), BYOL_NAMES),
+                      "state": renamed(w.state_dict().items(), BYOL_NAMES)}
+            if method == "digpro":
+                record.update(groups=w.smog.group_features.detach().clone(),
+                              bank=w.memory_bank.bank.detach().t().clone(), regrouped=len(regroups) > before,
+                              bank_regrouped_on=regroups[-1] if len(regroups) > before else None)
+            steps.append(record)
+        out = {"method": method, "num_clusters": K, "pseudo_labels": labels, "init": init, "steps": steps,
+               "groups_init": groups_init, "recipe": case["recipe"],
+               "settings": {**STEP, **BYOL_SETTINGS, "ema_momentum_extra": 0.99 if method == "digpro" else None,
+                            "group_weight": 0.3, "group_temperature": 0.1, "group_beta": 0.99},
+               "source": {
+                   "step": off.src("models/propos/byol.py:BYOL.train (loss weighting, NativeScalerWithGradNormCount "
+                                   "backward + SGD step) -> models/propos/byol_wrapper.py:BYOLWrapper.forward"),
+                   "optimizer": off.src("models/basic_template.py:TrainTask.collect_params (no exclusion) + "
+                                        "torch.optim.SGD as models/propos/byol.py:set_model; lr set as "
+                                        "adjust_learning_rate does at a constant lr (predictor x10)"),
+                   "ema": off.src("models/moco/moco_wrapper.py:_momentum_update_key_encoder inside the forward, "
+                                  "after the losses (pre-step online weights)"),
+                   "grads": "every parameter's .grad when the official optimizer steps",
+                   "names": f"official module names mapped to clusterkit's state.model keys: {BYOL_NAMES}",
+                   "harness": "encoder = GoldenConvNet (make_golden.py); Solo in place of DDP; one gloo process; "
+                              "torch.randn_like replaced by the recorded noise (one draw per direction, shared by "
+                              "PSA and, in HaDis, HSD); parameters perturbed, target = online + 0.05 N(0, 1); "
+                              "predictor weights of generic size (predictor_state)"}}
+        if method == "digpro":
+            out["source"].update(
+                extra_ema=off.src("models/propos/byol_wrapper.py:BYOLWrapper.forward (liutils.update_momentum 0.99 "
+                                  "of encoder and projector before the losses when it does not regroup)"),
+                regroup=off.src("BYOLWrapper.reset_group_features: sklearn KMeans(K) of the bank, unseeded "
+                                "(np.random.seed(13) here); centres compare up to a permutation"),
+                bank="lightly==1.4.24 MemoryBankModule, size 2B instead of 2560 (one step fills it)",
+                groups="lightly==1.4.24 SMoGPrototypes.group_features after the step; groups_init its "
+                       "torch.rand init")
+        return out
+
+
+def case_cc_step(root: Path) -> dict:
+    """One official CC training step: ``train.py:train`` (Network forward, InstanceLoss + ClusterLoss,
+    backward, optimiser step) on the harness encoder."""
+    off = Official(root, "Contrastive-Clustering")
+    s, K, Dz = STEP, 4, 8
+    with off.imported("train", "modules.network", "modules.contrastive_loss") as (cc_train, network, cl):
+        gen = torch.Generator().manual_seed(14)
+        torch.manual_seed(14)
+        model = network.Network(GoldenConvNet(s["channels"], s["encoder_hidden"], s["encoder_width"]), Dz, K)
+        perturb(model, gen)
+        init = renamed(model.state_dict().items(), CC_NAMES)
+        views, index = step_batch(gen, K)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=0.0)   # CC's train.py
+        grads_at_step: list = []
+        recording_step(optimizer, model, grads_at_step)
+        losses: dict = {}
+        cc_train.data_loader = [((views[0], views[1]), None)]
+        cc_train.model, cc_train.optimizer = model, optimizer
+        cc_train.criterion_instance = recorded(losses, "instance", cl.InstanceLoss(s["batch"], 0.5, "cpu"))
+        cc_train.criterion_cluster = recorded(losses, "cluster", cl.ClusterLoss(K, 1.0, "cpu"))
+        with contextlib.redirect_stdout(sys.stderr):
+            cc_train.train()
+        return {"method": "cc", "num_clusters": K, "init": init,
+                "steps": [{"views": views, "index": index, "noise": {},
+                           "terms": {"instance_contrast": losses["instance"].detach(),
+                                     "cluster": losses["cluster"].detach()},
+                           "loss": (losses["instance"] + losses["cluster"]).detach(),
+                           "grads": renamed(grads_at_step[-1].items(), CC_NAMES),
+                           "state": renamed(model.state_dict().items(), CC_NAMES)}],
+                "recipe": "recipes/cc_cifar10.yaml",
+                "settings": {**STEP, "instance_dim": Dz, "instance_temperature": 0.5, "cluster_temperature": 1.0},
+                "source": {"step": off.src("train.py:train (z_i, z_j, c_i, c_j = model(x_i, x_j); InstanceLoss + "
+                                           "ClusterLoss; backward; optimizer.step) with its module globals set "
+                                           "to this batch, model and optimizer"),
+                           "network": off.src("modules/network.py:Network (heads on resnet.rep_dim)"),
+                           "losses": off.src("modules/contrastive_loss.py:InstanceLoss(B, 0.5), "
+                                             "ClusterLoss(K, 1.0) (its value includes the entropy term)"),
+                           "grads": "every parameter's .grad when the official optimizer (Adam, as train.py) steps",
+                           "names": f"official module names mapped to clusterkit's state.model keys: {CC_NAMES}",
+                           "harness": "resnet = GoldenConvNet (make_golden.py), parameters perturbed"}}
+
+
+def case_pici_step(root: Path) -> dict:
+    """Official PICI steps on a tiny MAE ViT: ``train_pici.train_one_epoch`` (the train stage: PISD + instance +
+    cluster losses) and ``finetune_one_epoch`` (the boost stage: instance + cluster + CLI), each from the
+    same weights, on one batch."""
+    off = Official(root, "PICI")
+    s, K, Dz = STEP, 4, 8
+    vit = {"img_size": s["size"], "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 4.0}
+    decoder = {"decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
+    with off.imported("train_pici", "modules.models_mae", "modules.network", "modules.contrastive_loss") as (
+            tp, mae, network, cl):
+        from functools import partial
+        gen = torch.Generator().manual_seed(15)
+        torch.manual_seed(15)
+        net = network.Network_mae(mae.MaskedAutoencoderViT(
+            in_chans=s["channels"], norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True, **vit, **decoder),
+            Dz, K)
+        with torch.no_grad():                          # generic weights (not the zero biases / unit norms)
+            for p in net.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        init_state = copy.deepcopy(net.state_dict())
+        init = renamed(net.state_dict().items(), PICI_NAMES)
+        views, index = step_batch(gen, K)
+        L = (s["size"] // vit["patch_size"]) ** 2
+        noise = [torch.rand(s["batch"], L, generator=gen) for _ in range(2)]   # random_masking: view 0, view 1
+        pseudo = torch.randint(0, K, (s["num_train"],), generator=gen)
+        scenarios = {}
+        for stage in ("train", "boost"):
+            net.load_state_dict(init_state)
+            optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=0.0)   # train_pici.py
+            grads_at_step: list = []
+            recording_step(optimizer, net, grads_at_step)
+            losses: dict = {}
+            tp.model, tp.optimizer = net, optimizer
+            tp.criterion_instance = recorded(losses, "instance", cl.InstanceLoss(s["batch"], 0.5, "cpu"))
+            tp.criterion_cluster = recorded(losses, "cluster", cl.ClusterLoss(K, 1.0, "cpu"))
+            tp.args = types.SimpleNamespace(batch_size=s["batch"])
+            restruct: list = []          # the MAE's reconstruction loss of view 0, view 1
+            ce: list = []                # the CrossEntropyLoss values of finetune_one_epoch (view 0, view 1)
+
+            def mae_forward(imgs, mask_ratio=0.5, _orig=net.mae.forward, _out=restruct):
+                out = _orig(imgs, mask_ratio)
+                _out.append(out[0])
+                return out
+            net.mae.forward = mae_forward
+            batch = [((views[0], views[1]), None)]
+            with replaced(torch, "rand", queue_of(noise)):
+                if stage == "train":
+                    tp.train_one_epoch(batch)
+                else:   # the k-means labels of the batch, the same set for both views (clusterkit's one set)
+                    y = pseudo[index].view(-1, 1)
+
+                    def ce_forward(self, input, target, _orig=torch.nn.CrossEntropyLoss.forward, _out=ce):
+                        out = _orig(self, input, target)
+                        _out.append(out)
+                        return out
+                    with replaced(torch.nn.CrossEntropyLoss, "forward", ce_forward):
+                        tp.finetune_one_epoch(batch, [y, y])
+            del net.mae.forward
+            if stage == "train":
+                terms = {"partial_self_discrimination": (restruct[0] + restruct[1]) / 2}
+            else:
+                terms = {"cross_level_interaction": (ce[-2] + ce[-1]) / 2}
+            terms.update(instance_contrast=losses["instance"], cluster=losses["cluster"])
+            scenarios[stage] = {"views": views, "index": index,
+                                "noise": {f"masked_vit/view{v}": noise[v] for v in range(2)},
+                                "terms": {k: v.detach() for k, v in terms.items()},
+                                "loss": sum(terms.values()).detach(),
+                                "grads": renamed(grads_at_step[-1].items(), PICI_NAMES)}
+        sd = net.state_dict()
+        return {"method": "pici", "num_clusters": K, "init": init, "pseudo_labels": pseudo,
+                "pos_embed": sd["mae.pos_embed"], "decoder_pos_embed": sd["mae.decoder_pos_embed"],
+                "scenarios": scenarios, "recipe": "recipes/pici_imagenet10.yaml",
+                "settings": {**STEP, **vit, **decoder, "instance_dim": Dz, "mask_ratio": 0.5},
+                "source": {"train": off.src("train_pici.py:train_one_epoch (Network_mae forward, InstanceLoss + "
+                                            "ClusterLoss + (loss_1 + loss_2) / 2, backward, Adam step) with its "
+                                            "module globals set to this model, optimizer and batch"),
+                           "boost": off.src("train_pici.py:finetune_one_epoch (match() of the k-means labels onto "
+                                            "the head's argmax, CrossEntropyLoss on the softmax outputs c, "
+                                            "(ce1 + ce2) / 2 + instance + cluster); new_pseudo_label = the same "
+                                            "labels for both views"),
+                           "model": off.src("modules/models_mae.py:MaskedAutoencoderViT (img 8, patch 4, 16-d, "
+                                            "1 block, 2 heads, decoder 16-d x 1, norm_pix_loss) + "
+                                            "modules/network.py:Network_mae"),
+                           "masking": "torch.rand in random_masking replaced by the recorded noise (view 0, 1)",
+                           "grads": "every parameter's .grad when the official optimizer (Adam) steps",
+                           "names": f"official names mapped to clusterkit's state.model keys: {PICI_NAMES}",
+                           "harness": "one gloo process; trainable parameters + 0.1 N(0, 1) after the MAE init"}}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--official", type=Path, required=True, help="folder with the official checkouts")
     ap.add_argument("--out", type=Path, required=True, help="output folder (tests/golden)")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="write only these files (names without .pt)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     np.random.seed(0)        # the official regrouping is unseeded sklearn KMeans (numpy's global RNG)
@@ -577,6 +967,16 @@ def main(argv=None) -> None:
     cases["cc_losses"] = case_cc(args.official)
     cases["pici_losses"] = case_pici(args.official)
     cases["lr_schedule"] = case_lr(args.official)
+    # whole official training steps (each seeds its own generators: independent of the cases above)
+    for method in BYOL_CASES:
+        cases[f"{method}_train_step"] = case_byol_step(args.official, method)
+    cases["cc_train_step"] = case_cc_step(args.official)
+    cases["pici_train_step"] = case_pici_step(args.official)
+    if args.only:
+        unknown = set(args.only) - set(cases)
+        if unknown:
+            ap.error(f"unknown case(s) {sorted(unknown)}; known: {sorted(cases)}")
+        cases = {name: cases[name] for name in args.only}
     import sklearn
     for name, data in cases.items():
         data["versions"] = {"torch": str(torch.__version__), "lightly": str(lightly.__version__),

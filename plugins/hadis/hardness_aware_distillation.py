@@ -42,9 +42,17 @@ counted in the mean like every other anchor.
 HSD is symmetric like the other BYOL-style losses: both views play student and teacher
 (``clusterkit.state.DIRECTIONS``) and the two directions are averaged.  Its weight is 1
 with no warm-up gate; only the diffusion noise follows DSA (sigma = 0.001, and 0 during
-the warm-up epochs when ``warmup_gate`` is on).  The noise eps is drawn here, apart
-from diffused_sampling's own draw (sigma is 0.001, so the two students differ by ~1e-3),
-by ``cache.randn`` with the salt "hardness_aware_distillation/view<a>".
+the warm-up epochs when ``warmup_gate`` is on).  Which eps (``noise``):
+
+* ``shared`` (the default, the official code's): the eps of diffused_sampling's draw
+  (``cache.randn`` with the salt "diffused_sampling/view<a>", the same tensor), so that the
+  student is DSA's diffused sample.  The official HaDis forward computes one
+  noise_q = q + sigma * eps per direction and feeds p(noise_q) to both PSA and HSD; found by
+  the whole-step golden (tests/plugins/test_golden_steps.py), which draws only that noise.
+  With ``sigma`` equal to diffused_sampling's (the recipes: both 0.001) the two students are
+  the same tensor.
+* ``own``: a draw of its own (salt "hardness_aware_distillation/view<a>"), independent of
+  DSA's; the two students then differ by ~sigma.
 
 Which batch the mining scope covers under DDP (``mining``):
 
@@ -74,7 +82,7 @@ from clusterkit.distributed import gather_with_grad
 from clusterkit.errors import PluginError
 from clusterkit.schema import non_negative, positive
 from clusterkit_plugins.propos.byol_target import PREDICTOR
-from clusterkit_plugins.propos.diffused_sampling import diffuse, diffusion_noise
+from clusterkit_plugins.propos.diffused_sampling import NOISE_SALT, diffuse, diffusion_noise
 
 LOSS_NAME = "hardness_aware_distillation"
 
@@ -163,6 +171,10 @@ class HardnessAwareDistillation(Plugin):
             "doc": "loss weight (HaDis: 1, no warm-up gate on the weight)"})
         warmup_gate: bool = attrs.field(default=True, metadata={
             "doc": "sigma = 0 while schedule.warmup_epochs last, as diffused_sampling"})
+        noise: Literal["shared", "own"] = attrs.field(
+            default="shared", validator=attrs.validators.in_(("shared", "own")), metadata={
+                "doc": "shared: the student adds diffused_sampling's eps (one draw feeds DSA and HSD, official); "
+                       "own: an independent draw"})
         mining: Literal["global", "local"] = attrs.field(
             default="global", validator=attrs.validators.in_(("global", "local")), metadata={
                 "doc": "where the hardest positives and negatives are mined under DDP: the gathered global "
@@ -182,7 +194,9 @@ class HardnessAwareDistillation(Plugin):
         """p(q + sigma * eps) of ``view`` for this process's samples (B, D), with gradient."""
         q, sigma = cache["q", view], self.sigma(state)
         if sigma > 0:
-            q = diffuse(q, sigma, diffusion_noise(cache, view, q.shape[1], LOSS_NAME))
+            # official: the same noise_q as PSA (diffused_sampling's salt gives the very same draw)
+            salt = NOISE_SALT if self.params.noise == "shared" else LOSS_NAME
+            q = diffuse(q, sigma, diffusion_noise(cache, view, q.shape[1], salt))
         return state.model[PREDICTOR](q)
 
     @hookimpl

@@ -24,6 +24,10 @@ from clusterkit import DIRECTIONS, Plugin, hookimpl
 from clusterkit.schema import non_negative
 from clusterkit_plugins.propos.byol_target import PREDICTOR
 
+#: The salt of this plugin's noise draw (``cache.randn(..., salt=f"{NOISE_SALT}/view<a>")``); HaDis's
+#: hardness_aware_distillation draws under it too (``noise: shared``), to add the same eps.
+NOISE_SALT = "diffused_sampling"
+
 
 def diffused_sampling_loss(pred: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """-2 cos(pred_i, k_i) averaged over the batch.  pred, k: (B, D) -> scalar."""
@@ -60,7 +64,7 @@ class DiffusedSampling(Plugin):
         q, sigma = cache["q", view], self.sigma(state)
         if sigma == 0:
             return q
-        return diffuse(q, sigma, diffusion_noise(cache, view, q.shape[1], "diffused_sampling"))
+        return diffuse(q, sigma, diffusion_noise(cache, view, q.shape[1], NOISE_SALT))
 
     @hookimpl
     def compute_losses(self, state, cache):

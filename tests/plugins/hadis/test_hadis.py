@@ -30,6 +30,7 @@ from clusterkit_plugins.hadis.hardness_aware_distillation import (
     mine_hardest,
 )
 from clusterkit_plugins.propos.byol_target import BYOLTarget
+from clusterkit_plugins.propos.diffused_sampling import DiffusedSampling
 
 TAU = 0.5
 
@@ -231,7 +232,10 @@ def make_state(warmup_epochs=1, epoch=0, **params):
 
 def test_params_defaults_and_validation():
     p = HardnessAwareDistillation.Params()
-    assert (p.temperature, p.sigma, p.weight, p.warmup_gate, p.mining) == (0.5, 0.001, 1.0, True, "global")
+    assert (p.temperature, p.sigma, p.weight, p.warmup_gate, p.mining, p.noise) == (
+        0.5, 0.001, 1.0, True, "global", "shared")
+    with pytest.raises(RecipeError, match="noise"):
+        build(HardnessAwareDistillation.Params, {"noise": "independent"}, "plugins.hardness_aware_distillation")
     with pytest.raises(RecipeError, match="mining"):
         build(HardnessAwareDistillation.Params, {"mining": "batch"}, "plugins.hardness_aware_distillation")
     with pytest.raises(RecipeError, match="temperature"):
@@ -254,15 +258,19 @@ def test_plugin_is_the_symmetric_mean_without_noise_during_warmup():
     assert one != pytest.approx(other)
 
 
-def test_plugin_diffuses_q_after_warmup_and_is_not_gated():
-    state, plugin, cache = make_state(warmup_epochs=1, epoch=1, sigma=0.5)
+@pytest.mark.parametrize("noise", ["shared", "own"])
+def test_plugin_diffuses_q_after_warmup_and_is_not_gated(noise):
+    state, plugin, cache = make_state(warmup_epochs=1, epoch=1, sigma=0.5, noise=noise)
     assert plugin.sigma(state) == 0.5
     q = [cache["q", v] for v in (0, 1)]
     got = plugin.compute_losses(state, cache)[LOSS_NAME]
     pred = state.model["predictor"]
-    # eps: the step cache's seeded draw for each online view, under HSD's own salt (not DSA's)
-    eps = [cache.randn(q[0].shape[1], salt=f"{LOSS_NAME}/view{v}") for v in (0, 1)]
-    assert not torch.equal(eps[0], cache.randn(q[0].shape[1], salt="diffused_sampling/view0"))
+    # eps: the step cache's seeded draw for each online view; shared (official): diffused_sampling's own
+    # draw, so that DSA and HSD see the same diffused sample; own: a draw under HSD's salt
+    salt = "diffused_sampling" if noise == "shared" else LOSS_NAME
+    eps = [cache.randn(q[0].shape[1], salt=f"{salt}/view{v}") for v in (0, 1)]
+    dsa = DiffusedSampling(build(DiffusedSampling.Params, {"sigma": 0.5}, "plugins.diffused_sampling"))
+    assert torch.equal(q[0] + 0.5 * eps[0], dsa.diffused(state, cache, 0)) == (noise == "shared")
     noisy = [pred(q[a] + 0.5 * eps[a]) for a, _ in DIRECTIONS]
     expected = torch.stack([hardness_aware_distillation_loss(noisy[i], cache["k", b], TAU)
                             for i, (_, b) in enumerate(DIRECTIONS)]).mean()
