@@ -392,7 +392,7 @@ def _wrap(mp, owner, name: str, make):
     mp.setattr(owner, name, replacement)
 
 
-def plant(defect: str, mp: pytest.MonkeyPatch) -> None:
+def _plugin_modules() -> dict:
     import clusterkit_plugins.cc.heads as heads
     import clusterkit_plugins.digpro.momentum_grouping as mg
     import clusterkit_plugins.hadis.hardness_aware_distillation as hsd
@@ -401,6 +401,11 @@ def plant(defect: str, mp: pytest.MonkeyPatch) -> None:
     import clusterkit_plugins.propos.diffused_sampling as ds
     import clusterkit_plugins.propos.prototype_aggregation as pa
 
+    return {"heads": heads, "mg": mg, "hsd": hsd, "pisd": pisd, "bt": bt, "ds": ds, "pa": pa}
+
+
+def _plant_propos(defect: str, mp: pytest.MonkeyPatch, m: dict) -> None:
+    pa, ds, bt = m["pa"], m["ds"], m["bt"]
     if defect == "psl_detached_q":          # PSL on q.detach() (official: gradient into q)
         _wrap(mp, pa, "prototype_aggregation_loss", lambda f: lambda q, k, *a, **kw: f(q.detach(), k, *a, **kw))
     elif defect == "psl_unnormalised":      # prototypes of the raw q, k (official: of norm(q), norm(k))
@@ -410,24 +415,41 @@ def plant(defect: str, mp: pytest.MonkeyPatch) -> None:
     elif defect == "ema_after_step":        # the target moves towards the post-step weights
         _wrap(mp, bt.BYOLTarget, "before_optimizer_step", lambda f: lambda self, state: None)
         _wrap(mp, bt.BYOLTarget, "after_step", lambda f: lambda self, state: self.update_target(state, state.step))
-    elif defect == "groups_detached":       # G' detached in the loss (official: gradient through G' into q)
+    else:
+        raise ValueError(defect)
+
+
+def _extra_ema_also_on_regroup(mg):
+    """The extra EMA also before a regroup iteration (official: skipped there)."""
+    def also_on_regroup(f):
+        def on_step_start(self, state, cache):
+            if self.is_regroup_iteration(state, self.memory.iteration + 1):
+                m, momentum = state.model, self.params.extra_ema_momentum
+                mg.ema_update(m["target_backbone"], m["backbone"], momentum)
+                mg.ema_update(m["target_projector"], m["projector"], momentum)
+            f(self, state, cache)
+        return on_step_start
+    return also_on_regroup
+
+
+def _plant_digpro(defect: str, mp: pytest.MonkeyPatch, m: dict) -> None:
+    mg = m["mg"]
+    if defect == "groups_detached":         # G' detached in the loss (official: gradient through G' into q)
         _wrap(mp, mg, "momentum_update", lambda f: lambda *a, **kw: f(*a, **kw).detach())
     elif defect == "groups_unnormalised":   # group logits and assignments without F.normalize
         mp.setattr(mg, "F", _NoNormalize())
     elif defect == "no_extra_ema":          # the old golden's extra_ema: false
         _wrap(mp, mg.MomentumGrouping, "on_step_start", lambda f: lambda self, state, cache: (
             setattr(self.params, "extra_ema", False), f(self, state, cache))[1])
-    elif defect == "extra_ema_on_regroup":  # the extra EMA also before a regroup iteration (official: skipped)
-        def also_on_regroup(f):
-            def on_step_start(self, state, cache):
-                if self.is_regroup_iteration(state, self.memory.iteration + 1):
-                    m, momentum = state.model, self.params.extra_ema_momentum
-                    mg.ema_update(m["target_backbone"], m["backbone"], momentum)
-                    mg.ema_update(m["target_projector"], m["projector"], momentum)
-                f(self, state, cache)
-            return on_step_start
-        _wrap(mp, mg.MomentumGrouping, "on_step_start", also_on_regroup)
-    elif defect == "hsd_detached_student":  # HSD on p(q + noise).detach()
+    elif defect == "extra_ema_on_regroup":
+        _wrap(mp, mg.MomentumGrouping, "on_step_start", _extra_ema_also_on_regroup(mg))
+    else:
+        raise ValueError(defect)
+
+
+def _plant_others(defect: str, mp: pytest.MonkeyPatch, m: dict) -> None:
+    hsd, heads, pisd = m["hsd"], m["heads"], m["pisd"]
+    if defect == "hsd_detached_student":    # HSD on p(q + noise).detach()
         _wrap(mp, hsd.HardnessAwareDistillation, "student", lambda f: lambda *a: f(*a).detach())
     elif defect == "hsd_unnormalised":      # distances of the raw student and teacher
         mp.setattr(hsd, "F", _NoNormalize())
@@ -443,6 +465,12 @@ def plant(defect: str, mp: pytest.MonkeyPatch) -> None:
         raise ValueError(defect)
 
 
+def plant(method: str, defect: str, mp: pytest.MonkeyPatch) -> None:
+    """Plant ``defect`` (one of PLANTED) in ``method``'s plugins for the duration of ``mp``."""
+    planter = {"propos": _plant_propos, "digpro": _plant_digpro}.get(method, _plant_others)
+    planter(defect, mp, _plugin_modules())
+
+
 PLANTED = [("propos", "psl_detached_q"), ("propos", "psl_unnormalised"), ("propos", "psa_normalised_q"),
            ("propos", "ema_after_step"),
            ("digpro", "groups_detached"), ("digpro", "groups_unnormalised"), ("digpro", "no_extra_ema"),
@@ -455,7 +483,7 @@ PLANTED = [("propos", "psl_detached_q"), ("propos", "psl_unnormalised"), ("propo
 @pytest.mark.parametrize("method,defect", PLANTED)
 def test_planted_defect_fails_the_golden(method, defect, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
-        plant(defect, mp)
+        plant(method, defect, mp)
         m = run(method, tmp_path)
     with pytest.raises(AssertionError):
         m.check()
