@@ -257,6 +257,37 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+#: What :func:`differing_keys` shows for a key that one of the dicts lacks.
+ABSENT = "(absent)"
+
+
+def differing_keys(dicts: list[dict], ignore: tuple[str, ...] = ()) -> list[tuple[str, list]]:
+    """Dotted keys whose values differ between nested dicts: ``[(key, [value per dict])]``.
+
+    Mappings present in every dict are compared key by key; a key missing from some dict
+    shows ``"(absent)"`` for it.  ``ignore``: dotted keys to leave out."""
+    out: list[tuple[str, list]] = []
+
+    def walk(nodes: list, prefix: str) -> None:
+        keys: list = []
+        for node in nodes:
+            for k in node:
+                if k not in keys:
+                    keys.append(k)
+        for k in keys:
+            path = f"{prefix}{k}"
+            if path in ignore:
+                continue
+            values = [node.get(k, ABSENT) for node in nodes]
+            if all(isinstance(v, dict) for v in values):
+                walk(values, path + ".")
+            elif any(v != values[0] for v in values[1:]):
+                out.append((path, values))
+
+    walk(list(dicts), "")
+    return out
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key written twice in one mapping is an error
     (PyYAML keeps the last one, so a repeated ``schedule:`` block silently drops the first)."""

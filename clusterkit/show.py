@@ -27,6 +27,8 @@ import yaml
 from .checkpoint import read_summary
 from .cluster.quality import QUALITY_KEYS
 from .errors import RecipeError, RunDirError
+from .recipe import ABSENT as _ABSENT
+from .recipe import differing_keys
 
 __all__ = ["show_run", "epoch_records", "step_records", "resolved_dict", "recipe_diff", "differing_keys",
            "NOT_A_LOSS"]
@@ -37,8 +39,6 @@ NOT_A_LOSS = frozenset({"epoch", "step", "lr", "stage", "nmi", "acc", "ari", "co
 #: Quality columns of the per-epoch table (short headers).
 TABLE_QUALITY = (("silhouette", "silh"), ("davies_bouldin", "DB"), ("size_entropy", "size_H"),
                  ("min_share", "min_sh"), ("mean_confidence", "conf"))
-
-_ABSENT = "(absent)"
 
 
 # -- metrics.jsonl ---------------------------------------------------------------------------------
@@ -135,33 +135,6 @@ def _flat(value) -> str:
     if isinstance(value, (dict, list)):
         return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
     return repr(value)
-
-
-def differing_keys(dicts: list[dict], ignore: tuple[str, ...] = ()) -> list[tuple[str, list]]:
-    """Dotted keys whose values differ between nested dicts: ``[(key, [value per dict])]``.
-
-    Mappings present in every dict are compared key by key; a key missing from some dict
-    shows ``"(absent)"`` for it.  ``ignore``: dotted keys to leave out."""
-    out: list[tuple[str, list]] = []
-
-    def walk(nodes: list, prefix: str) -> None:
-        keys: list = []
-        for node in nodes:
-            for k in node:
-                if k not in keys:
-                    keys.append(k)
-        for k in keys:
-            path = f"{prefix}{k}"
-            if path in ignore:
-                continue
-            values = [node.get(k, _ABSENT) for node in nodes]
-            if all(isinstance(v, dict) for v in values):
-                walk(values, path + ".")
-            elif any(v != values[0] for v in values[1:]):
-                out.append((path, values))
-
-    walk(list(dicts), "")
-    return out
 
 
 def recipe_diff(run_dir: Path, base: str | None = None) -> tuple[str, list[str]]:
