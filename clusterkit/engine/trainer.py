@@ -33,13 +33,14 @@ from .resume import Checkpoints
 from .setup import build_training, load_data
 from .step import Stepper
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "built"]
 
 T = TypeVar("T")
 
 
-def _built(part: T | None) -> T:
-    """``part`` of the run, once :meth:`Trainer.build` made it."""
+def built(part: T | None) -> T:
+    """``part``, one of the trainer's attributes that :meth:`Trainer.build` makes (RuntimeError
+    while it is None, before build())."""
     if part is None:
         raise RuntimeError("The trainer is not built yet: call build() (fit() does) before the loop's steps.")
     return part
@@ -140,7 +141,7 @@ class Trainer:
         self.nonfinite = self.divergence.watch
         self.stepper = Stepper(r, m.state, ps.hooks, run.optimizer, m.producers, run.step_losses, self.divergence,
                                run.base_lr)
-        self.evaluator, self.evaluation = m.evaluator, _built(m.evaluation)
+        self.evaluator, self.evaluation = m.evaluator, built(m.evaluation)
         self.checkpoints = Checkpoints(r, self.run_dir, m.state, run.optimizer, ps.plugins, m.core_predictor,
                                        run.train_ds, self.divergence, self.evaluation)
         self.reporter = Reporter(r, self.run_dir, run.device)
@@ -149,9 +150,9 @@ class Trainer:
         """Resume from the run directory's checkpoint (``resume=True``; the checkpoint and the
         recipe are checked before anything is written) or write ``recipe.yaml``; compute the
         baselines.  Returns the first epoch to train (0-based)."""
-        evaluation = _built(self.evaluation)
+        evaluation = built(self.evaluation)
         if self.resume:
-            first_epoch, self.history, self._wall_before = _built(self.checkpoints).restore()
+            first_epoch, self.history, self._wall_before = built(self.checkpoints).restore()
         else:
             first_epoch, self.history, self._wall_before = 0, [], 0.0
             if distributed.is_main():
@@ -165,16 +166,16 @@ class Trainer:
         """Enter epoch ``epoch`` (0-based): its stage and the plugins it switches off, its data
         order (a function of run.seed and the epoch only), ``on_epoch_start``, and the E-step
         when one is due (before the first epoch, then every ``e_step.every`` epochs)."""
-        state, hooks, r = _built(self.state), _built(self.hooks), self.recipe
+        state, hooks, r = built(self.state), built(self.hooks), self.recipe
         previous = state.stage
         state.epoch = epoch
         stage = r.stage_at(epoch)
         state.stage = stage.name if stage is not None else None
         hooks.inactive = frozenset(r.inactive_plugins(epoch))
         if stage is not None and stage.name != previous:
-            _built(self.reporter).stage(stage.name, epoch, [n for n in r.plugins if n not in hooks.inactive])
+            built(self.reporter).stage(stage.name, epoch, [n for n in r.plugins if n not in hooks.inactive])
         state.scalars.clear()  # what plugins log (state.log) belongs to the epoch that logged it
-        self._epoch = _built(self.reporter).open_epoch(epoch, state.steps_per_epoch)
+        self._epoch = built(self.reporter).open_epoch(epoch, state.steps_per_epoch)
         sampler = self.loader.sampler
         if isinstance(sampler, torch.utils.data.DistributedSampler):
             sampler.set_epoch(epoch)
@@ -183,19 +184,19 @@ class Trainer:
         hooks.call("on_epoch_start")
         if epoch == 0 or epoch % r.e_step.every == 0:
             hooks.call("e_step")
-            _built(self.evaluation).check_pseudo_labels()
+            built(self.evaluation).check_pseudo_labels()
 
     def train_step(self, batch) -> dict[str, torch.Tensor] | None:
         """One training iteration on a batch of :attr:`loader`: set the lr, make the two views
         (``data.pipeline``), run :meth:`step`, and account for it (epoch means, metrics.jsonl
         every ``run.log_every`` steps, the progress bar).  Returns the detached loss terms, or
         None for a step skipped as non-finite (``run.nonfinite: skip``)."""
-        state, ep, stepper, run = _built(self.state), _built(self._epoch), _built(self.stepper), self.recipe.run
-        divergence, reporter = _built(self.divergence), _built(self.reporter)
+        state, ep, stepper, run = built(self.state), built(self._epoch), built(self.stepper), self.recipe.run
+        divergence, reporter = built(self.divergence), built(self.reporter)
         state.step_in_epoch = ep.batches
         ep.lr = stepper.set_lr(state.epoch * state.steps_per_epoch + ep.batches)
         ep.batches += 1
-        views, index = _built(self.pipeline).views(batch)
+        views, index = built(self.pipeline).views(batch)
         terms = stepper.step(views, index)
         ep.bar.update(1)
         if terms is None:
@@ -215,10 +216,10 @@ class Trainer:
         """Close the epoch: evaluate when due (every ``eval.every`` epochs and at the last),
         ``on_epoch_end``, the epoch's record in metrics.jsonl and the checkpoint.  Returns the
         record (loss means, lr, NMI/ACC/ARI and quality measures when evaluated, seconds)."""
-        state, r, ep, reporter = _built(self.state), self.recipe, _built(self._epoch), _built(self.reporter)
+        state, r, ep, reporter = built(self.state), self.recipe, built(self._epoch), built(self.reporter)
         epoch = state.epoch
         ep.bar.close()
-        _built(self.divergence).check_finite()  # before anything is evaluated or checkpointed
+        built(self.divergence).check_finite()  # before anything is evaluated or checkpointed
         if distributed.is_distributed():
             distribute_bn(state.model, distributed.world_size(), reduce=True)  # one BN state on every rank
         metrics = {"epoch": epoch + 1, "step": state.step, "lr": ep.lr, **reporter.epoch_means(ep.sums, ep.done),
@@ -226,23 +227,23 @@ class Trainer:
         if state.stage is not None:
             metrics["stage"] = state.stage
         if (epoch + 1) % r.eval.every == 0 or epoch + 1 == r.schedule.epochs:
-            self.eval_metrics = _built(self.evaluation).evaluate()
+            self.eval_metrics = built(self.evaluation).evaluate()
             metrics.update(self.eval_metrics)
-        _built(self.hooks).call("on_epoch_end", metrics=metrics)
+        built(self.hooks).call("on_epoch_end", metrics=metrics)
         metrics["seconds"] = time.perf_counter() - ep.start
         self.history.append(metrics)
         reporter.write_jsonl(metrics)
-        _built(self.checkpoints).save(epoch, self._wall(), self.history)
+        built(self.checkpoints).save(epoch, self._wall(), self.history)
         reporter.epoch_line(metrics, self.history)
         return metrics
 
     def summary(self) -> dict:
         """The run's summary (rank 0 also writes it to ``summary.json``): final metrics and
         label-free quality, the baselines, the evaluation protocol, time, memory, versions."""
-        return _built(self.reporter).summary(
-            evaluation=_built(self.evaluation), hooks=_built(self.hooks), state=_built(self.state),
+        return built(self.reporter).summary(
+            evaluation=built(self.evaluation), hooks=built(self.hooks), state=built(self.state),
             history=self.history, eval_metrics=self.eval_metrics, wall=self._wall(),
-            skipped_steps=_built(self.divergence).skipped_steps)
+            skipped_steps=built(self.divergence).skipped_steps)
 
     def _wall(self) -> float:
         """Seconds this run has trained, those before a resume included."""
@@ -251,27 +252,27 @@ class Trainer:
     # -- lower level ------------------------------------------------------------------------------
     def set_lr(self, iteration: int) -> float:
         """Set every parameter group's lr for training iteration ``iteration`` (0-based)."""
-        return _built(self.stepper).set_lr(iteration)
+        return built(self.stepper).set_lr(iteration)
 
     def step(self, views, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """One optimiser step on two views (B, C, S, S) and their indices (B,): :meth:`Stepper.step`."""
-        return _built(self.stepper).step(views, index)
+        return built(self.stepper).step(views, index)
 
     def evaluate(self) -> dict:
         """Metrics of the eval data now: :meth:`RunEvaluation.evaluate`."""
-        return _built(self.evaluation).evaluate()
+        return built(self.evaluation).evaluate()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Features (B, D) of transformed evaluation images (B, C, S, S): :meth:`Evaluator.embed`."""
-        return _built(self.evaluator).embed(images)
+        return built(self.evaluator).embed(images)
 
     def embed_dataset(self, ds, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
         """Features (N, D) of every image of ``ds``: :meth:`Evaluator.embed_dataset`."""
-        return _built(self.evaluator).embed_dataset(ds, batch_size, progress)
+        return built(self.evaluator).embed_dataset(ds, batch_size, progress)
 
     def predict(self, features: torch.Tensor, fit: bool = True) -> Prediction:
         """Predictions for features (N, D): :meth:`Evaluator.predict`."""
-        return _built(self.evaluator).predict(features, fit)
+        return built(self.evaluator).predict(features, fit)
 
     @property
     def last_prediction(self) -> Prediction | None:
