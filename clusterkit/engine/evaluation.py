@@ -136,7 +136,9 @@ class RunEvaluation:
         feats = self.eval_features()
         pred = self.evaluator.predict(feats)
         self.last_prediction = pred
-        metrics = cluster_metrics(self.eval_ds.targets, pred.labels.cpu()) if self.eval_ds.has_labels else {}
+        metrics: dict[str, float | None] = {}
+        if self.eval_ds.has_labels:
+            metrics.update(cluster_metrics(self.eval_ds.targets, pred.labels.cpu()))
         metrics.update(quality_metrics(feats, pred.labels, self.recipe.e_step.k, pred.confidence,
                                        seed=self.recipe.run.seed))
         e = self.recipe.eval

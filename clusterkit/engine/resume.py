@@ -88,7 +88,7 @@ class Checkpoints:
         under torchrun); ``wall``: seconds trained so far; ``history``: the per-epoch records."""
         s = self.state
         rng = rng_state()
-        rng_ranks = None
+        rng_ranks: list[Any] | None = None
         if distributed.is_distributed():
             rng_ranks = [None] * distributed.world_size()
             torch.distributed.all_gather_object(rng_ranks, rng)

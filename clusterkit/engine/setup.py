@@ -182,7 +182,7 @@ def make_pipeline(recipe: Recipe, train_ds: Any, device: torch.device) -> TrainP
     process."""
     d = recipe.data
     world = distributed.world_size()
-    sampler = None
+    sampler: torch.utils.data.Sampler | None = None
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(
             train_ds, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=recipe.run.seed)
@@ -311,9 +311,9 @@ def wrap_ddp(recipe: Recipe, module: nn.Module, device: torch.device) -> nn.Modu
     # themselves; BatchNorm running statistics are averaged over the ranks at each epoch's end
     import inspect
 
-    no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.14; broadcast_buffers before
-                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                      else {"broadcast_buffers": False})
+    no_buffer_sync: dict[str, Any] = ({"forward_sync_buffers": False}  # torch >= 2.14; broadcast_buffers before
+                                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                                      else {"broadcast_buffers": False})
     return DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=find_unused, **no_buffer_sync)
