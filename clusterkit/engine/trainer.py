@@ -30,7 +30,8 @@ from .divergence import Divergence, NonfiniteWatch
 from .evaluation import Evaluator, RunEvaluation
 from .reporting import EpochProgress, Reporter
 from .resume import Checkpoints
-from .setup import build_training, load_data
+from .setup import build_training
+from .setup import load_data as load_recipe_data
 from .step import Stepper
 
 __all__ = ["Trainer", "built"]
@@ -109,7 +110,7 @@ class Trainer:
     def load_data(self) -> tuple[Any, Any]:
         """(training dataset, evaluation dataset): :func:`clusterkit.engine.setup.load_data`
         (``clusterkit.testing`` builds its synthetic data here)."""
-        return load_data(self.recipe)
+        return load_recipe_data(self.recipe)
 
     # -- the run ----------------------------------------------------------------------------------
     def fit(self) -> dict:
