@@ -35,7 +35,7 @@ Each (method, system, seed) runs in its own subprocess, one at a time:
   no-op, a one-process gloo group for ``nccl``, DDP without ``device_ids``.  Nothing of the
   official code is copied here and the checkouts are not modified.  Its E-step is observed by
   wrapping ``TrainTask.psedo_labeling`` and its loss terms by wrapping ``BYOLWrapper.forward``.
-* ``clusterkit``: :class:`clusterkit.trainer.Trainer` on the recipe, plus a probe plugin that
+* ``clusterkit``: :class:`clusterkit.engine.Trainer` on the recipe, plus a probe plugin that
   only this script registers (``parity_probe``, :func:`_probe_class`): after every E-step it
   records the features and pseudo-labels the E-step used, and it stops the run after N epochs.
 

@@ -63,7 +63,7 @@ def measure(run_dir: Path, ks: list[int], labels_csv: Path | None = None) -> dic
     if not ds.has_labels:
         raise SystemExit(f"{run_dir}: its data has no labels to measure against (pass --labels CSV)")
     feats = model.embed_dataset(ds)
-    pred = model.trainer.predict(feats, fit=False)
+    pred = model.predict_features(feats, fit=False)
     final = {**cluster_metrics(ds.targets, pred.labels.cpu()),
              **quality_metrics(feats, pred.labels, model.num_clusters, pred.confidence, seed=model.recipe.run.seed)}
     rows = score_ks(feats, ks, seed=model.recipe.run.seed, targets=ds.targets)

@@ -83,7 +83,7 @@ def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, mode: str = "l
     _check_target(to, d.root if d.dataset == "imagefolder" else None)
     ds = model.eval_dataset()
     feats = model.embed_dataset(ds, progress=progress)
-    pred = model.trainer.predict(feats, fit=False)
+    pred = model.predict_features(feats, fit=False)
     labels, conf = pred.labels.long().cpu(), pred.confidence.float().cpu()
     k = max(model.num_clusters, int(labels.max()) + 1)
     rank, sizes = _rank_in_clusters(labels, conf, k)

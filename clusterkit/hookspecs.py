@@ -4,7 +4,7 @@ A plugin is a class with methods marked ``@hookimpl`` whose names are the hook
 names below.  An implementation may take any subset of a spec's arguments (pluggy
 passes them by name), so specs can grow arguments without breaking plugins.
 
-The loop (``Trainer.fit`` in ``clusterkit/trainer.py``: build, begin_run, then per epoch
+The loop (``Trainer.fit`` in ``clusterkit/engine/trainer.py``: build, begin_run, then per epoch
 begin_epoch, train_step per batch, end_epoch; finally summary)::
 
     setup                    once: add modules to state.model, return parameter groups

@@ -38,56 +38,34 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from .checkpoint import restore_training_state
 from .data import DATASETS, IMAGE_EXTENSIONS, eval_transform
 from .data.datasets import NotRegularFileError, decode_image_file, fit_square, special_file_kind, to_8bit
+from .engine.evaluation import Evaluator
+from .engine.setup import BuiltModel, build_model, inference_device, load_plugin_set
 from .errors import DataError, RunDirError
 from .errors import warn as _warn
 from .rundir import CHECKPOINTS, CONTENTS, RunDir
 from .state import Prediction
 
-__all__ = ["ClusterModel", "load", "build_for_inference", "find_images", "read_image"]
+__all__ = ["ClusterModel", "load", "rebuild", "find_images", "read_image"]
 
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def build_for_inference(recipe, run_dir: Path, ckpt: dict, info, num_train: int, device: str | None = None):
-    """A :class:`~clusterkit.trainer.Trainer` holding a checkpoint's model and plugins, built
-    without data, optimiser or training (for ``clusterkit.load``, ``predict`` and ``plot``).
+def rebuild(recipe, ckpt: dict, channels: int, num_train: int, device: torch.device) -> BuiltModel:
+    """A checkpoint's model and plugins, built without data, optimiser or training.
 
-    The plugins' ``setup`` and ``register_outputs`` run as in training, then the checkpoint is
-    loaded by the one loading path ``--resume`` uses too
-    (:func:`~clusterkit.checkpoint.restore_training_state`); the model is left in eval mode.
-    ``info``: the dataset's :class:`~clusterkit.data.DatasetInfo` (channels); ``device``:
-    default CUDA when present, unless the recipe says cpu (a GPU run predicts on a laptop too).
-    """
-    import attrs
-    from torch import nn
-
-    from .checkpoint import restore_training_state
-    from .models import create_backbone
-    from .plugin_manager import load_plugins
-    from .state import TrainState
-    from .trainer import Trainer
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() and recipe.run.device != "cpu" else "cpu"
-    trainer = Trainer(recipe, run_dir)
-    trainer.device = torch.device(device)
-    trainer.pm, trainer.plugins = load_plugins(recipe.plugins, allow=recipe.allow_plugins)
-    cfg = attrs.evolve(recipe.model, pretrained=False)  # the weights come from the checkpoint
-    model = nn.ModuleDict({"backbone": create_backbone(cfg, in_chans=info.channels)})
+    The model is built as training builds it (:func:`~clusterkit.engine.setup.build_model`: the
+    plugins' ``setup`` and ``register_outputs`` run), without pretrained weights; then the
+    checkpoint is loaded by the one loading path ``--resume`` uses too
+    (:func:`~clusterkit.checkpoint.restore_training_state`), and the model is left in eval mode.
+    ``channels``: the dataset's image channels."""
     steps = max(1, ckpt["step"] // (ckpt["epoch"] + 1))
-    trainer.state = TrainState(recipe=recipe, device=trainer.device, model=model, num_train=num_train,
-                               steps_per_epoch=steps)
-    trainer.hooks = trainer.dispatcher_class(trainer.pm, trainer.state)
-    trainer.core_predictor = trainer.make_core_predictor()
-    trainer.hooks.call("setup")
-    trainer.hooks.call("register_outputs")
-    model.to(trainer.device)
-    restore_training_state(trainer.state, trainer.plugins, trainer.core_predictor, ckpt)
-    model.eval()
-    trainer.use_amp = recipe.run.amp and trainer.device.type == "cuda"
-    return trainer
+    built = build_model(recipe, load_plugin_set(recipe), device, channels, num_train, steps, pretrained=False)
+    restore_training_state(built.state, built.plugin_set.plugins, built.core_predictor, ckpt)
+    built.state.model.eval()
+    return built
 
 
 def _run_files(run_dir: Path) -> tuple[Path, dict, dict | None]:
@@ -114,7 +92,12 @@ class ClusterModel:
         info: the dataset's :class:`~clusterkit.data.DatasetInfo` (channels, mean, std).
         image_size: the side the evaluation transform resizes to.
         num_clusters: K.
-        trainer: the :class:`~clusterkit.trainer.Trainer` holding the rebuilt model and plugins.
+        device: where the model runs.
+        state: the rebuilt :class:`~clusterkit.state.TrainState` (``state.model``: the backbone
+            and the plugins' modules, in eval mode); plugins: {recipe name: plugin instance},
+            with the checkpoint's state.
+        evaluator: the :class:`~clusterkit.engine.evaluation.Evaluator` that embeds and predicts,
+            the one a training run evaluates with.
     """
 
     def __init__(self, run_dir: str | os.PathLike, device: str | None = None):
@@ -134,8 +117,10 @@ class ClusterModel:
         self.finished = self.summary is not None
         num_train = self.summary["num_train"] if self.summary else (
             len(ckpt["pseudo_labels"]) if torch.is_tensor(ckpt.get("pseudo_labels")) else 0)
-        self.trainer = build_for_inference(self.recipe, self.run_dir, ckpt, self.info, num_train, device)
-        self.device = self.trainer.device
+        self.device = inference_device(self.recipe, device)
+        built = rebuild(self.recipe, ckpt, self.info.channels, num_train, self.device)
+        self.state, self.plugins = built.state, built.plugin_set.plugins
+        self.evaluator: Evaluator = built.evaluator
 
     def __repr__(self) -> str:
         state = "finished" if self.finished else "unfinished"
@@ -228,7 +213,7 @@ class ClusterModel:
         batches of ``data.eval_batch_size`` as the run's evaluation."""
         x = self.transform(images)
         bs = batch_size or self.recipe.data.eval_batch_size
-        return torch.cat([self.trainer.embed(x[start:start + bs].to(self.device)).float().cpu()
+        return torch.cat([self.evaluator.embed(x[start:start + bs].to(self.device)).float().cpu()
                           for start in range(0, len(x), bs)])
 
     def eval_dataset(self):
@@ -245,8 +230,9 @@ class ClusterModel:
         """Features (N, D) of every image of the :class:`~clusterkit.data.ImageDataset` ``ds``, in
         order, on the model's device: the run's evaluation transform and ``embed`` hook, in batches
         of ``data.eval_batch_size`` (a progress bar on stderr with ``progress``), as the run's
-        evaluation embedded its data (:meth:`Trainer.embed_dataset`, ``eval.bn`` included)."""
-        return self.trainer.embed_dataset(ds, batch_size, progress=progress)
+        evaluation embedded its data (:meth:`~clusterkit.engine.evaluation.Evaluator.embed_dataset`,
+        ``eval.bn`` included)."""
+        return self.evaluator.embed_dataset(ds, batch_size, progress=progress)
 
     @torch.no_grad()
     def predict(self, images: Any, batch_size: int | None = None) -> Prediction:
@@ -257,8 +243,15 @@ class ClusterModel:
         ``0..K-1`` and ``confidence`` (B,) float, on the CPU.
         """
         feats = self.embed(images, batch_size).to(self.device)
-        pred = self.trainer.predict(feats, fit=False)
+        pred = self.predict_features(feats, fit=False)
         return Prediction(pred.labels.long().cpu(), pred.confidence.float().cpu())
+
+    def predict_features(self, features: torch.Tensor, fit: bool = False) -> Prediction:
+        """Cluster and confidence of features (N, D) (from :meth:`embed` or :meth:`embed_dataset`),
+        on the model's device, by the run's prediction rule: ``fit=False`` applies the rule as
+        the run kept it, ``fit=True`` fits it to these features first (as the run's evaluation
+        did).  Returns :class:`~clusterkit.state.Prediction` (labels (N,), confidence (N,))."""
+        return self.evaluator.predict(features.to(self.device), fit=fit)
 
 
 def load(run_dir: str | os.PathLike, device: str | None = None) -> ClusterModel:

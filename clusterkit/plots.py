@@ -432,9 +432,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, max_points:
                               baseline=baselines_of(model.summary),
                               metrics=METRICS if targets is not None else QUALITY_CURVES),
              plot_losses(records, out / "losses.png", title=name)]
-    t = model.trainer
     feats = model.embed_dataset(ds)
-    pred = t.predict(feats, fit=True)  # the run's own evaluation rule on its evaluation data
+    pred = model.predict_features(feats, fit=True)  # the run's own evaluation rule on its evaluation data
     labels, conf = pred.labels.cpu(), pred.confidence.float().cpu()
     seed = model.recipe.run.seed
     paths.append(plot_tsne(feats.cpu(), labels, out / "tsne.png", targets=targets, class_names=ds.classes,

@@ -18,6 +18,8 @@ import torch
 import yaml
 from PIL import Image
 
+from clusterkit.testing import tiny_recipe as tiny_plugin_recipe
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -27,25 +29,22 @@ def pytest_configure(config):
     subprocesses the tests start and with the other worker."""
     torch.set_num_threads(1)
 
-TINY = {
-    "name": "tiny",
-    "data": {"dataset": "digits", "split": "all", "image_size": 8, "batch_size": 256,
-             "augment": {"crop_scale": [0.6, 1.0], "hflip": False}},
-    "model": {"backbone": "resnet18_cifar", "backbone_kwargs": {"channels": [8, 16, 16, 32]}},
-    "optim": {"lr": 0.05, "lr_scaling": "none"},
-    "schedule": {"epochs": 2, "warmup_epochs": 1},
-    "e_step": {"k": 10},
-    # the UMAP rows (clusterkit.baselines) cost seconds per run and a numba compile per process:
-    # the tests that check them switch them on (tests/core/test_manifold.py)
-    "eval": {"umap_baseline": "never", "umap_view": "never"},
-    "run": {"seed": 0, "progress": False, "log_every": 2},
-    "plugins": {
-        "byol_target": {"hidden_dim": 32, "out_dim": 16},
-        "kmeans_e_step": {"n_init": 1, "max_iter": 20},
-        "diffused_sampling": {},
-        "prototype_aggregation": {},
-    },
-}
+
+#: The tests' tiny run: clusterkit.testing's tiny recipe (the plugin helpers' narrow ResNet on
+#: 8x8 images) on the bundled digits (``data="digits"``), with ProPos's plugins for 2 epochs after
+#: a 1-epoch warm-up.  Unlike the helpers' runs it keeps the run defaults (``run.device: auto``,
+#: torch's thread count, ``keep_last: 2``) and the pixel baseline, and logs every 2 steps.
+TINY = tiny_plugin_recipe(
+    {"byol_target": {"hidden_dim": 32, "out_dim": 16},
+     "kmeans_e_step": {"n_init": 1, "max_iter": 20},
+     "diffused_sampling": {},
+     "prototype_aggregation": {}},
+    epochs=2, data="digits",
+    overrides={"name": "tiny", "schedule": {"warmup_epochs": 1},
+               # the UMAP rows (clusterkit.baselines) cost seconds per run and a numba compile per process:
+               # the tests that check them switch them on (tests/core/test_manifold.py)
+               "eval": {"pixel_baseline": "auto", "umap_baseline": "never", "umap_view": "never"},
+               "run": {"device": "auto", "threads": None, "keep_last": 2, "log_every": 2}})
 
 
 def tiny_recipe(**changes) -> dict:

@@ -125,7 +125,7 @@ def test_cli_predict_errors_are_one_paragraph_with_exit_status_2(trained, tmp_pa
 
 def test_a_checkpoint_without_saved_centres_cannot_assign(trained, digits):
     model = clusterkit.load(trained[0])
-    model.trainer.plugins["kmeans_e_step"].predict_centers = None  # as a checkpoint written before any evaluation
+    model.plugins["kmeans_e_step"].predict_centers = None  # as a checkpoint written before any evaluation
     with pytest.raises(PluginError, match="cannot assign new images"):
         model.predict(digits.all_images()[:3])
 

@@ -78,13 +78,13 @@ HSD_ONLY = {"byol_target": {"hidden_dim": 32, "out_dim": 16},
 def _hsd_scope_worker(rank: int, world: int, init_file: str, raws: dict, available, batches, out_dir: str) -> None:
     import torch.distributed as torch_dist
 
-    from clusterkit.testing import _equivalence_run
+    from clusterkit.testing.distributed import equivalence_run
 
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for mining, raw in raws.items():
-            _equivalence_run(raw, available, batches, str(Path(out_dir) / f"{mining}_rank{rank}.pt"))
+            equivalence_run(raw, available, batches, str(Path(out_dir) / f"{mining}_rank{rank}.pt"))
     finally:
         torch_dist.destroy_process_group()
 
@@ -100,7 +100,8 @@ def test_hadis_mining_scope_local_is_per_process_and_global_is_the_gathered_batc
 
     from clusterkit.plugin_manager import discover
     from clusterkit.recipe import deep_merge
-    from clusterkit.testing import _equivalence_batches, _equivalence_run, tiny_recipe
+    from clusterkit.testing import tiny_recipe
+    from clusterkit.testing.distributed import equivalence_batches, equivalence_run
 
     world, per_rank = 2, 8
     available = discover()
@@ -109,13 +110,13 @@ def test_hadis_mining_scope_local_is_per_process_and_global_is_the_gathered_batc
         plugins = copy.deepcopy(HSD_ONLY)
         plugins["hardness_aware_distillation"]["mining"] = mining
         raws[mining] = tiny_recipe(plugins, overrides=deep_merge({"data": {"batch_size": world * per_rank}}, {}))
-    batches = _equivalence_batches(raws["local"], available, 1, world * per_rank, seed=0)
+    batches = equivalence_batches(raws["local"], available, 1, world * per_rank, seed=0)
     (v0, v1, index), = batches
 
     def alone(mining: str, rows: slice, tag: str) -> dict:
         """One process on ``rows`` of the batch: {"term": HSD, "grads": {name: gradient}}."""
         out = tmp_path / f"{tag}.pt"
-        _equivalence_run(raws[mining], available, [(v0[rows], v1[rows], index[rows])], str(out))
+        equivalence_run(raws[mining], available, [(v0[rows], v1[rows], index[rows])], str(out))
         step = torch.load(out, weights_only=False)["steps"][0]
         return {"term": step["terms"]["hardness_aware_distillation"], "grads": step["grads"]}
 

@@ -246,7 +246,7 @@ def test_allow_list_loads_only_the_named_plugins_without_the_switch(monkeypatch,
     trainer = Trainer(load_recipe(data=raw), tmp_path, available_plugins=available)
     with pytest.raises(RecipeError, match=r"allow_plugins \(empty\)"):
         trainer.fit()
-    assert not hasattr(trainer, "train_ds")
+    assert trainer.train_ds is None  # no data was loaded
     with pytest.raises(RecipeError, match="'allow_plugins' must be a list"):
         load_recipe(data={"allow_plugins": "probe"})
 
