@@ -24,7 +24,18 @@ from ..rundir import RunDir
 from ..state import TrainState
 from .evaluation import RunEvaluation
 
-__all__ = ["EpochProgress", "Reporter", "eta", "peak_memory_mb", "versions"]
+__all__ = ["EpochProgress", "Reporter", "eta", "peak_memory_mb", "versions", "prediction_protocol"]
+
+
+def prediction_protocol(hooks: HookDispatcher) -> str:
+    """How the run's clusters are predicted, for summary.json: the ``predict`` plugins in call
+    order, each with its ``prediction_rule`` when it states one (e.g. ``kmeans_e_step``:
+    spherical k-means, or k-means on a UMAP of the features), else "core k-means"."""
+    parts = []
+    for impl in hooks.impls("predict"):
+        rule = getattr(impl.plugin, "prediction_rule", None)
+        parts.append(f"{impl.plugin_name} ({rule})" if rule else impl.plugin_name)
+    return "predict hook: " + (", ".join(parts) or "core k-means")
 
 
 @attrs.define
@@ -157,7 +168,7 @@ class Reporter:
                 "dataset": r.data.dataset, "labels": evaluation.labels_protocol(), "train_split": r.data.split,
                 "eval_split": r.data.eval_split or r.data.split,
                 "test_data_used_for_training": r.data.split in ("test", "all"),
-                "prediction": "predict hook: " + (", ".join(hooks.names("predict")) or "core k-means"),
+                "prediction": prediction_protocol(hooks),
                 "model_selection": "none (final epoch)",
             },
             "epochs": r.schedule.epochs, "steps": state.step, "num_train": len(evaluation.train_ds),

@@ -72,6 +72,15 @@ class KMeansEStep(Plugin):
         #: reduce: umap: the manifold rule of the last evaluation (checkpointed as tensors)
         self.manifold: ManifoldKMeans | None = None
 
+    @property
+    def prediction_rule(self) -> str:
+        """The rule :meth:`predict` applies, in words (the run summary's ``protocol.prediction``)."""
+        if self.params.reduce == "umap":
+            p = self.params
+            return (f"k-means (n_init {p.n_init}) on a UMAP (cosine, {p.umap_components} components, "
+                    f"{p.umap_neighbors} neighbours) of the features")
+        return f"spherical k-means (n_init {self.params.n_init}) of the features"
+
     def manifold_rule(self, state) -> ManifoldKMeans:
         """reduce: umap: a fresh manifold k-means rule with this plugin's parameters."""
         p = self.params

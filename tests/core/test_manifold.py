@@ -201,6 +201,8 @@ def test_manifold_e_step_and_prediction(manifold_run):
     path, trainer, summary = manifold_run
     plugin = trainer.plugins["kmeans_e_step"]
     assert isinstance(plugin.manifold, ManifoldKMeans) and plugin.predict_centers is None  # no spherical k-means
+    assert summary["protocol"]["prediction"] == ("predict hook: kmeans_e_step (k-means (n_init 2) on a UMAP "
+                                                 "(cosine, 10 components, 15 neighbours) of the features)")
     centers = trainer.state.centers
     assert centers.shape == (5, 16) and torch.allclose(centers.norm(dim=1), torch.ones(5), atol=1e-5)
     assert summary["metrics"]["nmi"] == cluster_metrics(trainer.eval_ds.targets,
