@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import shlex
 import sys
 import time
@@ -171,12 +170,9 @@ def project(meta: dict, row: dict, gpu: dict) -> dict:
 
 def report(args, measured: list[dict]) -> str:
     meta, rows = measured[0], measured[1:]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from clusterkit.amp import cpu_model_name
+
+    cpu = cpu_model_name()
     load = os.getloadavg()
     lines = [
         "# GPU feeding projection (on paper)",

@@ -48,7 +48,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -224,14 +223,9 @@ def _f(x, digits=1) -> str:
 def _machine() -> str:
     import torch
 
-    from clusterkit.amp import cpu_features
+    from clusterkit.amp import cpu_features, cpu_model_name
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model_name()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {os.cpu_count()} CPUs visible ({cpu_features()}){gpu}; clusterkit's torch {torch.__version__}"
 

@@ -46,6 +46,18 @@ def cpu_bf16_native() -> bool:
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo's "model name"; else the platform's word)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
+                        platform.processor() or platform.machine())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def cpu_features() -> str:
     """A few words on the CPU's bf16 support, for messages and benchmark reports."""
     cpu = torch.cpu
