@@ -315,7 +315,8 @@ def test_example_recipe_trains_for_an_epoch(example_installed, tmp_path):
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 1797 // 256 and summary["metrics"]["nmi"] > 0
-    assert summary["protocol"]["prediction"] == "predict hook: kmeans_e_step"
+    assert summary["protocol"]["prediction"] == ("predict hook: kmeans_e_step "
+                                                 "(spherical k-means (n_init 1) of the features)")
     (epoch,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                 if "seconds" in line]
     assert epoch["au_uniform"] < 0 < epoch["au_align"]
