@@ -214,13 +214,16 @@ def epoch_record(features, pred, gt, k: int) -> dict[str, float | None]:
 
 
 def _write_probe_record(state, epoch: int, labels, targets, path: str, since: float, who: str,
-                        metrics: dict | None = None, terms: dict | None = None) -> None:
+                        metrics: dict | None = None, terms: dict | None = None,
+                        e_step_seconds: float | None = None) -> None:
     """One clusterkit probe record (both probes): the harness's metrics of the E-step / evaluation
     ``labels`` on ``state.features("train")``; for a trained epoch (``metrics``: its record) also
     the loss ``terms`` (name -> value, as the probe maps them), the loss, the seconds since
-    ``since``, the last lr and the run's own evaluation.  Appended to ``path`` and logged."""
+    ``since``, the last lr and the run's own evaluation; the seconds of the E-step that made
+    ``labels`` when given.  Appended to ``path`` and logged."""
     feats = state.features("train")
     record = {"epoch": epoch, "step": int(state.step),
+              **({} if e_step_seconds is None else {"e_step_seconds": e_step_seconds}),
               **epoch_record(feats.float().cpu().numpy(), labels.cpu().numpy(), targets, state.num_clusters)}
     if metrics is not None:
         record.update(terms or {})
@@ -508,10 +511,11 @@ def run_official_child(args) -> None:
     original_labeling = basic_template.TrainTask.psedo_labeling
 
     def psedo_labeling(self, n_iter):
+        started = time.perf_counter()
         original_labeling(self, n_iter)
         epoch = self.cur_epoch - 1 if n_iter == 1 else self.cur_epoch
         now = time.perf_counter()
-        record = {"epoch": epoch, "n_iter": int(n_iter),
+        record = {"epoch": epoch, "n_iter": int(n_iter), "e_step_seconds": now - started,
                   **epoch_record(self.mem_data["features"].numpy(), self.psedo_labels.numpy(),
                                  self.mem_data["labels"].numpy(), self.num_cluster)}
         if epoch > 0:
@@ -768,6 +772,7 @@ def _probe_class():
         def __init__(self, params=None):
             super().__init__(params)
             self.t = time.perf_counter()
+            self.e_step_start: float | None = None
             self.epoch_metrics: dict[int, dict] = {}
 
         def _record(self, state, epoch: int, labels) -> None:
@@ -776,8 +781,14 @@ def _probe_class():
                 "psa": float(m.get("diffused_sampling", float("nan"))),
                 "psl": float(m.get("prototype_aggregation", 0.0)),
                 "grp": float(m.get("momentum_grouping", 0.0))}
-            _write_probe_record(state, epoch, labels, self.targets, self.params.record, self.t, "", m, terms)
-            self.t = time.perf_counter()
+            e_step = None if self.e_step_start is None else time.perf_counter() - self.e_step_start
+            _write_probe_record(state, epoch, labels, self.targets, self.params.record, self.t, "", m, terms,
+                                e_step_seconds=e_step)
+            self.t, self.e_step_start = time.perf_counter(), None
+
+        @hookimpl
+        def on_epoch_start(self, state):
+            self.e_step_start = time.perf_counter()  # the trainer calls the E-step right after
 
         @hookimpl(trylast=True)
         def e_step(self, state):

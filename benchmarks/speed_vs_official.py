@@ -168,13 +168,22 @@ def epoch_seconds(run: dict, untimed: int) -> tuple[list[float], list[float]]:
     return [secs[e] for e in epochs[:untimed]], [secs[e] for e in epochs[untimed:]]
 
 
+def e_step_seconds(run: dict) -> list[float]:
+    """The seconds of each E-step that closed a trained epoch (records that have them: the
+    feature pass over the data set and k-means, part of that epoch's seconds)."""
+    return [r["e_step_seconds"] for r in run["records"] if r["epoch"] > 0 and r.get("e_step_seconds") is not None]
+
+
 def summarise(runs: list[dict], untimed: int) -> dict:
-    """Per method: each system's median s/epoch over the timed epochs of all its runs, and each
-    clusterkit system's ratio to the official median."""
+    """Per method: each system's median s/epoch over the timed epochs of all its runs, each
+    clusterkit system's ratio to the official median, and each system's median E-step seconds
+    (where its records time the E-step)."""
     out: dict = {}
+    e_steps: dict = {}
     for run in runs:
         _, timed = epoch_seconds(run, untimed)
         out.setdefault(run["method"], {}).setdefault(run["system"], []).extend(timed)
+        e_steps.setdefault(run["method"], {}).setdefault(run["system"], []).extend(e_step_seconds(run))
     summary: dict = {}
     for method, by_system in out.items():
         medians = {system: statistics.median(v) for system, v in by_system.items() if v}
@@ -183,6 +192,7 @@ def summarise(runs: list[dict], untimed: int) -> dict:
             "median": medians,
             "epochs": {system: len(v) for system, v in by_system.items()},
             "ratio": {system: m / official for system, m in medians.items() if system != "official" and official},
+            "e_step_median": {system: statistics.median(v) for system, v in e_steps[method].items() if v},
         }
     return summary
 
@@ -280,6 +290,13 @@ def write_report(args, runs: list[dict], finished: bool) -> None:
         lines.append(f"| {parity.LABELS.get(method, method)} | " + " | ".join(cells)
                      + (" | " + " | ".join(ratios) if ratios else "") + (f" | {met}" if met else "") + " |")
     busy = [r for r in runs if (r["others_share"] or 0) > BUSY_SHARE]
+    e_step_rows = [f"{parity.LABELS.get(m, m)}: " + ", ".join(
+        f"{lab} {s['e_step_median'][lab]:.1f} s ({s['e_step_median'][lab] / s['median'][lab]:.0%})"
+        for lab in labels if lab in s["e_step_median"] and s["median"].get(lab)) for m, s in summary.items()]
+    e_step_rows = [row for row in e_step_rows if not row.endswith(": ")]
+    if e_step_rows:
+        lines += ["", "Median seconds of the E-step (feature pass and k-means; part of the epoch, its share in "
+                  "brackets): " + "; ".join(e_step_rows) + "."]
     lines += [
         "",
         "A ratio below 1 means clusterkit is faster. "

@@ -41,7 +41,8 @@ def prediction_protocol(hooks: HookDispatcher) -> str:
 @attrs.define
 class EpochProgress:
     """What the trainer counts during one epoch: its start time, progress bar, batches begun,
-    optimiser steps done, images seen, summed loss terms (on the device) and the last lr."""
+    optimiser steps done, images seen, summed loss terms (on the device), the last lr and the
+    seconds its E-step took (None when the epoch had none)."""
 
     start: float
     bar: Any
@@ -50,6 +51,7 @@ class EpochProgress:
     seen: int = 0
     sums: dict = attrs.field(factory=dict)
     lr: float = 0.0
+    e_step_seconds: float | None = None
 
     def add(self, terms: dict[str, torch.Tensor], images: int) -> None:
         """Count one optimiser step: its loss terms (scalars, summed on the device) and ``images``."""

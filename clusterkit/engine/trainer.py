@@ -185,8 +185,10 @@ class Trainer:
             self.loader.generator.manual_seed(r.run.seed * 100_003 + epoch)
         hooks.call("on_epoch_start")
         if epoch == 0 or epoch % r.e_step.every == 0:
+            t0 = time.perf_counter()
             hooks.call("e_step")
             built(self.evaluation).check_pseudo_labels()
+            self._epoch.e_step_seconds = time.perf_counter() - t0
 
     def train_step(self, batch) -> dict[str, torch.Tensor] | None:
         """One training iteration on a batch of :attr:`loader`: set the lr, make the two views
@@ -228,6 +230,8 @@ class Trainer:
                    **state.scalars}
         if state.stage is not None:
             metrics["stage"] = state.stage
+        if ep.e_step_seconds is not None:
+            metrics["e_step_seconds"] = ep.e_step_seconds  # part of "seconds": the E-step opens the epoch
         if (epoch + 1) % r.eval.every == 0 or epoch + 1 == r.schedule.epochs:
             self.eval_metrics = built(self.evaluation).evaluate()
             metrics.update(self.eval_metrics)

@@ -194,7 +194,7 @@ def _fake_records(base: float, epochs: int, nmi: float | None = 0.3):
     recs = [{"epoch": 0, "nmi": nmi, "largest_share": 0.2}]
     for e in range(1, epochs + 1):
         recs.append({"epoch": e, "nmi": nmi, "largest_share": 0.2,
-                     "seconds": 100.0 if e == 1 else base + (e - 2)})
+                     "seconds": 100.0 if e == 1 else base + (e - 2), "e_step_seconds": base / 10})
     return recs
 
 
@@ -221,6 +221,7 @@ def test_the_benchmark_alternates_runs_and_reports_medians_and_ratio(speed, tmp_
     assert s["median"] == {"official": 41.0, "clusterkit": 31.0, "cl": 21.0}
     assert s["epochs"] == {"official": 6, "clusterkit": 6, "cl": 6}
     assert s["ratio"]["clusterkit"] == pytest.approx(31 / 41) and s["ratio"]["cl"] == pytest.approx(21 / 41)
+    assert s["e_step_median"] == {"official": 4.0, "clusterkit": 3.0, "cl": 2.0}
     assert raw["finished"] and not raw["smoke"] and len(raw["runs"]) == 6
     for run in raw["runs"]:
         assert len(run["load_before"]) == 3 and len(run["load_after"]) == 3
@@ -228,6 +229,7 @@ def test_the_benchmark_alternates_runs_and_reports_medians_and_ratio(speed, tmp_
     assert "| ProPos | 41.0 (6 ep.) | 31.0 (6 ep.) | 21.0 (6 ep.) | 0.76 | 0.51 | met |" in text
     assert "`python benchmarks/speed_vs_official.py --methods propos --repeats 2 --variant cl " \
            "run.channels_last=true --out speed.md`" in text
+    assert "ProPos: official 4.0 s (10%), clusterkit 3.0 s (10%), cl 2.0 s (10%)" in text
     assert str(tmp_path) not in text  # no machine paths in the results
     assert "100.0" in text  # the untimed epoch is shown, apart
     assert "propos: median s/epoch official 41.0, clusterkit 31.0, cl 21.0" in capsys.readouterr().out
