@@ -781,7 +781,10 @@ def _probe_class():
                 "psa": float(m.get("diffused_sampling", float("nan"))),
                 "psl": float(m.get("prototype_aggregation", 0.0)),
                 "grp": float(m.get("momentum_grouping", 0.0))}
-            e_step = None if self.e_step_start is None else time.perf_counter() - self.e_step_start
+            # the E-step's cost: the evaluation that closed the epoch (its feature pass and
+            # k-means, which the E-step reuses) plus the E-step hooks themselves
+            e_step = None if self.e_step_start is None or m is None \
+                else time.perf_counter() - self.e_step_start + float(m.get("eval_seconds", 0.0))
             _write_probe_record(state, epoch, labels, self.targets, self.params.record, self.t, "", m, terms,
                                 e_step_seconds=e_step)
             self.t, self.e_step_start = time.perf_counter(), None

@@ -233,8 +233,10 @@ class Trainer:
         if ep.e_step_seconds is not None:
             metrics["e_step_seconds"] = ep.e_step_seconds  # part of "seconds": the E-step opens the epoch
         if (epoch + 1) % r.eval.every == 0 or epoch + 1 == r.schedule.epochs:
+            t0 = time.perf_counter()
             self.eval_metrics = built(self.evaluation).evaluate()
             metrics.update(self.eval_metrics)
+            metrics["eval_seconds"] = time.perf_counter() - t0  # its feature pass is reused by the next E-step
         built(self.hooks).call("on_epoch_end", metrics=metrics)
         metrics["seconds"] = time.perf_counter() - ep.start
         self.history.append(metrics)

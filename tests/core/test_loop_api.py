@@ -80,14 +80,15 @@ def test_fit_is_the_composition_of_the_public_steps(tmp_path, tiny_recipe_data, 
     assert summary["metrics"] == by_fit["metrics"]
     fit_records = [json.loads(x) for x in (tmp_path / "fit" / "metrics.jsonl").read_text().splitlines()]
     manual = [json.loads(x) for x in (tmp_path / "manual" / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "e_step_seconds")} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rs]  # noqa: E731
     assert strip(manual) == strip(fit_records)
     assert [r["epoch"] for r in records] == [1, 2] and "nmi" in records[-1]
 
 
 def test_an_epoch_record_times_the_e_step_that_opened_it(tmp_path, tiny_recipe_data, restore_threads):
     """e_step_seconds is in the record of every epoch that began with an E-step (epoch 0, then
-    every e_step.every epochs), is part of the epoch's seconds, and is absent otherwise."""
+    every e_step.every epochs), is part of the epoch's seconds, and is absent otherwise; so is
+    eval_seconds for every evaluated epoch."""
     raw = copy.deepcopy(tiny_recipe_data)
     raw["run"]["threads"] = 1
     raw["schedule"]["epochs"] = 3
@@ -96,6 +97,7 @@ def test_an_epoch_record_times_the_e_step_that_opened_it(tmp_path, tiny_recipe_d
     epochs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"seconds"' in x]
     assert [("e_step_seconds" in r) for r in epochs] == [True, False, True]  # E-steps before epochs 0 and 2
     assert all(0 < r["e_step_seconds"] < r["seconds"] for r in epochs if "e_step_seconds" in r)
+    assert all(0 < r["eval_seconds"] < r["seconds"] for r in epochs)  # eval.every 1: every epoch
 
 
 def test_fit_fits_on_one_screen():

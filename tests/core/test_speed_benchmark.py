@@ -249,6 +249,48 @@ def test_others_cpu_share_counts_only_other_processes(speed):
     assert snap["ours"] > 0 and snap["wall"] > 0
 
 
+def _fake_stat(pid: int, ppid: int, utime: int, comm: str = "python") -> str:
+    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
+    rest = ["S", str(ppid)] + ["0"] * 9 + [str(utime), "5"] + ["0"] * 6 + ["4242"]
+    return f"{pid} ({comm}) " + " ".join(rest)
+
+
+def test_descendants_are_found_through_the_whole_tree(speed, tmp_path):
+    """A grandchild (a loader worker its parent never waits for) counts as ours; a process
+    outside the tree does not; a name with spaces and brackets does not shift the fields."""
+    tick = os.sysconf("SC_CLK_TCK")
+    tree = {10: (1, "bench"), 11: (10, "run"), 12: (11, "pt_data_worker) 1"), 13: (12, "x"), 20: (1, "other")}
+    for pid, (ppid, comm) in tree.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(_fake_stat(pid, ppid, 100 * pid, comm))
+    (tmp_path / "self").mkdir()  # not a pid: ignored
+    found = speed.descendant_cpu(10, tmp_path)
+    assert sorted(found) == [(11, 4242), (12, 4242), (13, 4242)]
+    assert found[(12, 4242)] == pytest.approx((1200 + 5) / tick)
+
+
+def test_the_meter_sees_a_grandchild_nobody_waits_for(speed):
+    import subprocess
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', 'while True: pass']); time.sleep(600)"])
+    try:
+        with speed.DescendantMeter(interval=0.05) as meter:
+            deadline = time.monotonic() + 60
+            grandchild = lambda: [cpu for (pid, _), cpu in list(meter.seen.items()) if pid != parent.pid]  # noqa: E731
+            while time.monotonic() < deadline and not any(cpu > 0 for cpu in grandchild()):
+                time.sleep(0.05)
+        assert any(cpu > 0 for cpu in grandchild())  # the busy grandchild's CPU time is counted
+        assert meter.seconds >= max(grandchild())
+    finally:
+        for (pid, _), _cpu in speed.descendant_cpu(os.getpid()).items():
+            if pid != parent.pid:
+                os.kill(pid, 9)
+        parent.kill()
+        parent.wait()
+
+
 # --------------------------------------------------------------------------- benchmarks/gpu_check.sh
 
 
