@@ -1449,7 +1449,8 @@ def parse_args(argv=None):
                    help="PNG cache, per-run records, logs and run folders (outside the repo)")
     p.add_argument("--official-root", type=Path, default=Path("/work/official"),
                    help="folder holding the ProPos, DigPro, HaDis, torch_clustering and Contrastive-Clustering "
-                        "checkouts at the pinned commits (bash benchmarks/setup_official.sh makes it; default %(default)s)")
+                        "checkouts at the pinned commits (bash benchmarks/setup_official.sh makes it; "
+                        "default %(default)s)")
     p.add_argument("--official-python", type=Path, default=Path("/work/official-venv/bin/python"),
                    help="python of the official code's environment (torch, torchvision, lightly 1.4.24, "
                         "scikit-learn 1.3.2, numpy<2, munkres, scipy, pyyaml, tqdm, matplotlib, timm; "
