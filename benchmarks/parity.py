@@ -1,7 +1,7 @@
-"""End-to-end parity benchmark: the official ProPos / DigPro / CC code against clusterkit (issue 13, item 5).
+"""End-to-end parity benchmark: the official ProPos / DigPro / HaDis / CC code against clusterkit (issues 13, 25).
 
-Trains the released ProPos (Hzzone/ProPos) and DigPro (Regan-Zhang/DigPro) code and clusterkit's
-recipes ``benchmarks/parity/propos_fmnist.yaml`` / ``digpro_fmnist.yaml`` side by side on the CPU,
+Trains the released ProPos (Hzzone/ProPos), DigPro (Regan-Zhang/DigPro) and HaDis (Regan-Zhang/HaDis)
+code and clusterkit's recipes ``benchmarks/parity/{propos,digpro,hadis}_fmnist.yaml`` side by side on the CPU,
 in the same setting, and records for every system, epoch 0 (the untrained network) and epochs
 1..N of a 30-epoch schedule:
 
@@ -11,7 +11,8 @@ in the same setting, and records for every system, epoch 0 (the untrained networ
 * the feature std, ``mean_j std_i(norm(f)_ij)`` (the official ``global_std``:
   ``torch.std(normalised features, dim=0).mean()``, unbiased std);
 * the mean loss terms of the epoch, as added to the total loss (``psa`` = L_base / PSA,
-  ``psl`` = gamma x PSL, zero during warm-up, ``grp`` = lambda x grouping CE) and their sum;
+  ``psl`` = gamma x PSL, zero during warm-up, ``grp`` = lambda x grouping CE (DigPro; 0 for ProPos),
+  ``hsd`` = HaDis's HSD, weight 1) and their sum;
 * seconds per epoch: wall time from one E-step's end to the next (training, the feature
   pass and k-means of the E-step, and the system's own per-epoch bookkeeping).
 
@@ -24,7 +25,9 @@ normalisation: the official code's default for a dataset it does not know); stan
 ResNet-18 with torchvision's init, 32 px, batch 256, lr 0.05 (x batch/256), wd 5e-4, EMA 0.996,
 30-epoch cosine schedule with 5 warm-up epochs, K = 10, PSL weight 0.1 at temperature 0.5,
 latent std 0.001, symmetric loss; DigPro as released (group loss weight 0.3, extra EMA 0.99 on
-non-regroup iterations).  2 torch threads per run; the official code uses 2 loader workers.
+non-regroup iterations); HaDis as released (HSD weight 1, tau 0.5, its student the diffused sample
+of PSA/DSA, mined in the one process's batch: ``hardness_aware_distillation`` with ``noise: shared``,
+``mining: local``).  2 torch threads per run; the official code uses 2 loader workers.
 
 Each (method, system, seed) runs in its own subprocess, one at a time:
 
@@ -34,7 +37,9 @@ Each (method, system, seed) runs in its own subprocess, one at a time:
   runtime shims only (:func:`_install_official_shims`): a ``torch._six`` module, ``.cuda()`` as a
   no-op, a one-process gloo group for ``nccl``, DDP without ``device_ids``.  Nothing of the
   official code is copied here and the checkouts are not modified.  Its E-step is observed by
-  wrapping ``TrainTask.psedo_labeling`` and its loss terms by wrapping ``BYOLWrapper.forward``.
+  wrapping ``TrainTask.psedo_labeling`` and its loss terms by wrapping ``BYOLWrapper.forward``
+  (DigPro and HaDis are ProPos forks: the same ``main.py``, config keys and classes; the third loss
+  term each adds is read from that forward's outputs, :data:`EXTRA_TERMS`).
 * ``clusterkit``: :class:`clusterkit.engine.Trainer` on the recipe, plus a probe plugin that
   only this script registers (``parity_probe``, :func:`_probe_class`): after every E-step it
   records the features and pseudo-labels the E-step used, and it stops the run after N epochs.
@@ -61,6 +66,9 @@ Usage (from the repo root, in clusterkit's environment)::
 
     python benchmarks/parity.py --methods propos digpro --systems official clusterkit \\
         --seeds 0 1 --epochs 6 --schedule-epochs 30 --out benchmarks/results/parity.md
+
+    python benchmarks/parity.py --methods hadis --systems official clusterkit \\
+        --seeds 0 1 --epochs 6 --schedule-epochs 30 --out benchmarks/results/parity_hadis.md
 
     python benchmarks/parity.py --methods cc --systems official clusterkit --seeds 0 1 --epochs 6 \\
         --schedule-epochs 6 --out benchmarks/results/parity_cc.md
@@ -89,19 +97,24 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-RECIPES = {m: HERE / "parity" / f"{m}_fmnist.yaml" for m in ("propos", "digpro", "cc")}
-OFFICIAL_REPOS = {"propos": "ProPos", "digpro": "DigPro", "cc": "Contrastive-Clustering"}
-OFFICIAL_NAMES = {"ProPos": "Hzzone/ProPos", "DigPro": "Regan-Zhang/DigPro",
+#: The methods the harness trains (``--methods``).
+METHODS = ("propos", "digpro", "hadis", "cc")
+RECIPES = {m: HERE / "parity" / f"{m}_fmnist.yaml" for m in METHODS}
+OFFICIAL_REPOS = {"propos": "ProPos", "digpro": "DigPro", "hadis": "HaDis", "cc": "Contrastive-Clustering"}
+OFFICIAL_NAMES = {"ProPos": "Hzzone/ProPos", "DigPro": "Regan-Zhang/DigPro", "HaDis": "Regan-Zhang/HaDis",
                   "torch_clustering": "Hzzone/torch_clustering",
                   "Contrastive-Clustering": "Yunfan-Li/Contrastive-Clustering"}
-LABELS = {"propos": "ProPos", "digpro": "DigPro", "cc": "CC", "official": "official", "clusterkit": "clusterkit"}
-#: Methods whose official code is the ProPos-style main.py with an E-step (k-means) every epoch.
-ESTEP_METHODS = ("propos", "digpro")
+LABELS = {"propos": "ProPos", "digpro": "DigPro", "hadis": "HaDis", "cc": "CC", "official": "official",
+          "clusterkit": "clusterkit"}
+#: Methods whose official code is the ProPos-style main.py with an E-step (k-means) every epoch
+#: (DigPro and HaDis are ProPos forks).
+ESTEP_METHODS = ("propos", "digpro", "hadis")
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_WORK = Path("/tmp/clusterkit-parity")
 DEFAULT_OUT = HERE / "results" / "parity.md"
@@ -112,6 +125,38 @@ SETTING = {
     "psl_weight": 0.1, "psl_temperature": 0.5, "latent_std": 0.001, "group_weight": 0.3,
     "loader_workers": 2,
 }
+#: HaDis's values on top of :data:`SETTING` (issue 25): the official HSD as released, weight 1 (no
+#: warm-up gate on the weight) and tau 0.5 (both hard-coded in its ``byol.py`` / ``byol_wrapper.py``);
+#: its student is L_psa's diffused sample (sigma = ``latent_std``, 0 during warm-up).  The official
+#: HaDis config shares every other value with ProPos's.  Kept apart from SETTING, so that the keys of
+#: the recorded ProPos / DigPro runs stay what they were.
+HADIS_SETTING = {"hsd_weight": 1.0, "hsd_temperature": 0.5}
+
+
+class ExtraTerm(NamedTuple):
+    """The loss term an E-step method adds to L_psa and gamma x L_psl, as both systems report it."""
+
+    key: str                     #: the record's key (the weighted term as added to the loss)
+    heading: str                 #: the per-epoch table's column
+    official_index: int | None   #: its index in the official ``BYOLWrapper.forward``'s outputs (None: no term)
+    weight: float                #: its weight in the official total loss
+    clusterkit_metric: str       #: clusterkit's per-epoch metric of the term (already weighted)
+
+
+EXTRA_TERMS = {
+    "propos": ExtraTerm("grp", "λ·L_grp", None, 0.0, "momentum_grouping"),  # a 0 column, as DigPro's twin
+    "digpro": ExtraTerm("grp", "λ·L_grp", 3, SETTING["group_weight"], "momentum_grouping"),
+    "hadis": ExtraTerm("hsd", "L_hsd", 2, HADIS_SETTING["hsd_weight"], "hardness_aware_distillation"),
+}
+
+
+def method_setting(method: str) -> dict:
+    """The shared setting one method's runs are made in (part of their run key)."""
+    if method == "cc":
+        return CC_SETTING
+    return {**SETTING, **HADIS_SETTING} if method == "hadis" else SETTING
+
+
 #: CC's setting (issue 13: CC's official settings but the backbone and the image size).  Both systems
 #: get exactly these values; the lr is constant (no schedule), so ``--schedule-epochs`` only sets the
 #: official ``epochs`` and clusterkit's ``schedule.epochs``.
@@ -458,7 +503,11 @@ def _install_functional_pil() -> None:
 
 
 def _official_config(args, data_root: Path, dataset: str) -> dict:
-    """The official config (ProPos's / DigPro's CIFAR-style yml) for the parity setting."""
+    """The official config (ProPos's / DigPro's / HaDis's CIFAR-style yml) for the parity setting.
+
+    One config for the three: DigPro and HaDis are ProPos forks with ProPos's config keys, and
+    their own losses' values are hard-coded in their code (DigPro's group weight 0.3, HaDis's HSD
+    weight 1 and tau 0.5), so no key of the config differs between them."""
     return {
         "model_name": "propos", "encoder_name": "resnet18", "dataset": dataset, "data_folder": str(data_root),
         "whole_dataset": True, "img_size": SETTING["image_size"], "num_cluster": SETTING["k"],
@@ -475,7 +524,10 @@ def _official_config(args, data_root: Path, dataset: str) -> dict:
 
 
 def run_official_child(args) -> None:
-    """Child process: run the official ``main.py`` (ProPos or DigPro) and record every E-step."""
+    """Child process: run the official ``main.py`` (ProPos, DigPro or HaDis) and record every E-step.
+
+    The loss terms are read from ``BYOLWrapper.forward``'s outputs: L_psa and L_psl first, then
+    the method's own term (:data:`EXTRA_TERMS`: DigPro's group loss, HaDis's HSD)."""
     import runpy
 
     import yaml
@@ -483,7 +535,7 @@ def run_official_child(args) -> None:
     _install_official_shims(args.threads, args.device)
     repo = Path(args.official_root) / OFFICIAL_REPOS[args.method]
     sys.path.insert(0, str(repo))
-    if args.method == "propos":  # DigPro vendors its own torch_clustering
+    if args.method == "propos":  # DigPro and HaDis vendor their own torch_clustering
         sys.path.insert(1, str(Path(args.official_root) / "torch_clustering"))
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -496,15 +548,15 @@ def run_official_child(args) -> None:
 
     losses: list[list[float]] = []
     clock = {"t": time.perf_counter()}
-    group_term = args.method == "digpro"
+    term = EXTRA_TERMS[args.method]
 
     original_forward = byol_wrapper.BYOLWrapper.forward
 
     def forward(self, *a, **k):
         out = original_forward(self, *a, **k)
         row = [float(out[0]), float(out[1])]
-        if group_term:
-            row.append(float(out[3]))
+        if term.official_index is not None:
+            row.append(float(out[term.official_index]))
         losses.append(row)
         return out
 
@@ -524,10 +576,10 @@ def run_official_child(args) -> None:
             record["psa"] = float(mean[0])
             record["psl_raw"] = float(mean[1])
             record["psl"] = float(mean[1]) * self.opt.cluster_loss_weight * gate
-            record["grp"] = float(mean[2]) * SETTING["group_weight"] if group_term else 0.0
-            if group_term:
-                record["grp_raw"] = float(mean[2])
-            record["loss"] = record["psa"] + record["psl"] + record["grp"]
+            record[term.key] = float(mean[2]) * term.weight if term.official_index is not None else 0.0
+            if term.official_index is not None:
+                record[f"{term.key}_raw"] = float(mean[2])
+            record["loss"] = record["psa"] + record["psl"] + record[term.key]
             record["steps"] = len(losses)
             record["seconds"] = now - clock["t"]
             record["lr_last"] = float(next(g["lr"] for g in self.optimizer.param_groups
@@ -753,12 +805,15 @@ def run_official_cc_child(args) -> None:
 # --------------------------------------------------------------------------- clusterkit (child)
 
 
-def _probe_class():
-    """The ``parity_probe`` plugin class (built lazily: clusterkit is imported only here)."""
+def _probe_class(method: str = "propos"):
+    """The ``parity_probe`` plugin class of an E-step ``method``'s runs (built lazily: clusterkit is
+    imported only here); it records the loss terms as the official child does (:data:`EXTRA_TERMS`)."""
     import attrs
 
     from clusterkit import Plugin, hookimpl
     from clusterkit.cluster import kmeans
+
+    term = EXTRA_TERMS[method]
 
     class ParityProbe(Plugin):
         """Benchmark-only plugin: records every E-step (features and pseudo-labels) and stops the
@@ -780,7 +835,7 @@ def _probe_class():
             terms = None if m is None else {
                 "psa": float(m.get("diffused_sampling", float("nan"))),
                 "psl": float(m.get("prototype_aggregation", 0.0)),
-                "grp": float(m.get("momentum_grouping", 0.0))}
+                term.key: float(m.get(term.clusterkit_metric, 0.0))}
             # the E-step's cost: the evaluation that closed the epoch (its feature pass and
             # k-means, which the E-step reuses) plus the E-step hooks themselves
             e_step = None if self.e_step_start is None or m is None \
@@ -901,7 +956,7 @@ def run_clusterkit_child(args) -> None:
     if raw.get("allow_plugins") is not None or autoload_disabled():
         raw["allow_plugins"] = [*(raw.get("allow_plugins") or []), "parity_probe"]
     recipe = load_recipe(data=raw)
-    cls = _cc_probe_class() if args.method == "cc" else _probe_class()
+    cls = _cc_probe_class() if args.method == "cc" else _probe_class(args.method)
     if args.method == "cc" and args.clusterkit_raw_pixels:
         # diagnostic only (no recipe key does this): the official CC code feeds raw [0, 1] pixels
         import attrs
@@ -953,7 +1008,7 @@ def _run_key(args, method: str, system: str, seed: int) -> dict:
     """What makes two runs the same run (everything but how many epochs are run)."""
     key = {"method": method, "system": system, "seed": seed, "limit": args.limit, "batch_size": args.batch_size,
            "schedule_epochs": args.schedule_epochs, "threads": args.threads,
-           "setting": SETTING if method in ESTEP_METHODS else CC_SETTING}
+           "setting": method_setting(method)}
     if getattr(args, "data_meta", None):  # a --data-root folder (the Fashion-MNIST keys stay as they were)
         key["data"] = args.data_meta["name"]
     if getattr(args, "device", "cpu") != "cpu":
@@ -1075,20 +1130,22 @@ def _fmt(x, digits=3) -> str:
     return f"{x:.{digits}f}"
 
 
-def per_epoch_table(records: list[dict]) -> list[str]:
-    """Markdown rows of one run's per-epoch records."""
-    lines = ["| epoch | NMI | ACC | ARI | largest cluster | feature std | L_psa | γ·L_psl | λ·L_grp | loss "
+def per_epoch_table(records: list[dict], method: str = "propos") -> list[str]:
+    """Markdown rows of one E-step run's per-epoch records (the third loss column is the method's own
+    term, :data:`EXTRA_TERMS`)."""
+    term = EXTRA_TERMS[method]
+    lines = [f"| epoch | NMI | ACC | ARI | largest cluster | feature std | L_psa | γ·L_psl | {term.heading} | loss "
              "| s/epoch |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append("| " + " | ".join([
             str(r["epoch"]), _fmt(r["nmi"]), _fmt(r["acc"]), _fmt(r["ari"]), f"{r['largest_share']:.1%}",
-            _fmt(r["feature_std"], 4), _fmt(r.get("psa")), _fmt(r.get("psl"), 4), _fmt(r.get("grp"), 4),
+            _fmt(r["feature_std"], 4), _fmt(r.get("psa")), _fmt(r.get("psl"), 4), _fmt(r.get(term.key), 4),
             _fmt(r.get("loss")), _fmt(r.get("seconds"), 1)]) + " |")
     return lines
 
 
-def per_epoch_table_cc(records: list[dict]) -> list[str]:
+def per_epoch_table_cc(records: list[dict], method: str = "cc") -> list[str]:
     """Markdown rows of one CC run's per-epoch records."""
     lines = ["| epoch | NMI | ACC | ARI | largest cluster | feature std | L_ins | L_clu contrast | L_clu entropy "
              "| L_clu | loss | s/epoch |",
@@ -1171,10 +1228,14 @@ def write_report(args, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     estep = [m for m in args.methods if m in ESTEP_METHODS]
     cc = "cc" in args.methods
-    folders = (("ProPos", "DigPro", "torch_clustering") if estep else ()) + (("Contrastive-Clustering",) if cc else ())
+    propos_like = any(m in ("propos", "digpro") for m in estep)
+    hadis = "hadis" in estep
+    folders = ((("ProPos", "DigPro", "torch_clustering") if propos_like else ()) + (("HaDis",) if hadis else ())
+               + (("Contrastive-Clustering",) if cc else ()))
     commits = {OFFICIAL_NAMES[d]: _git_commit(Path(args.official_root) / d)[:12] for d in folders}
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    title = " / ".join((["ProPos / DigPro"] if estep else []) + (["CC"] if cc else []))
+    title = " / ".join((["ProPos / DigPro"] if propos_like else []) + (["HaDis"] if hadis else [])
+                       + (["CC"] if cc else []))
     lines = [
         f"# End-to-end parity: official {title} code vs clusterkit",
         "",
@@ -1184,7 +1245,7 @@ def write_report(args, results: dict) -> None:
         "",
     ]
     if estep:
-        lines += _estep_header(args, commits)
+        lines += _estep_header(args, commits, estep)
     if cc:
         lines += _cc_header(args, commits)
     overall = {}
@@ -1204,9 +1265,9 @@ def write_report(args, results: dict) -> None:
         table = per_epoch_table if method in ESTEP_METHODS else per_epoch_table_cc
         for system in args.systems:
             for seed, records in sorted(results.get((method, system), {}).items()):
-                lines += [f"### {LABELS[method]}, {system}, seed {seed}", "", *table(records), ""]
+                lines += [f"### {LABELS[method]}, {system}, seed {seed}", "", *table(records, method), ""]
     out.write_text("\n".join(lines))
-    setting = SETTING if estep else CC_SETTING
+    setting = {**SETTING, **(HADIS_SETTING if hadis else {})} if estep else CC_SETTING
     raw = {
         "command": command_line(args), "generated": now, "setting": {**setting, "limit": args.limit,
                                                                      "batch_size": args.batch_size,
@@ -1253,14 +1314,26 @@ def _crop_source(args) -> str:
             "images decoded to 32 px squares (the files differ in size), both resizing them to 32 px")
 
 
-def _estep_header(args, commits: dict) -> list[str]:
-    """The report's paragraphs on the ProPos / DigPro runs (setting, protocol, inherent differences)."""
+def _estep_header(args, commits: dict, methods=("propos", "digpro")) -> list[str]:
+    """The report's paragraphs on the E-step methods' runs (ProPos / DigPro / HaDis: setting, protocol,
+    inherent differences); ``methods``: those of the report."""
     commits = {k: v for k, v in commits.items() if "Contrastive-Clustering" not in k}
+    hadis = "hadis" in methods
+    propos_like = [m for m in methods if m != "hadis"]
+    names = ",".join((["propos", "digpro"] if propos_like else []) + (["hadis"] if hadis else []))
+    recipes = f"{{{names}}}_fmnist.yaml" if "," in names else f"{names}_fmnist.yaml"
+    released = "; ".join((["DigPro as released (group loss weight 0.3, extra EMA 0.99)"] if propos_like else [])
+                         + ([_HADIS_WORDS] if hadis else []))
+    terms = "; ".join((["λ·L_grp"] if propos_like else []) + (["L_hsd, HaDis"] if hadis else []))
+    resize = "official ProPos `PIL.Image.resize` (bicubic, Pillow's default), official DigPro bilinear" \
+        if propos_like else ""
+    if hadis:
+        resize = (resize + ", " if resize else "") + "official HaDis as ProPos (bicubic)"
     return [
         "Official code: " + ", ".join(f"{k}@{v}" for k, v in commits.items()) + ", run unmodified with runtime "
         "shims only (`torch._six`, `.cuda()` as a no-op, a one-process gloo group for nccl, DDP without "
         "device_ids), in its own environment (lightly 1.4.24, scikit-learn).",
-        f"clusterkit: `benchmarks/parity/{{propos,digpro}}_fmnist.yaml` (git {_git_commit(REPO)[:12]}, "
+        f"clusterkit: `benchmarks/parity/{recipes}` (git {_git_commit(REPO)[:12]}, "
         f"source digest {_source_digest()} of clusterkit/ and plugins/ including uncommitted changes)."
         + (f" Extra overrides of the clusterkit runs: `{' '.join(args.extra_set)}`." if args.extra_set else ""),
         "",
@@ -1268,21 +1341,20 @@ def _estep_header(args, commits: dict) -> list[str]:
         "as an image folder by both (RGB, ImageNet normalisation), standard-stem ResNet-18 with torchvision's "
         f"init, 32 px, batch {args.batch_size}, {args.epochs} epochs of a {args.schedule_epochs}-epoch cosine "
         "schedule with 5 warm-up epochs, K = 10, lr 0.05, wd 5e-4, EMA 0.996, PSL weight 0.1 at temperature "
-        "0.5, latent std 0.001, symmetric; DigPro as released (group loss weight 0.3, extra EMA 0.99).",
+        f"0.5, latent std 0.001, symmetric; {released}.",
         "",
         "Every number is computed by the harness from what each system produced at its E-step: NMI / ACC / "
         "ARI of the E-step's k-means labels of all training images (train = evaluation data), the largest "
         "cluster's share, the feature std `std(norm(f), dim=0).mean()` of the target-branch features, the "
-        "epoch's mean loss terms as added to the loss (L_psa; γ·L_psl, 0 during warm-up; λ·L_grp) and the "
+        f"epoch's mean loss terms as added to the loss (L_psa; γ·L_psl, 0 during warm-up; {terms}) and the "
         "wall time from one E-step's end to the next. Epoch 0 is the untrained network.",
         "",
         "What the harness cannot make identical (inherent to the two code bases, not to be confused with "
         "training differences):",
         "- Augmentation: " + _crop_source(args) + ", but the official code does it per image with PIL in "
         f"two loader workers (ColorJitter rounding to uint8 after each operation), clusterkit "
-        f"{_clusterkit_augmentation(args, ('propos', 'digpro'))} with its own random stream. The E-step images: "
-        "official ProPos `PIL.Image.resize` "
-        "(bicubic, Pillow's default), official DigPro bilinear, clusterkit bilinear.",
+        f"{_clusterkit_augmentation(args, tuple(methods))} with its own random stream. The E-step images: "
+        f"{resize}, clusterkit bilinear.",
         "- The official data order comes from a DistributedSampler with its default seed 0, so both official "
         "seeds see the same order (the seed changes the init, the augmentation draws and the noise); "
         "clusterkit's order depends on the run's seed.",
@@ -1291,8 +1363,21 @@ def _estep_header(args, commits: dict) -> list[str]:
         "are one at a time, but the machine may be shared with other work. In the run recorded in "
         "benchmarks/results/parity.md other jobs shared the 2 cores and the official seed-0 runs were paused "
         "for a while (their epoch-3 times include the pause): the s/epoch columns there are not timings.",
+        *([_HADIS_DIFFERENCE] if hadis else []),
         "",
     ]
+
+
+#: The report's words on the official HaDis setting (:func:`_estep_header`).
+_HADIS_WORDS = ("HaDis as released (HSD weight 1 with no warm-up gate on the weight, tau 0.5, its student "
+                "p(q + sigma·eps) the same diffused sample as L_psa's, the hardest pairs mined in the process's "
+                "own batch; clusterkit `hardness_aware_distillation` with `noise: shared`, `mining: local`)")
+#: What differs between the two HaDis runs besides the above (:func:`_estep_header`).
+_HADIS_DIFFERENCE = (
+    "- HaDis's HSD distances: the official code computes them as sqrt(max(|t|² + |s|² - 2 t·s, 1e-12)) in "
+    "the training dtype, clusterkit from the differences (`torch.cdist`, exact for equal rows); the two can "
+    "pick a different hardest pair only where two distances tie within float rounding. The official code "
+    "also appends every step's losses to a text file (`loss_logger.txt`; in its s/epoch).")
 
 
 def _cc_header(args, commits: dict) -> list[str]:
@@ -1357,7 +1442,7 @@ def parse_args(argv=None):
     """Command-line options (the orchestrator's and the children's)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", choices=("propos", "digpro", "cc"), default=["propos", "digpro"])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["propos", "digpro"])
     p.add_argument("--systems", nargs="+", choices=("official", "clusterkit"), default=["official", "clusterkit"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--epochs", type=int, default=6, help="epochs to run (of the schedule)")
@@ -1377,8 +1462,9 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=DEFAULT_WORK,
                    help="PNG cache, per-run records, logs and run folders (outside the repo)")
     p.add_argument("--official-root", type=Path, default=Path("/work/official"),
-                   help="folder holding the ProPos, DigPro, torch_clustering and Contrastive-Clustering checkouts "
-                        "at the pinned commits (bash benchmarks/setup_official.sh makes it; default %(default)s)")
+                   help="folder holding the ProPos, DigPro, HaDis, torch_clustering and Contrastive-Clustering "
+                        "checkouts at the pinned commits (bash benchmarks/setup_official.sh makes it; "
+                        "default %(default)s)")
     p.add_argument("--official-python", type=Path, default=Path("/work/official-venv/bin/python"),
                    help="python of the official code's environment (torch, torchvision, lightly 1.4.24, "
                         "scikit-learn 1.3.2, numpy<2, munkres, scipy, pyyaml, tqdm, matplotlib, timm; "

@@ -31,7 +31,7 @@ REPOS=(
   "torch_clustering       Hzzone/torch_clustering           b7fb417f7a144a8332ed9f9417e212f2a6ea7c05"
   "DigPro                 Regan-Zhang/DigPro                dfa30b3e77d3c0c7553e84d303b91cb1cc468d06"
   "Contrastive-Clustering Yunfan-Li/Contrastive-Clustering  61daba8b5fdb41eb1be7c93128cd1ed02a8e04a8"
-  # used by make_golden.py only (tests/golden/hadis_hsd.pt, pici_losses.pt)
+  # HaDis: parity.py --methods hadis and make_golden.py; PICI: make_golden.py (tests/golden/pici_losses.pt)
   "HaDis                  Regan-Zhang/HaDis                 36aab39622c9d52611b0a164ed9a15a0a41f6de0"
   "PICI                   Regan-Zhang/PICI                  9feab42c09e752a5c7af6ffdc3019248816eb19f"
 )

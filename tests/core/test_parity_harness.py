@@ -1,9 +1,12 @@
-"""benchmarks/parity.py's bookkeeping: which recorded clusterkit run may be reused, and what its
-report says about the views.  (Training the official code needs its checkouts; not tested here.)"""
+"""benchmarks/parity.py's bookkeeping: which recorded clusterkit run may be reused, what its
+report says about the views, and the HaDis method (its arguments, its recipe against the official
+config, its run key, loss term and report).  (Training the official code needs its checkouts; not
+tested here.)"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,3 +65,112 @@ def test_the_report_names_the_pipeline_the_runs_used(parity, tmp_path, monkeypat
 
     words = parity._clusterkit_augmentation(_args(extra_set=["data.pipeline=batched"]), ("propos", "digpro"))
     assert "`data.pipeline: batched`" in words and "per_image" not in words
+
+
+# --------------------------------------------------------------------------- HaDis (issue 25, item 1)
+
+
+def _resolved(parity, method: str, tmp_path: Path):
+    """The parity recipe of ``method`` as its clusterkit child resolves it (the harness's overrides)."""
+    from clusterkit.recipe import apply_overrides, load_raw, load_recipe
+
+    args = SimpleNamespace(image_root=str(tmp_path), dataset="fmnist", seed=1, schedule_epochs=30,
+                           batch_size=256, threads=1, device="cpu", extra_set=[])
+    return load_recipe(data=apply_overrides(load_raw(parity.RECIPES[method]), parity.clusterkit_overrides(args)))
+
+
+def test_hadis_is_a_method_of_the_harness(parity):
+    args = parity.parse_args(["--methods", "hadis", "--systems", "official", "clusterkit", "--seeds", "0",
+                              "--epochs", "1", "--limit", "256"])
+    assert args.methods == ["hadis"] and args.limit == 256
+    assert "hadis" in parity.ESTEP_METHODS and parity.OFFICIAL_REPOS["hadis"] == "HaDis"
+    assert parity.RECIPES["hadis"] == REPO / "benchmarks" / "parity" / "hadis_fmnist.yaml"
+    assert parity.RECIPES["hadis"].is_file()
+    with pytest.raises(SystemExit):
+        parity.parse_args(["--methods", "hadsi"])
+
+
+def test_the_hadis_parity_recipe_has_the_official_values(parity, tmp_path):
+    """clusterkit's HaDis parity recipe, resolved, against the official config the harness writes."""
+    recipe = _resolved(parity, "hadis", tmp_path)
+    plugins = recipe.plugins
+    # the HaDis plugins as the paper recipes set them, plus ProPos's
+    assert set(plugins) == set(_resolved(parity, "propos", tmp_path).plugins) | {"hardness_aware_distillation"}
+    hsd = plugins["hardness_aware_distillation"]
+    assert hsd["mining"] == "local" and hsd["noise"] == "shared"
+    assert hsd.get("warmup_gate", True) is True
+    assert hsd["weight"] == parity.HADIS_SETTING["hsd_weight"] == 1.0
+    assert hsd["temperature"] == parity.HADIS_SETTING["hsd_temperature"] == 0.5
+    from clusterkit.recipe import load_recipe
+
+    hadis_paper = load_recipe(REPO / "recipes" / "hadis_cifar10.yaml").plugins["hardness_aware_distillation"]
+    assert {k: hsd[k] for k in ("mining", "noise", "temperature", "weight", "sigma")} == \
+        {k: hadis_paper[k] for k in ("mining", "noise", "temperature", "weight", "sigma")}
+
+    official = parity._official_config(SimpleNamespace(batch_size=256, schedule_epochs=30, seed=1),
+                                       tmp_path, "fmnist")
+    s = parity.SETTING
+    # the HSD student is PSA's diffused sample: the same sigma as the official latent_std
+    assert hsd["sigma"] == plugins["diffused_sampling"]["sigma"] == official["latent_std"] == s["latent_std"]
+    assert plugins["prototype_aggregation"]["weight"] == official["cluster_loss_weight"] == s["psl_weight"]
+    assert plugins["prototype_aggregation"]["temperature"] == official["temperature"] == s["psl_temperature"]
+    assert plugins["byol_target"]["momentum"] == official["momentum_base"] == s["ema"]
+    assert recipe.optim.lr == official["learning_rate"] == s["lr"]
+    assert recipe.optim.weight_decay == official["weight_decay"] == s["weight_decay"]
+    assert recipe.schedule.warmup_epochs == official["warmup_epochs"] == s["warmup_epochs"]
+    assert recipe.schedule.epochs == official["epochs"] == 30
+    assert recipe.data.batch_size == official["batch_size"] == 256
+    assert recipe.e_step.k == official["num_cluster"] == s["k"]
+    assert recipe.run.seed == official["seed"] == 1
+
+
+def test_hadis_runs_have_their_own_key_and_the_recorded_runs_keep_theirs(parity):
+    args = _args(official_root=Path("/nonexistent"))
+    hadis = parity._run_key(args, "hadis", "official", 0)
+    propos = parity._run_key(args, "propos", "official", 0)
+    assert hadis["setting"] == {**parity.SETTING, **parity.HADIS_SETTING}
+    assert propos["setting"] == parity.SETTING and "hsd_weight" not in propos["setting"]
+    assert parity._run_key(args, "cc", "official", 0)["setting"] == parity.CC_SETTING
+    key = parity._run_key(args, "hadis", "clusterkit", 0)
+    assert "hardness_aware_distillation" in key["recipe"]
+
+
+def test_the_hadis_loss_term_is_read_and_reported_as_hsd(parity):
+    from clusterkit_plugins.hadis.hardness_aware_distillation import LOSS_NAME
+
+    term = parity.EXTRA_TERMS["hadis"]
+    assert term.key == "hsd" and term.clusterkit_metric == LOSS_NAME
+    # the official BYOLWrapper.forward returns (L_psa, L_psl, L_hsd, q) in HaDis, (L_psa, L_psl, q, L_grp) in DigPro
+    assert term.official_index == 2 and parity.EXTRA_TERMS["digpro"].official_index == 3
+    assert parity.EXTRA_TERMS["propos"].official_index is None
+    records = [{"epoch": 0, "nmi": 0.5, "acc": 0.5, "ari": 0.3, "largest_share": 0.15, "feature_std": 0.01},
+               {"epoch": 1, "nmi": 0.4, "acc": 0.4, "ari": 0.2, "largest_share": 0.14, "feature_std": 0.05,
+                "psa": -1.0, "psl": 0.0, "hsd": 0.6931, "loss": -0.3069, "seconds": 3.0}]
+    table = parity.per_epoch_table(records, "hadis")
+    assert "| L_hsd |" in table[0] and "λ·L_grp" not in table[0]
+    assert "| 0.6931 |" in table[3]
+    assert "| λ·L_grp |" in parity.per_epoch_table(records, "digpro")[0]
+
+
+def test_a_hadis_report_names_its_code_recipe_and_term(parity, tmp_path):
+    def recs(nmi):
+        return [{"epoch": e, "nmi": nmi + 0.01 * e, "acc": 0.5, "ari": 0.3, "largest_share": 0.15,
+                 "feature_std": 0.01, **({"psa": -1.0, "psl": 0.0, "hsd": 0.5, "loss": -0.5, "seconds": 2.0}
+                                         if e else {})} for e in range(2)]
+
+    out = tmp_path / "parity_hadis.md"
+    args = _args(methods=["hadis"], systems=["official", "clusterkit"], seeds=[0, 1], epochs=1, out=str(out),
+                 official_root=Path("/nonexistent"), device="cpu", data_root=None)
+    results = {("hadis", "official"): {0: recs(0.40), 1: recs(0.42)},
+               ("hadis", "clusterkit"): {0: recs(0.41), 1: recs(0.60)}}
+    parity.write_report(args, results)
+    text = out.read_text()
+    assert text.startswith("# End-to-end parity: official HaDis code vs clusterkit")
+    assert "Regan-Zhang/HaDis@" in text and "Hzzone/ProPos" not in text
+    assert "`benchmarks/parity/hadis_fmnist.yaml`" in text
+    assert "`noise: shared`, `mining: local`" in text and "HSD distances" in text
+    assert "### HaDis, official, seed 1" in text and "| L_hsd |" in text
+    # seed 1 of clusterkit (.60 / .61) is outside the official spread and .05 of the mean: 2 of 4 cells
+    assert "NMI criterion met in 2 of 4 (epoch, seed) cells" in text
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["setting"]["hsd_weight"] == 1.0 and raw["verdict"]["hadis"]["nmi_ok"] == 2
