@@ -886,8 +886,8 @@ def run_official_pici_child(args) -> None:
     mae = models_mae.MaskedAutoencoderViT(
         img_size=s["image_size"], patch_size=s["patch_size"], in_chans=3, embed_dim=s["embed_dim"], depth=s["depth"],
         num_heads=s["num_heads"], decoder_embed_dim=s["decoder_dim"], decoder_depth=s["decoder_depth"],
-        decoder_num_heads=s["decoder_heads"], mlp_ratio=s["mlp_ratio"], norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        norm_pix_loss=s["norm_pix_loss"])
+        decoder_num_heads=s["decoder_heads"], mlp_ratio=s["mlp_ratio"],
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), norm_pix_loss=s["norm_pix_loss"])
     model = network.Network_mae(mae, s["feature_dim"], class_num).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
     criterion_instance = contrastive_loss.InstanceLoss(args.batch_size, s["instance_temperature"], device).to(device)
@@ -1417,6 +1417,9 @@ def command_line(args) -> str:
         parts += ["--clusterkit-raw-pixels"]
     if "pici" in args.methods:
         parts += ["--pici-stages", *map(str, args.pici_stages)]
+        if set(args.methods) == {"pici"}:  # PICI's epochs are its stages: --epochs / --schedule-epochs do nothing
+            i = parts.index("--epochs")
+            del parts[i:i + 4]
     out = Path(args.out).resolve()
     parts += ["--out", str(out.relative_to(REPO)) if out.is_relative_to(REPO) else out.name]
     return shlex.join(parts)

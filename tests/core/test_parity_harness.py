@@ -172,6 +172,7 @@ def test_the_pici_report_compares_every_epoch_of_the_stages(parity, tmp_path):
     parity.write_report(args, results)
     text = out.read_text()
     assert "official PICI code" in text and "Regan-Zhang/PICI@" in text and "--pici-stages 1 1 1" in text
+    assert "--epochs" not in text and "--schedule-epochs" not in text   # they do not apply to PICI
     assert "| 3 | boost |" in text   # the per-epoch tables name the stage
     raw = __import__("json").loads(out.with_suffix(".json").read_text())
     # 4 epochs (0..3) x 2 seeds; epoch 3 seed 0 is .09 above the official mean (NMI miss), seed 1's largest
