@@ -58,6 +58,26 @@ shims of :func:`_install_cc_shims` and evaluated as the official ``cluster.py`` 
 the probe of :func:`_cc_probe_class`.  The official code feeds raw [0, 1] pixels and clusterkit
 normalises; ``--clusterkit-raw-pixels`` removes clusterkit's normalisation at runtime, as a diagnostic.
 
+PICI (``--methods pici``; issue 25, item 2): the official Regan-Zhang/PICI code against
+``benchmarks/parity/pici_fmnist.yaml`` on the same images, in PICI's official setting except the model
+size and the schedule length (:data:`PICI_SETTING`: one small ViT both systems build, 32 px, patch 8,
+width 192, 6 blocks, 3 heads, MAE decoder 128-d x 2 x 4 heads; Adam lr 1e-4 constant, no weight decay,
+masking ratio 0.5, tau_I 0.5, tau_C 1.0, K = 10, CLI k-means n_init 100) and the three stages (pretrain:
+PISD; train: PISD + instance + cluster; boost: instance + cluster + CLI) scaled to ``--pici-stages P T B``
+epochs (default 2 3 2; ``--epochs`` / ``--schedule-epochs`` do not apply to PICI: it runs P + T + B
+epochs).  ``official``: ``train_pici.py``'s ``__main__`` block hard-codes its stage boundaries (200,
+1000) and its model (ViT-S/16, 224 px), so the harness drives its functions in-process instead
+(:func:`run_official_pici_child`): it builds the data, loaders, model, optimiser and losses in the
+order ``__main__`` does, with the official classes, and calls ``pretrain_one_epoch``,
+``train_one_epoch``, ``make_pseudo_label`` and ``finetune_one_epoch`` as ``__main__`` does, at the
+scaled boundaries; each epoch is evaluated as the official code evaluates (``cluster_pici.inference``:
+argmax of the cluster head of the masked encoder, batches of 100) with the random states restored
+after it.  ``clusterkit``: the Trainer with its own per-epoch evaluation (argmax of the cluster head
+of the unmasked encoder), read by the probe of :func:`_pici_probe_class`.  Each epoch records NMI /
+ACC / ARI, the largest cluster's share, the feature std of the [CLS] features of the evaluation pass,
+the stage, the mean loss terms (``pisd``, ``instance``, ``cluster`` = contrast + entropy, ``cli``)
+and seconds per epoch.
+
 A finished run whose record has at least N epochs for the same settings is reused (the schedule
 is always ``--schedule-epochs`` long, so the first N epochs of a longer run are the same run),
 so an interrupted benchmark continues where it stopped; ``--rerun`` forces new runs.
@@ -72,6 +92,9 @@ Usage (from the repo root, in clusterkit's environment)::
 
     python benchmarks/parity.py --methods cc --systems official clusterkit --seeds 0 1 --epochs 6 \\
         --schedule-epochs 6 --out benchmarks/results/parity_cc.md
+
+    python benchmarks/parity.py --methods pici --systems official clusterkit --seeds 0 1 \\
+        --pici-stages 2 3 2 --out benchmarks/results/parity_pici.md
 
     # a quick check of the harness (a few minutes):
     python benchmarks/parity.py --limit 512 --epochs 1 --batch-size 128 --seeds 0 \\
@@ -104,13 +127,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 #: The methods the harness trains (``--methods``).
-METHODS = ("propos", "digpro", "hadis", "cc")
+METHODS = ("propos", "digpro", "hadis", "cc", "pici")
 RECIPES = {m: HERE / "parity" / f"{m}_fmnist.yaml" for m in METHODS}
-OFFICIAL_REPOS = {"propos": "ProPos", "digpro": "DigPro", "hadis": "HaDis", "cc": "Contrastive-Clustering"}
+OFFICIAL_REPOS = {"propos": "ProPos", "digpro": "DigPro", "hadis": "HaDis", "cc": "Contrastive-Clustering",
+                  "pici": "PICI"}
 OFFICIAL_NAMES = {"ProPos": "Hzzone/ProPos", "DigPro": "Regan-Zhang/DigPro", "HaDis": "Regan-Zhang/HaDis",
                   "torch_clustering": "Hzzone/torch_clustering",
-                  "Contrastive-Clustering": "Yunfan-Li/Contrastive-Clustering"}
-LABELS = {"propos": "ProPos", "digpro": "DigPro", "hadis": "HaDis", "cc": "CC", "official": "official",
+                  "Contrastive-Clustering": "Yunfan-Li/Contrastive-Clustering", "PICI": "Regan-Zhang/PICI"}
+LABELS = {"propos": "ProPos", "digpro": "DigPro", "hadis": "HaDis", "cc": "CC", "pici": "PICI", "official": "official",
           "clusterkit": "clusterkit"}
 #: Methods whose official code is the ProPos-style main.py with an E-step (k-means) every epoch
 #: (DigPro and HaDis are ProPos forks).
@@ -154,6 +178,8 @@ def method_setting(method: str) -> dict:
     """The shared setting one method's runs are made in (part of their run key)."""
     if method == "cc":
         return CC_SETTING
+    if method == "pici":
+        return PICI_SETTING
     return {**SETTING, **HADIS_SETTING} if method == "hadis" else SETTING
 
 
@@ -165,6 +191,18 @@ CC_SETTING = {
     "instance_temperature": 0.5, "cluster_temperature": 1.0, "feature_dim": 128, "jitter_strength": 0.5,
     "loader_workers": 2, "eval_batch_size": 500,
 }
+#: PICI's setting (issue 25, item 2): PICI's official setting (config/config.yaml, train_pici.py) with one
+#: small ViT both systems build instead of ViT-S/16 at 224 px (the model of benchmarks/recipes/fmnist_pici.yaml).
+#: Both systems get exactly these values (tests/core/test_parity_harness.py checks the recipe against them);
+#: the stage lengths come from ``--pici-stages``.
+PICI_SETTING = {
+    "image_size": 32, "k": 10, "patch_size": 8, "embed_dim": 192, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0,
+    "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4, "mask_ratio": 0.5, "norm_pix_loss": True,
+    "feature_dim": 128, "lr": 1e-4, "weight_decay": 0.0, "instance_temperature": 0.5, "cluster_temperature": 1.0,
+    "cli_n_init": 100, "loader_workers": 2, "eval_batch_size": 100,
+}
+#: The default ``--pici-stages``: pretrain, train and boost epochs (official 200 / 800 / 50).
+PICI_STAGES = (2, 3, 2)
 #: Issue 13's acceptance thresholds.
 NMI_TOL = 0.05
 SHARE_TOL = 0.10
@@ -606,25 +644,10 @@ def run_official_child(args) -> None:
         dist.destroy_process_group()
 
 
-def _install_cc_shims(image_dir: Path, device: str = "cpu") -> None:
-    """The runtime shims the official CC ``train.py`` needs on top of :func:`_install_official_shims`.
-
-    * on the CPU (``device`` "cpu"), ``Tensor.to`` / ``Module.to`` map a CUDA device (``'cuda'``,
-      ``torch.device('cuda')``) to the CPU: ``train.py`` moves the model, the batches and the losses
-      with ``.to('cuda')``;
-    * a ``cv2`` module without functions (``modules/transform.py`` imports OpenCV for its Gaussian
-      blur, which the CIFAR branch never builds; the official environment has no OpenCV);
-    * ``torchvision.datasets.CIFAR10`` returns the harness's image folder (torchvision's
-      ``ImageFolder`` with the transform ``train.py`` passes) for ``train=True`` and an empty dataset
-      for ``train=False``: ``train.py``'s CIFAR-10 branch (the transform with s = 0.5, K = 10, the
-      train+test concatenation) then trains on exactly the harness's images;
-    * ``utils.save_model`` does nothing (``train.py`` saves a checkpoint every 10 epochs and at the
-      end; the ProPos/DigPro runs have checkpoints off too).
-    """
-    import types
-
+def _map_cuda_to_cpu() -> None:
+    """``Tensor.to`` / ``Module.to`` map a CUDA device (``'cuda'``, ``torch.device('cuda')``) to the CPU
+    (the official CC and PICI code move models, batches and labels with ``.to('cuda')``)."""
     import torch
-    import torchvision
 
     def cpu(device):
         if isinstance(device, str) and device.startswith("cuda"):
@@ -644,15 +667,43 @@ def _install_cc_shims(image_dir: Path, device: str = "cpu") -> None:
 
         cls.to = to
 
-    if device == "cpu":
-        patch_to(torch.Tensor)
-        patch_to(torch.nn.Module)
+    patch_to(torch.Tensor)
+    patch_to(torch.nn.Module)
+
+
+def _empty_cv2() -> None:
+    """A ``cv2`` module without functions where OpenCV is not installed (the official CC and PICI
+    ``modules/transform.py`` import it and never call it on the harness's path)."""
+    import types
 
     if "cv2" not in sys.modules:
         try:
             import cv2  # noqa: F401
         except ImportError:
             sys.modules["cv2"] = types.ModuleType("cv2")
+
+
+def _install_cc_shims(image_dir: Path, device: str = "cpu") -> None:
+    """The runtime shims the official CC ``train.py`` needs on top of :func:`_install_official_shims`.
+
+    * on the CPU (``device`` "cpu"), ``Tensor.to`` / ``Module.to`` map a CUDA device (``'cuda'``,
+      ``torch.device('cuda')``) to the CPU: ``train.py`` moves the model, the batches and the losses
+      with ``.to('cuda')``;
+    * a ``cv2`` module without functions (``modules/transform.py`` imports OpenCV for its Gaussian
+      blur, which the CIFAR branch never builds; the official environment has no OpenCV);
+    * ``torchvision.datasets.CIFAR10`` returns the harness's image folder (torchvision's
+      ``ImageFolder`` with the transform ``train.py`` passes) for ``train=True`` and an empty dataset
+      for ``train=False``: ``train.py``'s CIFAR-10 branch (the transform with s = 0.5, K = 10, the
+      train+test concatenation) then trains on exactly the harness's images;
+    * ``utils.save_model`` does nothing (``train.py`` saves a checkpoint every 10 epochs and at the
+      end; the ProPos/DigPro runs have checkpoints off too).
+    """
+    import torch
+    import torchvision
+
+    if device == "cpu":
+        _map_cuda_to_cpu()
+    _empty_cv2()
 
     folder_class = torchvision.datasets.ImageFolder
 
@@ -802,6 +853,151 @@ def run_official_cc_child(args) -> None:
         pass
 
 
+def _install_pici_shims(device: str = "cpu") -> None:
+    """The runtime shims the official PICI code needs on top of :func:`_install_official_shims`.
+
+    * ``np.float`` (removed in numpy 1.24; ``utils/pos_embed.py`` builds the sin-cos positions with it)
+      as the builtin ``float`` it aliased;
+    * an empty ``cv2`` module (``modules/transform.py`` imports OpenCV and never calls it);
+    * on the CPU (``device`` "cpu"), ``.to('cuda')`` maps to the CPU (:func:`_map_cuda_to_cpu`): the
+      training functions move the batches, and ``match`` the CLI targets, with ``.to('cuda')``.
+    """
+    if "float" not in np.__dict__:
+        np.float = float  # type: ignore[attr-defined]
+    _empty_cv2()
+    if device == "cpu":
+        _map_cuda_to_cpu()
+
+
+def pici_stage_of(epoch: int, stages) -> str:
+    """The stage of training epoch ``epoch`` (0-based) for ``stages`` = (pretrain, train, boost) epochs:
+    ``pretrain`` / ``train`` / ``boost``, as train_pici.py's ``epoch < 200`` / ``< 1000`` / else, scaled."""
+    pretrain, train, _ = stages
+    return "pretrain" if epoch < pretrain else ("train" if epoch < pretrain + train else "boost")
+
+
+def run_official_pici_child(args) -> None:
+    """Child process: the official PICI training, driven function by function, evaluated after every epoch.
+
+    ``train_pici.py``'s ``__main__`` block hard-codes the stage boundaries (epochs 200 and 1000 of 1050),
+    the model (``mae_vit_small_patch16``, 224 px) and dataset paths, so it cannot run on this setting
+    unmodified.  This driver does what that block does, in its order, with the official classes and
+    functions imported from the checkout (nothing copied): seeds (``torch.manual_seed``,
+    ``np.random.seed``); the training set (torchvision ``ImageFolder`` of the harness's images with the
+    official ``Transforms_BYOL``) and its shuffled loader (drop_last); the evaluation set
+    (``test_transform``) and loader (batch 100); the boost stage's loader in one fixed random order
+    (``MySampler`` of ``torch.randperm``); ``Network_mae`` around a ``MaskedAutoencoderViT`` of
+    :data:`PICI_SETTING`'s size (norm_pix_loss); Adam; ``InstanceLoss`` / ``ClusterLoss``.  Then per epoch
+    ``pretrain_one_epoch(data_loader)``, ``train_one_epoch(data_loader)`` or, in the boost stage,
+    ``finetune_one_epoch(loader, labels)`` with ``labels = make_pseudo_label(loader, model, K)`` computed
+    when the boost stage starts, at the boundaries of ``--pici-stages``.  The mean loss terms come from
+    what those functions return.  Not done: the official checkpoint saving and its best-ACC selection
+    (every epoch is reported) and its own prints.
+
+    Before the first epoch (epoch 0) and after each epoch the model is evaluated as the official code
+    evaluates (``cluster_pici.inference``: ``forward_cluster``, i.e. the argmax of the cluster head of the
+    MASKED encoder, a random draw; batches of 100 of the test transform), with the [CLS] features taken by
+    a forward hook for the feature std; the model's mode and torch's, numpy's and Python's random states
+    are restored after it, so the training is the one the functions make unobserved.
+    """
+    import random
+    from functools import partial
+    from types import SimpleNamespace
+
+    import torch
+    import torchvision
+    from torch.utils.data import DataLoader
+
+    _install_official_shims(args.threads, args.device)
+    _install_pici_shims(args.device)
+    repo = Path(args.official_root) / OFFICIAL_REPOS["pici"]
+    sys.path.insert(0, str(repo))
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chdir(run_dir)
+    record_path = Path(args.record)
+
+    import train_pici as tp  # noqa: E402  (after the shims and sys.path; its __main__ block does not run)
+    from modules import contrastive_loss, models_mae, network, transform  # noqa: E402
+
+    s = PICI_SETTING
+    stages = tuple(args.pici_stages)
+    device = torch.device(args.device)
+    image_dir = str(Path(args.image_root) / args.dataset)
+    workers = s["loader_workers"]
+    # train_pici.py's __main__, in its order
+    torch.manual_seed(args.seed)
+    torch.cuda.manual_seed_all(args.seed)
+    np.random.seed(args.seed)
+    dataset = torchvision.datasets.ImageFolder(image_dir, transform=transform.Transforms_BYOL(size=s["image_size"]))
+    class_num = s["k"]
+    data_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=workers)
+    val_dataset = torchvision.datasets.ImageFolder(
+        image_dir, transform=transform.Transforms_BYOL(size=s["image_size"]).test_transform)
+    val_loader = DataLoader(val_dataset, batch_size=s["eval_batch_size"], shuffle=False, num_workers=workers)
+    indices = torch.randperm(len(dataset))
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True,
+                        sampler=tp.MySampler(dataset, indices), num_workers=workers)
+    mae = models_mae.MaskedAutoencoderViT(
+        img_size=s["image_size"], patch_size=s["patch_size"], in_chans=3, embed_dim=s["embed_dim"], depth=s["depth"],
+        num_heads=s["num_heads"], decoder_embed_dim=s["decoder_dim"], decoder_depth=s["decoder_depth"],
+        decoder_num_heads=s["decoder_heads"], mlp_ratio=s["mlp_ratio"],
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), norm_pix_loss=s["norm_pix_loss"])
+    model = network.Network_mae(mae, s["feature_dim"], class_num).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+    criterion_instance = contrastive_loss.InstanceLoss(args.batch_size, s["instance_temperature"], device).to(device)
+    criterion_cluster = contrastive_loss.ClusterLoss(class_num, s["cluster_temperature"], device).to(device)
+    # the training functions read these module globals (set by __main__ in the official run)
+    tp.model, tp.optimizer = model, optimizer
+    tp.criterion_instance, tp.criterion_cluster = criterion_instance, criterion_cluster
+    tp.args = SimpleNamespace(batch_size=args.batch_size)
+    steps = len(data_loader)
+    clock = {"t": time.perf_counter()}
+
+    def evaluate_and_record(epoch: int, stage: str | None = None, terms: dict | None = None) -> None:
+        states = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+                  torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
+        was_training = model.training
+        feats: list = []
+        hook = model.mae.register_forward_hook(lambda m, i, o: feats.append(o[3].detach().float().cpu()))
+        try:
+            pred, gt = tp.inference(val_loader, model, device)
+        finally:
+            hook.remove()
+            model.train(was_training)
+            torch.set_rng_state(states[0])
+            np.random.set_state(states[1])
+            random.setstate(states[2])
+            if states[3] is not None:
+                torch.cuda.set_rng_state_all(states[3])
+        record = {"epoch": epoch, **epoch_record(torch.cat(feats).numpy(), pred, gt, class_num)}
+        now = time.perf_counter()
+        if terms is not None:
+            record.update(stage=stage, **terms, steps=steps, seconds=now - clock["t"])
+        _append_jsonl(record_path, record)
+        log(f"official pici seed {args.seed} epoch {epoch}{f' ({stage})' if stage else ''}: {nmi_text(record)} "
+            f"largest {record['largest_share']:.2f} std {record['feature_std']:.4f}")
+        clock["t"] = time.perf_counter()
+
+    evaluate_and_record(0)
+    pseudo_labels = None
+    for epoch in range(min(args.epochs, sum(stages))):
+        stage = pici_stage_of(epoch, stages)
+        if stage == "pretrain":
+            total = tp.pretrain_one_epoch(data_loader)
+            terms = {"pisd": total / steps, "instance": None, "cluster": None, "cli": None}
+        elif stage == "train":
+            total, loss_i, loss_c, loss_re = tp.train_one_epoch(data_loader)
+            terms = {"pisd": loss_re / steps, "instance": loss_i / steps, "cluster": loss_c / steps, "cli": None}
+        else:
+            if pseudo_labels is None:  # official: at epoch 1000, the boost stage's first epoch
+                pseudo_labels = tp.make_pseudo_label(loader, model, class_num)
+            total, loss_i, loss_c, loss_ce = tp.finetune_one_epoch(loader, pseudo_labels)
+            terms = {"pisd": None, "instance": loss_i / steps, "cluster": loss_c / steps, "cli": loss_ce / steps}
+        terms["loss"] = total / steps
+        evaluate_and_record(epoch + 1, stage, terms)
+
+
 # --------------------------------------------------------------------------- clusterkit (child)
 
 
@@ -925,10 +1121,55 @@ def _cc_probe_class():
     return CCParityProbe
 
 
+def _pici_probe_class():
+    """The ``parity_probe`` plugin class of the PICI runs: :func:`_cc_probe_class`'s probe (the trainer's
+    own evaluation of every epoch, epoch 0 included) with PICI's loss terms and the epoch's stage.
+    ``cls.trainer`` is set by :func:`run_clusterkit_child`."""
+    base = _cc_probe_class()
+
+    def term(metrics: dict, *keys: str) -> float | None:
+        """The sum of the metrics ``keys`` (a loss term), or None when the epoch's stage had none of them."""
+        values = [float(metrics[k]) for k in keys if k in metrics]
+        return sum(values) if values else None
+
+    class PiciParityProbe(base):  # type: ignore[misc,valid-type]
+        """Benchmark-only plugin: records the cluster head's predictions of every epoch with PICI's loss
+        terms and stops the run after ``stop_after`` epochs.  Registered by benchmarks/parity.py only."""
+
+        def _record(self, state, epoch: int, labels, metrics=None) -> None:
+            terms = None
+            if metrics is not None:
+                terms = {"stage": metrics.get("stage", state.stage),
+                         "pisd": term(metrics, "partial_self_discrimination"),
+                         "instance": term(metrics, "instance_contrast"),
+                         "cluster": term(metrics, "cluster_contrast", "cluster_entropy"),
+                         "cli": term(metrics, "cross_level_interaction")}
+            _write_probe_record(state, epoch, labels, self.targets, self.params.record, self.t, "pici ", metrics,
+                                terms)
+            self.t = time.perf_counter()
+
+    return PiciParityProbe
+
+
+def pici_stage_overrides(args) -> list[str]:
+    """The ``--set`` overrides that give the PICI parity recipe ``args.pici_stages`` = (pretrain, train,
+    boost) epochs: the recipe's three stages with their ``until`` moved (the plugins of each stage kept)."""
+    from clusterkit.recipe import load_raw
+
+    stages = load_raw(RECIPES["pici"]).get("stages") or []
+    if [st.get("name") for st in stages] != ["pretrain", "train", "boost"]:
+        raise SystemExit(f"{RECIPES['pici']} must have the stages pretrain, train and boost, in that order; "
+                         f"it has {[st.get('name') for st in stages]}.")
+    pretrain, train, _ = args.pici_stages
+    ends = [pretrain, pretrain + train, None]
+    return ["stages=" + json.dumps([{**st, "until": end} for st, end in zip(stages, ends, strict=True)])]
+
+
 def clusterkit_overrides(args) -> list[str]:
     """The ``--set`` overrides of a clusterkit child's recipe: the harness's data, seed, schedule, batch,
     threads and device; for a ``--data-root`` folder its resolution (``data.decode_size``) and, without
-    class folders, ``data.labels=none``; then ``--extra-set``."""
+    class folders, ``data.labels=none``; for PICI the stage lengths (:func:`pici_stage_overrides`); then
+    ``--extra-set``."""
     overrides = [f"data.root={Path(args.image_root) / args.dataset}", f"run.seed={args.seed}",
                  f"schedule.epochs={args.schedule_epochs}", f"data.batch_size={args.batch_size}",
                  f"run.threads={args.threads}", "run.progress=false", f"run.device={args.device}"]
@@ -937,6 +1178,8 @@ def clusterkit_overrides(args) -> list[str]:
         overrides.append(f"data.decode_size={meta['decode_size'] or 'null'}")
         if not meta["labelled"]:
             overrides.append("data.labels=none")
+    if getattr(args, "method", None) == "pici":
+        overrides += pici_stage_overrides(args)
     return overrides + list(args.extra_set)
 
 
@@ -956,7 +1199,8 @@ def run_clusterkit_child(args) -> None:
     if raw.get("allow_plugins") is not None or autoload_disabled():
         raw["allow_plugins"] = [*(raw.get("allow_plugins") or []), "parity_probe"]
     recipe = load_recipe(data=raw)
-    cls = _cc_probe_class() if args.method == "cc" else _probe_class(args.method)
+    cls = {"cc": _cc_probe_class, "pici": _pici_probe_class}[args.method]() if args.method in ("cc", "pici") \
+        else _probe_class(args.method)
     if args.method == "cc" and args.clusterkit_raw_pixels:
         # diagnostic only (no recipe key does this): the official CC code feeds raw [0, 1] pixels
         import attrs
@@ -1009,6 +1253,8 @@ def _run_key(args, method: str, system: str, seed: int) -> dict:
     key = {"method": method, "system": system, "seed": seed, "limit": args.limit, "batch_size": args.batch_size,
            "schedule_epochs": args.schedule_epochs, "threads": args.threads,
            "setting": method_setting(method)}
+    if method == "pici":
+        key["stages"] = list(args.pici_stages)
     if getattr(args, "data_meta", None):  # a --data-root folder (the Fashion-MNIST keys stay as they were)
         key["data"] = args.data_meta["name"]
     if getattr(args, "device", "cpu") != "cpu":
@@ -1077,6 +1323,15 @@ def data_words(args) -> str:
     return f"{some} of the folder `{meta['source_name']}` (`--data-root`), {how}, {size}"
 
 
+def method_args(args, method: str):
+    """``args`` as the runs of ``method`` see them: for PICI a copy whose ``epochs`` and ``schedule_epochs``
+    are the sum of ``--pici-stages`` (its schedule is its stages); the others use ``args`` itself."""
+    if method != "pici":
+        return args
+    total = sum(args.pici_stages)
+    return argparse.Namespace(**{**vars(args), "epochs": total, "schedule_epochs": total})
+
+
 def run_one(args, method: str, system: str, seed: int, data_root: Path, dataset: str) -> list[dict]:
     """Run (or reuse) one (method, system, seed) in its own subprocess; returns its records."""
     key = _run_key(args, method, system, seed)
@@ -1104,6 +1359,8 @@ def run_one(args, method: str, system: str, seed: int, data_root: Path, dataset:
         cmd += ["--extra-set", item]
     if args.clusterkit_raw_pixels:
         cmd += ["--clusterkit-raw-pixels"]
+    if method == "pici":
+        cmd += ["--pici-stages", *map(str, args.pici_stages)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "PYTHONPATH": "", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     log(f"[{name}] {system} {method} seed {seed}: {args.epochs} of {args.schedule_epochs} epochs "
@@ -1156,6 +1413,19 @@ def per_epoch_table_cc(records: list[dict], method: str = "cc") -> list[str]:
             _fmt(r["feature_std"], 4), _fmt(r.get("instance")), _fmt(r.get("cluster_contrast")),
             _fmt(r.get("entropy"), 4), _fmt(r.get("cluster")), _fmt(r.get("loss")), _fmt(r.get("seconds"), 1)])
             + " |")
+    return lines
+
+
+def per_epoch_table_pici(records: list[dict]) -> list[str]:
+    """Markdown rows of one PICI run's per-epoch records (the stage of the epoch just trained)."""
+    lines = ["| epoch | stage | NMI | ACC | ARI | largest cluster | feature std | L_pisd | L_ins | L_clu | L_cli "
+             "| loss | s/epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append("| " + " | ".join([
+            str(r["epoch"]), r.get("stage") or "", _fmt(r["nmi"]), _fmt(r["acc"]), _fmt(r["ari"]),
+            f"{r['largest_share']:.1%}", _fmt(r["feature_std"], 4), _fmt(r.get("pisd")), _fmt(r.get("instance")),
+            _fmt(r.get("cluster")), _fmt(r.get("cli")), _fmt(r.get("loss")), _fmt(r.get("seconds"), 1)]) + " |")
     return lines
 
 
@@ -1215,6 +1485,11 @@ def command_line(args) -> str:
         parts += ["--extra-set", item]
     if args.clusterkit_raw_pixels:
         parts += ["--clusterkit-raw-pixels"]
+    if "pici" in args.methods:
+        parts += ["--pici-stages", *map(str, args.pici_stages)]
+        if set(args.methods) == {"pici"}:  # PICI's epochs are its stages: --epochs / --schedule-epochs do nothing
+            i = parts.index("--epochs")
+            del parts[i:i + 4]
     out = Path(args.out).resolve()
     parts += ["--out", str(out.relative_to(REPO)) if out.is_relative_to(REPO) else out.name]
     return shlex.join(parts)
@@ -1232,10 +1507,12 @@ def write_report(args, results: dict) -> None:
     hadis = "hadis" in estep
     folders = ((("ProPos", "DigPro", "torch_clustering") if propos_like else ()) + (("HaDis",) if hadis else ())
                + (("Contrastive-Clustering",) if cc else ()))
+    pici = "pici" in args.methods
+    folders += ("PICI",) if pici else ()
     commits = {OFFICIAL_NAMES[d]: _git_commit(Path(args.official_root) / d)[:12] for d in folders}
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = " / ".join((["ProPos / DigPro"] if propos_like else []) + (["HaDis"] if hadis else [])
-                       + (["CC"] if cc else []))
+                       + (["CC"] if cc else []) + (["PICI"] if pici else []))
     lines = [
         f"# End-to-end parity: official {title} code vs clusterkit",
         "",
@@ -1248,11 +1525,13 @@ def write_report(args, results: dict) -> None:
         lines += _estep_header(args, commits, estep)
     if cc:
         lines += _cc_header(args, commits)
+    if pici:
+        lines += _pici_header(args, commits)
     overall = {}
     for method in args.methods:
         lines += [f"## {LABELS[method]}", ""]
         if "official" in args.systems and "clusterkit" in args.systems:
-            rows, verdict = compare(results, method, args.epochs)
+            rows, verdict = compare(results, method, method_args(args, method).epochs)
             overall[method] = verdict
             lines += [f"### Summary against issue 13's criteria ({LABELS[method]})", "",
                       "Per epoch, each clusterkit seed's NMI must lie within the official code's spread over "
@@ -1263,6 +1542,7 @@ def write_report(args, results: dict) -> None:
                        "Unlabeled data: the NMI criterion is not checked; ")
                       + f"largest-cluster criterion in {verdict['share_ok']} of {verdict['checked']}.", ""]
         table = per_epoch_table if method in ESTEP_METHODS else per_epoch_table_cc
+        table = per_epoch_table_pici if method == "pici" else table
         for system in args.systems:
             for seed, records in sorted(results.get((method, system), {}).items()):
                 lines += [f"### {LABELS[method]}, {system}, seed {seed}", "", *table(records, method), ""]
@@ -1281,6 +1561,9 @@ def write_report(args, results: dict) -> None:
         raw["cc_setting"] = CC_SETTING
     if cc and args.clusterkit_raw_pixels:
         raw["clusterkit_raw_pixels"] = True
+    if pici:
+        raw["pici_setting"] = {**PICI_SETTING, "stages": list(args.pici_stages), "batch_size": args.batch_size,
+                               "limit": args.limit}
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     log(f"wrote {out} and {out.with_suffix('.json')}")
 
@@ -1435,6 +1718,73 @@ def _cc_header(args, commits: dict) -> list[str]:
     ]
 
 
+def _pici_header(args, commits: dict) -> list[str]:
+    """The report's paragraphs on the PICI runs (setting, protocol, how the official code is driven, known
+    differences)."""
+    s = PICI_SETTING
+    commit = commits.get(OFFICIAL_NAMES["PICI"], "?")
+    pretrain, train, boost = args.pici_stages
+    return [
+        f"PICI official code: Regan-Zhang/PICI@{commit}. `train_pici.py`'s `__main__` block hard-codes its stage "
+        "boundaries (epochs 200 and 1000 of 1050), its model (ViT-S/16 at 224 px) and its dataset paths, so the "
+        "harness drives its functions in-process, in the order `__main__` calls them: the same seeding, the "
+        "training `ImageFolder` with the official `Transforms_BYOL` views and a shuffled loader (drop_last, "
+        f"{s['loader_workers']} workers), the boost stage's loader in one fixed `torch.randperm` order "
+        "(`MySampler`), `Network_mae` around a `MaskedAutoencoderViT` of the size below, Adam, `InstanceLoss` / "
+        "`ClusterLoss`, then `pretrain_one_epoch`, `train_one_epoch`, `make_pseudo_label` (once, when the boost "
+        "stage starts) and `finetune_one_epoch`. Runtime shims only (`np.float`, an empty `cv2` module, "
+        "`.to('cuda')` mapped to the CPU); its checkpoint saving and best-ACC checkpoint selection are not run. "
+        "Evaluation as the official code evaluates (`cluster_pici.inference`: `forward_cluster`, the argmax of "
+        f"the cluster head of the MASKED encoder, a random draw; test transform Resize(32), batches of "
+        f"{s['eval_batch_size']}), after every epoch, with the model's mode and the random states restored after it.",
+        f"clusterkit: `benchmarks/parity/pici_fmnist.yaml` (git {_git_commit(REPO)[:12]}, source digest "
+        f"{_source_digest()} of clusterkit/ and plugins/ including uncommitted changes) with its stages set to "
+        "the lengths below, evaluated by its own evaluation (eval.every 1: the argmax of the cluster head of the "
+        "UNMASKED encoder, `masked_vit.test_time_masking: false` as the paper recipes)."
+        + (f" Extra overrides of the clusterkit runs: `{' '.join(args.extra_set)}`." if args.extra_set else ""),
+        "",
+        f"PICI setting (issue 25): {data_words(args)} and read as an image folder by both (RGB, ImageNet "
+        f"normalisation), {s['image_size']} px; one small ViT both build: patch {s['patch_size']} "
+        f"({(s['image_size'] // s['patch_size']) ** 2} patches), width {s['embed_dim']}, {s['depth']} blocks, "
+        f"{s['num_heads']} heads, MLP ratio {s['mlp_ratio']:g}, fixed 2-D sin-cos positions, MAE's init; MAE "
+        f"decoder {s['decoder_dim']}-d x {s['decoder_depth']} blocks x {s['decoder_heads']} heads; masking ratio "
+        f"{s['mask_ratio']}, normalised-pixel loss; CC's heads (instance {s['feature_dim']}-d, cluster K = "
+        f"{s['k']}); batch {args.batch_size} (drop_last), Adam lr {s['lr']:g} constant, weight decay "
+        f"{s['weight_decay']:g}, tau_I {s['instance_temperature']}, tau_C {s['cluster_temperature']}; stages "
+        f"pretrain {pretrain} (PISD), train {train} (PISD + instance + cluster), boost {boost} (instance + "
+        f"cluster + CLI with k-means n_init {s['cli_n_init']} on MinMax-scaled instance features, cross-entropy "
+        "on the softmax outputs) epochs, scaled from the official 200 / 800 / 50.",
+        "",
+        "Every number is computed by the harness from the predictions each system's own evaluation made: NMI / "
+        "ACC / ARI of the cluster head's argmax on all training images (train = evaluation data), the largest "
+        "cluster's share, the feature std `std(norm(h), dim=0).mean()` of the [CLS] features of the evaluation "
+        "pass, the stage of the epoch, the epoch's mean loss terms as added to the loss (L_pisd, the mean of the "
+        "two views' reconstruction losses; L_ins; L_clu = cluster contrast + entropy term; L_cli) and the wall "
+        "time from one evaluation's end to the next (training plus the evaluation pass; the boost stage's first "
+        "epoch also its k-means). Epoch 0 is the untrained network.",
+        "",
+        "What differs between the two PICI runs besides the code itself:",
+        "- Evaluation: the official code masks half of the patches at test time too, so its predictions and "
+        "features are random draws; clusterkit evaluates the unmasked encoder (`--extra-set "
+        "plugins.masked_vit.test_time_masking=true` evaluates as the official code, as a diagnostic). Official "
+        "Resize((32, 32)) of the PIL image; clusterkit resizes the decoded 28 px images with its bilinear resize.",
+        "- Views: official per-image PIL `Transforms_BYOL` (the second view adds Solarize p 0.2, which clusterkit "
+        "has not: both of its views use the first pipeline); the official blur is PIL's GaussianBlur with radius "
+        "sigma in 0.1-2 px, clusterkit's a Gaussian of that sigma on a kernel of about 10% of the image side "
+        "(3 taps at 32 px), a weaker blur for sigma above about 1 px.",
+        "- CLI's k-means: official sklearn KMeans on the instance features of one augmented, masked draw of each "
+        "view (two label sets, MinMax-scaled per batch); clusterkit's own k-means on the instance features of "
+        "its evaluation pass (unmasked, not augmented), MinMax-scaled over the whole set, one label set for both "
+        "views.",
+        "- Data order and random streams: the official loaders shuffle from torch's global generator after "
+        "`torch.manual_seed(seed)`, and every boost epoch visits the images in one fixed order; clusterkit's "
+        "order is a function of (seed, epoch), its masking noise a function of (seed, step, view).",
+        "- s/epoch: clusterkit's includes writing its per-epoch checkpoint; the official run saves none and uses "
+        f"{s['loader_workers']} loader workers, clusterkit makes the views in the main process.",
+        "",
+    ]
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -1474,6 +1824,10 @@ def parse_args(argv=None):
     p.add_argument("--clusterkit-raw-pixels", action="store_true",
                    help="diagnostic, CC only: clusterkit's CC runs feed raw [0, 1] pixels as the official CC code "
                         "(the image folder's mean/std replaced by 0/1 at runtime; no recipe key does this)")
+    p.add_argument("--pici-stages", nargs=3, type=int, default=list(PICI_STAGES), metavar=("P", "T", "B"),
+                   help="PICI only: epochs of its pretrain (PISD), train (PISD + instance + cluster) and boost "
+                        "(instance + cluster + CLI) stages, each at least 1 (official 200 800 50; default "
+                        "%(default)s). PICI runs P + T + B epochs; --epochs and --schedule-epochs do not apply to it")
     p.add_argument("--rerun", action="store_true", help="do not reuse recorded runs")
     # children
     p.add_argument("--child", choices=("official", "clusterkit"), help=argparse.SUPPRESS)
@@ -1486,6 +1840,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.epochs < 1 or args.epochs > args.schedule_epochs:
         p.error("--epochs must be between 1 and --schedule-epochs")
+    if min(args.pici_stages) < 1:
+        p.error(f"--pici-stages {' '.join(map(str, args.pici_stages))}: each of PICI's three stages (pretrain, "
+                "train, boost) needs at least 1 epoch")
     check_data_args(p, args)
     return args
 
@@ -1512,7 +1869,7 @@ def main(argv=None) -> None:
     """Run the benchmark (or, with the hidden --child option, one run of it)."""
     args = parse_args(argv)
     if args.child == "official":
-        (run_official_cc_child if args.method == "cc" else run_official_child)(args)
+        {"cc": run_official_cc_child, "pici": run_official_pici_child}.get(args.method, run_official_child)(args)
         return
     if args.child == "clusterkit":
         run_clusterkit_child(args)
@@ -1526,7 +1883,7 @@ def main(argv=None) -> None:
     for method in args.methods:
         for system in args.systems:
             for seed in args.seeds:
-                records = run_one(args, method, system, seed, data_root, dataset)
+                records = run_one(method_args(args, method), method, system, seed, data_root, dataset)
                 results.setdefault((method, system), {})[seed] = records
                 write_report(args, results)  # a partial report after every run
 

@@ -174,3 +174,120 @@ def test_a_hadis_report_names_its_code_recipe_and_term(parity, tmp_path):
     assert "NMI criterion met in 2 of 4 (epoch, seed) cells" in text
     raw = json.loads(out.with_suffix(".json").read_text())
     assert raw["setting"]["hsd_weight"] == 1.0 and raw["verdict"]["hadis"]["nmi_ok"] == 2
+
+
+# --------------------------------------------------------------------------- PICI (issue 25, item 2)
+
+
+def test_pici_runs_its_three_stages_and_ignores_epochs(parity):
+    args = parity.parse_args(["--methods", "propos", "pici", "--epochs", "4", "--schedule-epochs", "30"])
+    assert args.pici_stages == list(parity.PICI_STAGES) == [2, 3, 2]
+    pici = parity.method_args(args, "pici")
+    assert (pici.epochs, pici.schedule_epochs) == (7, 7)
+    assert parity.method_args(args, "propos") is args and (args.epochs, args.schedule_epochs) == (4, 30)
+
+    args = parity.parse_args(["--methods", "pici", "--pici-stages", "1", "4", "2"])
+    assert parity.method_args(args, "pici").epochs == 7
+    assert [parity.pici_stage_of(e, args.pici_stages) for e in range(7)] == \
+        ["pretrain", "train", "train", "train", "train", "boost", "boost"]
+
+
+@pytest.mark.parametrize("stages", [["0", "3", "2"], ["2", "3", "0"], ["2", "3"]])
+def test_pici_stages_must_each_have_an_epoch(parity, stages, capsys):
+    with pytest.raises(SystemExit):
+        parity.parse_args(["--methods", "pici", "--pici-stages", *stages])
+    assert "--pici-stages" in capsys.readouterr().err
+
+
+def _child_args(parity, stages, extra_set=()):
+    """The clusterkit child's arguments of a PICI run, as run_one passes them."""
+    args = parity.parse_args(["--child", "clusterkit", "--method", "pici", "--seed", "1", "--epochs", str(sum(stages)),
+                              "--schedule-epochs", str(sum(stages)), "--batch-size", "128", "--threads", "1",
+                              "--image-root", "/data", "--dataset", "fm", "--pici-stages", *map(str, stages),
+                              *[a for item in extra_set for a in ("--extra-set", item)]])
+    return args
+
+
+def test_the_pici_recipe_gets_the_stage_lengths(parity):
+    from clusterkit.recipe import apply_overrides, load_raw, load_recipe
+
+    args = _child_args(parity, (1, 4, 3))
+    recipe = load_recipe(data=apply_overrides(load_raw(parity.RECIPES["pici"]), parity.clusterkit_overrides(args)))
+    assert [(s.name, s.until) for s in recipe.stages] == [("pretrain", 1), ("train", 5), ("boost", None)]
+    assert recipe.schedule.epochs == 8 and recipe.data.batch_size == 128 and recipe.run.seed == 1
+    assert [recipe.stage_at(e).name for e in range(8)] == [parity.pici_stage_of(e, (1, 4, 3)) for e in range(8)]
+    # the plugins of each stage are the recipe's (PICI's): PISD, then PISD + PICD, then PICD + CLI
+    assert recipe.stages[0].plugins == ["partial_self_discrimination"]
+    assert recipe.stages[1].plugins == ["partial_self_discrimination", "instance_contrast", "cluster_contrast"]
+    assert recipe.stages[2].plugins == ["instance_contrast", "cluster_contrast", "cross_level_interaction"]
+    # --extra-set comes last: it can still change anything, the stages included
+    args = _child_args(parity, (1, 4, 3), extra_set=["plugins.masked_vit.test_time_masking=true"])
+    raw = apply_overrides(load_raw(parity.RECIPES["pici"]), parity.clusterkit_overrides(args))
+    assert raw["plugins"]["masked_vit"]["test_time_masking"] is True
+
+
+def test_the_pici_recipe_is_the_setting_the_official_run_gets(parity):
+    """benchmarks/parity/pici_fmnist.yaml, resolved through its `extends`, has PICI_SETTING's values (the
+    official child builds its model, optimiser and losses from PICI_SETTING)."""
+    from clusterkit.recipe import load_recipe
+
+    s = parity.PICI_SETTING
+    r = load_recipe(parity.RECIPES["pici"])
+    assert r.model.backbone == "vit_pici_small_patch16_224"
+    kw = r.model.backbone_kwargs
+    assert (kw["img_size"], kw["patch_size"], kw["embed_dim"], kw["depth"], kw["num_heads"], kw["mlp_ratio"]) == \
+        (s["image_size"], s["patch_size"], s["embed_dim"], s["depth"], s["num_heads"], s["mlp_ratio"])
+    assert (r.data.image_size, r.e_step.k, r.data.drop_last) == (s["image_size"], s["k"], True)
+    assert (r.optim.name, r.optim.lr, r.optim.weight_decay, r.optim.lr_scaling) == ("adam", s["lr"], s["weight_decay"],
+                                                                                   "none")
+    assert (r.schedule.lr_schedule, r.schedule.warmup_epochs) == ("constant", 0)
+    p = r.plugins
+    assert p["masked_vit"]["mask_ratio"] == s["mask_ratio"]
+    pisd = p["partial_self_discrimination"]
+    assert (pisd["decoder_dim"], pisd["decoder_depth"], pisd["decoder_heads"], pisd["norm_pix_loss"]) == \
+        (s["decoder_dim"], s["decoder_depth"], s["decoder_heads"], s["norm_pix_loss"])
+    assert p["contrastive_heads"]["instance_dim"] == s["feature_dim"]
+    assert p["instance_contrast"]["temperature"] == s["instance_temperature"]
+    assert p["cluster_contrast"]["temperature"] == s["cluster_temperature"]
+    cli = p["cross_level_interaction"]
+    assert (cli["n_init"], cli["feature_scaling"], cli["double_softmax"], cli["pseudo_labels"]) == \
+        (s["cli_n_init"], "minmax", True, "stage")
+    assert [st.name for st in r.stages] == ["pretrain", "train", "boost"]
+
+
+def test_pici_runs_are_keyed_on_their_stages_and_setting(parity):
+    base = _args(pici_stages=[2, 3, 2], official_root=Path("/nonexistent"))
+    key = parity._run_key(parity.method_args(base, "pici"), "pici", "official", 0)
+    assert key["setting"] == parity.PICI_SETTING and key["stages"] == [2, 3, 2] and key["schedule_epochs"] == 7
+    other = parity._run_key(parity.method_args(_args(pici_stages=[3, 2, 2], official_root=Path("/nonexistent")),
+                                               "pici"), "pici", "official", 0)
+    assert other != key
+    ck = parity._run_key(parity.method_args(base, "pici"), "pici", "clusterkit", 0)
+    assert "pici_fmnist" in ck["recipe"] and ck["stages"] == [2, 3, 2]
+
+
+def test_the_pici_report_compares_every_epoch_of_the_stages(parity, tmp_path):
+    out = tmp_path / "parity_pici.md"
+    args = parity.parse_args(["--methods", "pici", "--seeds", "0", "1", "--pici-stages", "1", "1", "1",
+                              "--out", str(out), "--official-root", str(tmp_path)])
+    stages = [None, "pretrain", "train", "boost"]
+
+    def records(nmi, share):
+        return [{"epoch": e, "nmi": nmi[e], "acc": 0.3, "ari": 0.1, "largest_share": share, "clusters": 10,
+                 "feature_std": 0.05, **({} if e == 0 else {"stage": stages[e], "loss": 1.0, "seconds": 2.0})}
+                for e in range(4)]
+
+    results = {("pici", "official"): {0: records([0.10, 0.20, 0.30, 0.40], 0.2),
+                                      1: records([0.12, 0.22, 0.32, 0.42], 0.2)},
+               ("pici", "clusterkit"): {0: records([0.11, 0.21, 0.31, 0.50], 0.2),
+                                        1: records([0.11, 0.21, 0.31, 0.41], 0.45)}}
+    parity.write_report(args, results)
+    text = out.read_text()
+    assert "official PICI code" in text and "Regan-Zhang/PICI@" in text and "--pici-stages 1 1 1" in text
+    assert "--epochs" not in text and "--schedule-epochs" not in text   # they do not apply to PICI
+    assert "| 3 | boost |" in text   # the per-epoch tables name the stage
+    raw = __import__("json").loads(out.with_suffix(".json").read_text())
+    # 4 epochs (0..3) x 2 seeds; epoch 3 seed 0 is .09 above the official mean (NMI miss), seed 1's largest
+    # cluster .25 above (share miss)
+    assert raw["verdict"]["pici"] == {"nmi_ok": 7, "share_ok": 4, "checked": 8}
+    assert raw["pici_setting"]["stages"] == [1, 1, 1]
