@@ -1416,7 +1416,7 @@ def per_epoch_table_cc(records: list[dict], method: str = "cc") -> list[str]:
     return lines
 
 
-def per_epoch_table_pici(records: list[dict]) -> list[str]:
+def per_epoch_table_pici(records: list[dict], method: str = "pici") -> list[str]:
     """Markdown rows of one PICI run's per-epoch records (the stage of the epoch just trained)."""
     lines = ["| epoch | stage | NMI | ACC | ARI | largest cluster | feature std | L_pisd | L_ins | L_clu | L_cli "
              "| loss | s/epoch |",
