@@ -118,6 +118,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
@@ -1387,46 +1388,43 @@ def _fmt(x, digits=3) -> str:
     return f"{x:.{digits}f}"
 
 
+def _table(records: list[dict], columns: list[tuple[str, Callable[[dict], str]]]) -> list[str]:
+    """Markdown rows of per-epoch records: one column per (heading, cell of a record)."""
+    return ["| " + " | ".join(heading for heading, _ in columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in records)]
+
+
+def _term(heading: str, key: str, digits: int = 3) -> tuple[str, Callable[[dict], str]]:
+    """A column of one record value (blank where the record has none)."""
+    return heading, lambda r: _fmt(r.get(key), digits)
+
+
+#: The columns every per-epoch table starts with (after the epoch, and PICI's stage) and ends with.
+_SCORES = [("NMI", lambda r: _fmt(r["nmi"])), ("ACC", lambda r: _fmt(r["acc"])), ("ARI", lambda r: _fmt(r["ari"])),
+           ("largest cluster", lambda r: f"{r['largest_share']:.1%}"),
+           ("feature std", lambda r: _fmt(r["feature_std"], 4))]
+_EPOCH = ("epoch", lambda r: str(r["epoch"]))
+_TOTAL = [_term("loss", "loss"), _term("s/epoch", "seconds", 1)]
+
+
 def per_epoch_table(records: list[dict], method: str = "propos") -> list[str]:
     """Markdown rows of one E-step run's per-epoch records (the third loss column is the method's own
     term, :data:`EXTRA_TERMS`)."""
     term = EXTRA_TERMS[method]
-    lines = [f"| epoch | NMI | ACC | ARI | largest cluster | feature std | L_psa | γ·L_psl | {term.heading} | loss "
-             "| s/epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append("| " + " | ".join([
-            str(r["epoch"]), _fmt(r["nmi"]), _fmt(r["acc"]), _fmt(r["ari"]), f"{r['largest_share']:.1%}",
-            _fmt(r["feature_std"], 4), _fmt(r.get("psa")), _fmt(r.get("psl"), 4), _fmt(r.get(term.key), 4),
-            _fmt(r.get("loss")), _fmt(r.get("seconds"), 1)]) + " |")
-    return lines
+    return _table(records, [_EPOCH, *_SCORES, _term("L_psa", "psa"), _term("γ·L_psl", "psl", 4),
+                            _term(term.heading, term.key, 4), *_TOTAL])
 
 
 def per_epoch_table_cc(records: list[dict], method: str = "cc") -> list[str]:
     """Markdown rows of one CC run's per-epoch records."""
-    lines = ["| epoch | NMI | ACC | ARI | largest cluster | feature std | L_ins | L_clu contrast | L_clu entropy "
-             "| L_clu | loss | s/epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append("| " + " | ".join([
-            str(r["epoch"]), _fmt(r["nmi"]), _fmt(r["acc"]), _fmt(r["ari"]), f"{r['largest_share']:.1%}",
-            _fmt(r["feature_std"], 4), _fmt(r.get("instance")), _fmt(r.get("cluster_contrast")),
-            _fmt(r.get("entropy"), 4), _fmt(r.get("cluster")), _fmt(r.get("loss")), _fmt(r.get("seconds"), 1)])
-            + " |")
-    return lines
+    return _table(records, [_EPOCH, *_SCORES, _term("L_ins", "instance"), _term("L_clu contrast", "cluster_contrast"),
+                            _term("L_clu entropy", "entropy", 4), _term("L_clu", "cluster"), *_TOTAL])
 
 
 def per_epoch_table_pici(records: list[dict], method: str = "pici") -> list[str]:
     """Markdown rows of one PICI run's per-epoch records (the stage of the epoch just trained)."""
-    lines = ["| epoch | stage | NMI | ACC | ARI | largest cluster | feature std | L_pisd | L_ins | L_clu | L_cli "
-             "| loss | s/epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append("| " + " | ".join([
-            str(r["epoch"]), r.get("stage") or "", _fmt(r["nmi"]), _fmt(r["acc"]), _fmt(r["ari"]),
-            f"{r['largest_share']:.1%}", _fmt(r["feature_std"], 4), _fmt(r.get("pisd")), _fmt(r.get("instance")),
-            _fmt(r.get("cluster")), _fmt(r.get("cli")), _fmt(r.get("loss")), _fmt(r.get("seconds"), 1)]) + " |")
-    return lines
+    return _table(records, [_EPOCH, ("stage", lambda r: r.get("stage") or ""), *_SCORES, _term("L_pisd", "pisd"),
+                            _term("L_ins", "instance"), _term("L_clu", "cluster"), _term("L_cli", "cli"), *_TOTAL])
 
 
 def compare(results: dict, method: str, epochs: int) -> tuple[list[str], dict]:
