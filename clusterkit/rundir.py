@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 __all__ = ["RunDir", "RECIPE", "METRICS_LOG", "CHECKPOINTS", "SUMMARY", "ERROR", "PLOTS", "LOCK_NAME",
-           "RUN_OUTPUTS", "CONTENTS", "make_run_dir", "check_resumable", "trim_metrics_log", "read_summary"]
+           "RUN_OUTPUTS", "CONTENTS", "TIMING_KEYS", "make_run_dir", "check_resumable", "trim_metrics_log",
+           "read_summary"]
 
 #: The resolved recipe.
 RECIPE = "recipe.yaml"
@@ -52,6 +53,10 @@ LOCK_NAME = ".clusterkit.lock"
 RUN_OUTPUTS = (RECIPE, METRICS_LOG, SUMMARY, ERROR, CHECKPOINTS, PLOTS)
 #: What a run directory holds, in the words of error messages.
 CONTENTS = f"{RECIPE}, {METRICS_LOG} and {CHECKPOINTS}/"
+#: The wall-clock keys of an epoch record in the metrics log: the epoch's seconds, and those of the
+#: E-step that opened it and the evaluation that closed it.  They differ between two runs of the
+#: same recipe; everything else in a record is computed.
+TIMING_KEYS = frozenset({"seconds", "e_step_seconds", "eval_seconds"})
 
 
 class RunDir:

@@ -27,14 +27,14 @@ from .cluster.quality import QUALITY_KEYS
 from .errors import RunDirError
 from .recipe import ABSENT as _ABSENT
 from .recipe import differing_keys
-from .rundir import CONTENTS, METRICS_LOG, SUMMARY, RunDir
+from .rundir import CONTENTS, METRICS_LOG, SUMMARY, TIMING_KEYS, RunDir
 
 __all__ = ["show_run", "epoch_records", "step_records", "resolved_dict", "recipe_diff", "differing_keys",
            "format_value", "NOT_A_LOSS"]
 
 #: Keys of an epoch record in metrics.jsonl that are not loss terms.
 NOT_A_LOSS = frozenset({"epoch", "step", "lr", "stage", "nmi", "acc", "ari", "collapse_share", "feature_std",
-                        "seconds", *QUALITY_KEYS})
+                        *TIMING_KEYS, *QUALITY_KEYS})
 #: Quality columns of the per-epoch table (short headers).
 TABLE_QUALITY = (("silhouette", "silh"), ("davies_bouldin", "DB"), ("size_entropy", "size_H"),
                  ("min_share", "min_sh"), ("mean_confidence", "conf"))

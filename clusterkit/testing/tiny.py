@@ -22,7 +22,7 @@ from ..data import DatasetInfo, ImageDataset
 from ..engine import Trainer
 from ..plugin_manager import HookDispatcher, PluginInfo, autoload_disabled, discover
 from ..recipe import deep_merge, load_recipe
-from ..rundir import RunDir
+from ..rundir import TIMING_KEYS, RunDir
 
 __all__ = ["PluginCheckError", "TINY_RECIPE", "DIGITS", "SYNTHETIC_INFO", "synthetic_dataset", "TinyTrainer",
            "tiny_recipe", "make_trainer", "train_tiny"]
@@ -190,7 +190,7 @@ def make_trainer(plugin, params: dict | None = None, *, name: str | None = None,
 
 def epoch_records(run_dir: Path) -> list[dict]:
     """The per-epoch records of the run's metrics log, without the timing."""
-    return [{k: v for k, v in record.items() if k != "seconds"} for record in RunDir(run_dir).epoch_records()]
+    return [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in RunDir(run_dir).epoch_records()]
 
 
 def train_tiny(plugin, params: dict | None = None, *, name: str | None = None,

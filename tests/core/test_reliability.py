@@ -25,7 +25,7 @@ from clusterkit.guards import collapse_report
 from clusterkit.plugin import Plugin, hookimpl
 from clusterkit.plugin_manager import PluginInfo, discover
 from clusterkit.recipe import load_recipe
-from clusterkit.rundir import trim_metrics_log
+from clusterkit.rundir import TIMING_KEYS, trim_metrics_log
 from clusterkit.trainer import DivergenceError, Trainer
 
 
@@ -185,8 +185,7 @@ def _records(run_dir):
     out = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        record.pop("seconds", None)
-        out.append(record)
+        out.append({k: v for k, v in record.items() if k not in TIMING_KEYS})
     return out
 
 

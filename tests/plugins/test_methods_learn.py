@@ -31,6 +31,7 @@ from conftest import torch_settings_kept
 
 from clusterkit.checkpoint import load_checkpoint
 from clusterkit.recipe import load_recipe
+from clusterkit.rundir import TIMING_KEYS
 from clusterkit.show import epoch_records
 from clusterkit.testing import TinyTrainer, tiny_recipe
 
@@ -130,7 +131,7 @@ def test_method_learns(trained, method):
 
 
 def _records(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in epoch_records(run_dir)]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in epoch_records(run_dir)]
 
 
 @pytest.mark.parametrize("method,kill_after", [
