@@ -129,9 +129,9 @@ def descendant_cpu(root: int, proc: Path = Path("/proc")) -> dict[tuple[int, int
 class DescendantMeter:
     """Samples :func:`descendant_cpu` of this process every ``interval`` seconds in a thread, so
     that the CPU time of grandchildren that are never waited for (loader workers a run's process
-    leaves behind) is counted as the benchmark's own, not as other work.  ``seconds`` after
-    ``stop()``: the CPU seconds of all descendants seen (the last up to ``interval`` seconds of
-    each one's life are missed)."""
+    leaves behind) is counted as the benchmark's own, not as other work.  Use it as a context
+    manager; ``seconds`` after the block: the CPU seconds of all descendants seen (the last up to
+    ``interval`` seconds of each one's life are missed)."""
 
     def __init__(self, interval: float = 0.5):
         import threading
