@@ -23,6 +23,11 @@ Usage (from the repo root)::
 
     python benchmarks/strong_baseline.py [--seeds 0 1 2] [--threads 2]
         [--out benchmarks/results/strong_baseline.md]
+    python benchmarks/strong_baseline.py --write-digits-folder DIR   # only write the digits folder
+
+The second form writes ``digits_folder``'s images (class sub-folders ``0``-``9``, 28x28 grey PNGs)
+into DIR and stops: the data of the digits parity run (``benchmarks/parity.py --data-root DIR``,
+issue 25 item 8).
 """
 
 from __future__ import annotations
@@ -72,7 +77,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--datasets", nargs="+", default=["digits", "fashion_mnist", "digits_folder"])
     ap.add_argument("--out", default="benchmarks/results/strong_baseline.md")
+    ap.add_argument("--write-digits-folder", type=Path, metavar="DIR",
+                    help="only write scikit-learn's digits as 28x28 PNGs in class folders under DIR, then stop")
     args = ap.parse_args()
+    if args.write_digits_folder is not None:
+        if args.write_digits_folder.exists() and any(args.write_digits_folder.iterdir()):
+            ap.error(f"--write-digits-folder '{args.write_digits_folder}' is not empty: name a new or empty folder, "
+                     "so that no file of yours is overwritten")
+        print(f"wrote 1797 digits to {digits_folder(args.write_digits_folder)}", file=sys.stderr)
+        return 0
     torch.set_num_threads(args.threads)
     from clusterkit.cluster import cluster_metrics, kmeans
     from clusterkit.cluster.manifold import UmapParams, umap_kmeans_scores
