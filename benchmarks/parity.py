@@ -107,6 +107,7 @@ summary against issue 13's criteria) and the raw per-epoch records as JSON next 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import json
@@ -325,6 +326,35 @@ def _append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line (the per-run record file)."""
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def official_evaluation(model, module, pick: Callable, device: str = "cpu"):
+    """Around one official evaluation call (CC's and PICI's ``inference``): yields a list that
+    collects ``pick(output)`` of every forward of ``module`` (detached, float32, on the CPU), and
+    afterwards puts back what the evaluation may have changed, so that training continues as if
+    it had not happened: the model's train/eval mode and the random states of torch (and CUDA's,
+    on a CUDA ``device``), numpy and Python's ``random``."""
+    import random
+
+    import torch
+
+    cuda = str(device).startswith("cuda")
+    states = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+              torch.cuda.get_rng_state_all() if cuda else None)
+    was_training = model.training
+    feats: list = []
+    hook = module.register_forward_hook(lambda m, i, o: feats.append(pick(o).detach().float().cpu()))
+    try:
+        yield feats
+    finally:
+        hook.remove()
+        model.train(was_training)
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
 
 
 class StopParity(Exception):
@@ -733,7 +763,6 @@ def run_official_cc_child(args) -> None:
     so the training run is the one ``train.py`` makes unobserved.
     """
     import math
-    import random
     import runpy
 
     import torch
@@ -793,18 +822,8 @@ def run_official_cc_child(args) -> None:
 
     def evaluate_and_record(epoch: int) -> None:
         model = holder["model"]
-        states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-        was_training = model.training
-        feats: list = []
-        hook = model.resnet.register_forward_hook(lambda m, i, o: feats.append(o.detach().cpu()))
-        try:
+        with official_evaluation(model, model.resnet, lambda o: o, args.device) as feats:
             pred, gt = official_cluster.inference(eval_loader, model, torch.device(args.device))
-        finally:
-            hook.remove()
-            model.train(was_training)
-            torch.set_rng_state(states[0])
-            np.random.set_state(states[1])
-            random.setstate(states[2])
         record = {"epoch": epoch, **epoch_record(torch.cat(feats).numpy(), pred, gt, CC_SETTING["k"])}
         now = time.perf_counter()
         if epoch > 0:
@@ -901,7 +920,6 @@ def run_official_pici_child(args) -> None:
     a forward hook for the feature std; the model's mode and torch's, numpy's and Python's random states
     are restored after it, so the training is the one the functions make unobserved.
     """
-    import random
     from functools import partial
     from types import SimpleNamespace
 
@@ -956,21 +974,8 @@ def run_official_pici_child(args) -> None:
     clock = {"t": time.perf_counter()}
 
     def evaluate_and_record(epoch: int, stage: str | None = None, terms: dict | None = None) -> None:
-        states = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
-                  torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
-        was_training = model.training
-        feats: list = []
-        hook = model.mae.register_forward_hook(lambda m, i, o: feats.append(o[3].detach().float().cpu()))
-        try:
+        with official_evaluation(model, model.mae, lambda o: o[3], device.type) as feats:
             pred, gt = tp.inference(val_loader, model, device)
-        finally:
-            hook.remove()
-            model.train(was_training)
-            torch.set_rng_state(states[0])
-            np.random.set_state(states[1])
-            random.setstate(states[2])
-            if states[3] is not None:
-                torch.cuda.set_rng_state_all(states[3])
         record = {"epoch": epoch, **epoch_record(torch.cat(feats).numpy(), pred, gt, class_num)}
         now = time.perf_counter()
         if terms is not None:

@@ -291,3 +291,46 @@ def test_the_pici_report_compares_every_epoch_of_the_stages(parity, tmp_path):
     # cluster .25 above (share miss)
     assert raw["verdict"]["pici"] == {"nmi_ok": 7, "share_ok": 4, "checked": 8}
     assert raw["pici_setting"]["stages"] == [1, 1, 1]
+
+
+def test_official_evaluation_collects_features_and_leaves_training_as_it_was(parity):
+    """The wrapper around the official CC / PICI evaluation: the hooked module's outputs are
+    collected, and the mode and every random state are put back, so that an evaluation in the
+    middle of a run leaves the run's next draws as they would have been without it."""
+    import random
+
+    import numpy as np
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(3, 2)
+
+        def forward(self, x):  # draws from all three generators, as a masked evaluation would
+            noise = torch.rand(len(x), 3) + np.random.rand() + random.random()
+            return self.body(x + noise), "other output"
+
+    torch.manual_seed(0)
+    net = Net().train()
+    with torch.no_grad():
+        torch.manual_seed(1), np.random.seed(1), random.seed(1)
+        expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+        torch.manual_seed(1), np.random.seed(1), random.seed(1)
+        with parity.official_evaluation(net, net, lambda o: o[0]) as feats:
+            net.eval()
+            net(torch.zeros(5, 3))
+            net(torch.zeros(2, 3))
+        assert net.training
+        assert [f.shape for f in feats] == [(5, 2), (2, 2)]
+        assert all(f.dtype == torch.float32 and not f.requires_grad for f in feats)
+        torch.testing.assert_close(torch.rand(4), expected[0])
+        np.testing.assert_array_equal(np.random.rand(4), expected[1])
+        assert [random.random() for _ in range(4)] == expected[2]
+        # an exception inside still restores the mode and removes the hook
+        with pytest.raises(RuntimeError), parity.official_evaluation(net, net, lambda o: o[0]) as feats:
+            net.eval()
+            raise RuntimeError("inference failed")
+        assert net.training
+        net(torch.zeros(1, 3))
+        assert feats == []
