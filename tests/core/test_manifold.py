@@ -6,6 +6,8 @@ here share that compile and use small data."""
 
 import copy
 import io
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from clusterkit.cluster import manifold as mf
 from clusterkit.cluster.manifold import ManifoldKMeans, UmapParams, feature_centers, umap_kmeans_scores, wanted
 
 pytest.importorskip("umap")
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def blobs(n_per=60, k=3, d=16, spread=0.15, seed=0):
@@ -217,3 +221,40 @@ def test_manifold_e_step_and_prediction(manifold_run):
     model = clusterkit.load(path)
     pred = model.predict(trainer.eval_ds.all_images())
     assert torch.equal(pred.labels, trainer.last_prediction.labels.cpu())
+
+
+def test_estep_cross_scores_a_run_under_both_rules(manifold_run, tmp_path):
+    """benchmarks/estep_cross.py: both E-step rules on a run's last checkpoint; the spherical rule equals
+    k-means of the run's own training features, and ``drop`` reads a checkpoint whose recipe names a
+    plugin no package provides (as parity.py's runs do) without touching the run folder."""
+    import importlib.util
+
+    import torch.nn.functional as F
+
+    from clusterkit.cluster import kmeans
+    from clusterkit.errors import ClusterkitError
+
+    spec = importlib.util.spec_from_file_location("estep_cross", REPO / "benchmarks" / "estep_cross.py")
+    cross = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cross)
+    path, trainer, _ = manifold_run
+    res = cross.cross_scores(path, 0)
+    assert res["reduce"] == "umap" and res["epoch"] == 1
+    feats = trainer.state.features("train").float().cpu()
+    expected = kmeans(F.normalize(feats, dim=1), 5, metric="cosine", n_init=10, seed=0)
+    assert res["rules"]["spherical k-means"] == cluster_metrics(trainer.eval_ds.targets, expected.labels.cpu())
+    assert all(0 <= res["rules"]["UMAP + k-means"][k] <= 1 for k in ("nmi", "acc", "ari"))
+    # a run folder whose checkpoint names an unknown plugin
+    ghost = tmp_path / "ghost_run"
+    shutil.copytree(path, ghost)
+    ckpt_path = sorted((ghost / "checkpoints").glob("epoch_*.pt"))[-1]
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["recipe"]["plugins"]["ghost_probe"] = {}
+    ckpt["plugins"]["ghost_probe"] = {}
+    torch.save(ckpt, ckpt_path)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in ghost.rglob("*"))
+    with pytest.raises(ClusterkitError):
+        cross.cross_scores(ghost, 0)
+    again = cross.cross_scores(ghost, 0, drop=["ghost_probe"])
+    assert again["rules"]["spherical k-means"] == res["rules"]["spherical k-means"]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in ghost.rglob("*")) == before
