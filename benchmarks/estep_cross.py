@@ -87,8 +87,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     lines = ["| run | E-step rule it trained with | epoch | rule applied here | NMI | ACC | ARI |",
              "|---|---|---:|---|---:|---:|---:|"]
+    from clusterkit.errors import ClusterkitError
+
     for run in args.runs:
-        res = cross_scores(run, args.seed, args.drop_plugin)
+        try:
+            res = cross_scores(run, args.seed, args.drop_plugin)
+        except ClusterkitError as exc:  # not a run folder, or a plugin no package provides
+            ap.exit(2, f"estep_cross.py: {exc}\n")
         for rule, m in res["rules"].items():
             lines.append(f"| {res['run']} | reduce: {res['reduce']} | {res['epoch']} | {rule} | "
                          + " | ".join(f"{m[k]:.3f}" for k in ("nmi", "acc", "ari")) + " |")
