@@ -319,7 +319,7 @@ def test_batched_and_per_image_rotate_alike():
     assert torch.allclose(kept(AugmentParams(**IDENTITY), True), torch.ones(800), atol=1e-5)
 
 
-# --------------------------------------------------------------------------- PICI's official views: solarize, PIL's blur
+# --------------------------------------------------------------------------- PICI's views: solarize, PIL's blur
 
 
 def _pil_apply(images: torch.Tensor, op) -> torch.Tensor:
@@ -365,7 +365,8 @@ def test_solarize_matches_torchvision_per_image():
     (step,) = [t for t in PerImageTwoView(aug.params, 12, CIFAR).transform.transforms
                if isinstance(t, v2.RandomSolarize)]
     assert step.threshold == 0.5 and step.p == 0.5
-    assert not any(isinstance(t, v2.RandomSolarize) for t in PerImageTwoView(AugmentParams(), 12, CIFAR).transform.transforms)
+    default_steps = PerImageTwoView(AugmentParams(), 12, CIFAR).transform.transforms
+    assert not any(isinstance(t, v2.RandomSolarize) for t in default_steps)  # solarize_p 0: no step
     assert BatchedTwoView(AugmentParams(), 12, CIFAR).sample(4, 3, 12, 12).solarize is None
 
 
