@@ -1771,10 +1771,14 @@ def _pici_header(args, commits: dict) -> list[str]:
         "features are random draws; clusterkit evaluates the unmasked encoder (`--extra-set "
         "plugins.masked_vit.test_time_masking=true` evaluates as the official code, as a diagnostic). Official "
         "Resize((32, 32)) of the PIL image; clusterkit resizes the decoded 28 px images with its bilinear resize.",
-        "- Views: official per-image PIL `Transforms_BYOL` (the second view adds Solarize p 0.2, which clusterkit "
-        "has not: both of its views use the first pipeline); the official blur is PIL's GaussianBlur with radius "
-        "sigma in 0.1-2 px, clusterkit's a Gaussian of that sigma on a kernel of about 10% of the image side "
-        "(3 taps at 32 px), a weaker blur for sigma above about 1 px.",
+        "- Views: official per-image PIL `Transforms_BYOL` (the second view adds Solarize p 0.2); clusterkit's "
+        "torchvision v2 pipeline draws from the same distribution, its second view with `solarize_p: 0.2` "
+        "(`RandomSolarize` at 0.5 on the float image: PIL's threshold 128 after rounding). The official blur is "
+        "PIL's GaussianBlur with radius sigma in 0.1-2 px (no kernel cut-off), clusterkit's a Gaussian of that "
+        "sigma on a 13-tap kernel (`blur_kernel: 13`; within 0.7 grey levels of PIL's on average on 32 px "
+        "digits, reflect padding at the border where PIL replicates the edge). Clusterkit blurs and solarizes "
+        "the float image, the official code the uint8 one (rounding to grey levels in between), and flips before "
+        "the colour ops, the official code after the blur (the two commute).",
         "- CLI's k-means: official sklearn KMeans on the instance features of one augmented, masked draw of each "
         "view (two label sets, MinMax-scaled per batch); clusterkit's own k-means on the instance features of "
         "its evaluation pass (unmasked, not augmented), MinMax-scaled over the whole set, one label set for both "

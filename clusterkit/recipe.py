@@ -29,7 +29,7 @@ from typing import Any, Literal
 import attrs
 import yaml
 
-from .data.augment import AugmentParams
+from .data.augment import AugmentParams, resolve_blur_kernel
 from .data.decode import file_kind
 from .errors import RecipeError
 from .schema import build, in_range, non_negative, plain_name, positive, positive_finite, unstructure
@@ -523,7 +523,21 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     raw["plugins"] = {name: ({} if params is None else params) for name, params in raw["plugins"].items()}
     recipe = build(Recipe, raw, "")
     check_stages(recipe)
+    check_augment(recipe)
     return recipe
+
+
+def check_augment(recipe: Recipe) -> None:
+    """Each view's blur kernel fits ``data.image_size`` (checked here so that a bad recipe fails
+    when it loads, not when the first batch is augmented)."""
+    for key in ("augment", "augment_second"):
+        params = getattr(recipe.data, key)
+        if params is None:
+            continue
+        try:
+            resolve_blur_kernel(params, recipe.data.image_size)
+        except ValueError as exc:
+            raise RecipeError(f"'data.{key}.blur_kernel' {exc} (data.image_size sets the view side).") from None
 
 
 def check_stages(recipe: Recipe) -> None:

@@ -9,7 +9,8 @@ differs) is, in this order::
     RandomRotation(rotation)                        # if rotation > 0; bilinear, corners filled black
     RandomApply([ColorJitter(*jitter)], p=jitter_p)
     RandomGrayscale(p=grayscale_p)
-    RandomApply([GaussianBlur(k, blur_sigma)], p=blur_p)   # k ~ 10% of S, odd
+    RandomApply([GaussianBlur(k, blur_sigma)], p=blur_p)   # k = blur_kernel, else ~ 10% of S, odd
+    RandomSolarize(0.5, p=solarize_p)                # values >= 0.5 -> 1 - value (PIL's >= 128 on uint8)
     Normalize(mean, std)
 
 Two implementations draw from the same distribution:
@@ -62,8 +63,10 @@ __all__ = [
     "resized_crop",
     "rgb_to_grayscale",
     "rgb_to_hsv",
+    "resolve_blur_kernel",
     "rotate",
     "sample_crop_boxes",
+    "solarize",
 ]
 
 
@@ -119,6 +122,16 @@ def _check_jitter(_instance: Any, _attribute: attrs.Attribute, value: tuple[floa
         )
 
 
+def _check_kernel(_instance: Any, _attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 3 or value % 2 == 0:
+        raise ValueError(
+            "must be an odd whole number >= 3 (the blur kernel's side in pixels) or null (about 10% of "
+            f"the image side), got {value!r}"
+        )
+
+
 def _check_rotation(_instance: Any, _attribute: attrs.Attribute, value: float) -> None:
     if not 0.0 <= value <= 180.0:
         raise ValueError(f"must be an angle in degrees in [0, 180], got {value:g}")
@@ -136,8 +149,18 @@ class AugmentParams:
         jitter: ColorJitter (brightness, contrast, saturation, hue) strengths.
         jitter_p: probability of applying the colour jitter.
         grayscale_p: probability of converting to grayscale.
-        blur_p: probability of a Gaussian blur (kernel ~10% of the image size, odd).
+        blur_p: probability of a Gaussian blur.
         blur_sigma: range the blur's sigma is drawn from, in pixels.
+        blur_kernel: the blur kernel's side in pixels, odd, >= 3 (reflect padding, so at most
+            ``2 * image_size - 1``); None: about 10% of the image side (:func:`blur_kernel_size`).
+            PIL's ``GaussianBlur(radius=sigma)`` (the official PICI code) has no kernel cut-off:
+            at 32 px a 13-tap kernel (``2 * ceil(3 * 2) + 1``) matches it for sigma up to 2,
+            where the 10% rule's 3 taps give a much weaker blur.
+        solarize_p: probability of solarizing, after the blur: every value at or above the
+            midpoint 0.5 (of the [0, 1] float image) becomes ``1 - value``; on uint8 levels that
+            is PIL's ``ImageOps.solarize`` default (``v >= 128 -> 255 - v``), and a float value
+            is inverted exactly when it rounds to a uint8 level ``>= 128``.  BYOL's asymmetric
+            views (PICI's second view: 0.2).
         rotation: largest rotation in degrees; every view turns by an angle drawn uniformly
             from ``[-rotation, rotation]`` (0: no rotation, the default).  For data without
             a canonical orientation or with small slants (handwriting); the corners the
@@ -169,6 +192,8 @@ class AugmentParams:
         validator=[_check_tuple(2), _check_pair(0.0, math.inf, open_low=True)],
     )
     rotation: float = attrs.field(default=0.0, converter=float, validator=_check_rotation)
+    blur_kernel: int | None = attrs.field(default=None, validator=_check_kernel)
+    solarize_p: float = attrs.field(default=0.0, validator=_check_prob)
 
     def resolved_hflip(self, info: DatasetInfo) -> bool:
         """Whether to flip: the explicit setting, else the dataset's default."""
@@ -179,6 +204,21 @@ def blur_kernel_size(image_size: int) -> int:
     """Gaussian blur kernel side: about 10% of ``image_size``, odd, at least 3."""
     k = int(0.1 * image_size)
     return max(3, k if k % 2 else k + 1)
+
+
+def resolve_blur_kernel(params: AugmentParams, image_size: int) -> int:
+    """The blur kernel side for views of ``image_size``: ``params.blur_kernel``, else
+    :func:`blur_kernel_size`.  Raises ValueError when the kernel is too large for reflect
+    padding (half the kernel must be smaller than the image side)."""
+    if params.blur_kernel is None:
+        return blur_kernel_size(image_size)
+    if params.blur_kernel // 2 >= image_size:
+        raise ValueError(
+            f"must be at most {2 * image_size - 1} for {image_size} px views, got {params.blur_kernel}: the "
+            "blur pads each side by half the kernel, reflecting the image, which needs half the kernel to "
+            "be smaller than the image side. Use a smaller odd kernel, or null for about 10% of the side"
+        )
+    return params.blur_kernel
 
 
 # --------------------------------------------------------------------------- geometry
@@ -431,6 +471,19 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -
     return flat.reshape(b, c, height, width)
 
 
+def solarize(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Invert every value at or above ``threshold``: ``x >= t -> 1 - x``, as torchvision's
+    ``solarize`` on float images.  With the default 0.5, a value is inverted exactly when it
+    rounds to a uint8 level ``>= 128``, PIL's ``ImageOps.solarize`` default.
+
+    Args:
+        images: float ``(B, C, H, W)`` in [0, 1].
+    Returns:
+        float ``(B, C, H, W)``.
+    """
+    return torch.where(images >= threshold, 1.0 - images, images)
+
+
 def _apply_to(
     images: torch.Tensor, select: torch.Tensor, fn: Callable[..., torch.Tensor], *args: torch.Tensor
 ) -> None:
@@ -500,6 +553,7 @@ class ViewParams:
         hue: ``(B,)`` hue shifts in turns.
         grayscale: bool ``(B,)``: convert to grayscale.
         blur: bool ``(B,)``: blur; sigma: ``(B,)`` the blur's sigma in pixels.
+        solarize: bool ``(B,)``: solarize (after the blur).
     """
 
     boxes: torch.Tensor
@@ -514,6 +568,7 @@ class ViewParams:
     grayscale: torch.Tensor | None = None
     blur: torch.Tensor | None = None
     sigma: torch.Tensor | None = None
+    solarize: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -539,7 +594,7 @@ class BatchedTwoView(torch.nn.Module):
     """Two independently augmented views of a batch, vectorised over samples.
 
     Every sample draws its own crop box, flip, rotation angle, jitter factors, jitter op order,
-    grayscale and blur decisions (from torch's global CPU RNG).  Ops are applied to
+    grayscale, blur and solarize decisions (from torch's global CPU RNG).  Ops are applied to
     the subset of samples that drew them, so untouched samples stay bit-exact.
     Colour-jitter order is random per sample as in torchvision: the four stages are
     processed in turn, each op on the samples that drew it at that stage.
@@ -562,7 +617,7 @@ class BatchedTwoView(torch.nn.Module):
         self.image_size = int(image_size)
         self.info = info
         self.hflip = params.resolved_hflip(info)
-        self.kernel_size = blur_kernel_size(self.image_size)
+        self.kernel_size = resolve_blur_kernel(params, self.image_size)
         # weak/strong views: the second view draws from its own parameters
         self.second = None if second is None else BatchedTwoView(second, image_size, info)
 
@@ -610,7 +665,9 @@ class BatchedTwoView(torch.nn.Module):
         if p.blur_p > 0:
             blur = torch.rand(n) < p.blur_p
             sigma = torch.empty(n).uniform_(*p.blur_sigma)
-        return ViewParams(boxes, flip, degrees, **jitter, grayscale=grayscale, blur=blur, sigma=sigma)
+        solarize = torch.rand(n) < p.solarize_p if p.solarize_p > 0 else None
+        return ViewParams(boxes, flip, degrees, **jitter, grayscale=grayscale, blur=blur, sigma=sigma,
+                          solarize=solarize)
 
     def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
         """Augment float ``(B, C, H, W)`` images in [0, 1] with given per-sample parameters
@@ -625,6 +682,8 @@ class BatchedTwoView(torch.nn.Module):
             _apply_to(x, params.grayscale, lambda im: rgb_to_grayscale(im).expand_as(im))
         if params.blur is not None:
             _apply_to(x, params.blur, lambda im, s: gaussian_blur(im, s, self.kernel_size), params.sigma)
+        if params.solarize is not None:
+            _apply_to(x, params.solarize, solarize)
         return x
 
 
@@ -681,7 +740,10 @@ def _per_image_pipeline(params: AugmentParams, image_size: int, info: DatasetInf
     if colour:
         steps.append(v2.RandomGrayscale(p=params.grayscale_p))
     if params.blur_p > 0:
-        blur = v2.GaussianBlur(blur_kernel_size(image_size), sigma=params.blur_sigma)
+        blur = v2.GaussianBlur(resolve_blur_kernel(params, image_size), sigma=params.blur_sigma)
         steps.append(v2.RandomApply([blur], p=params.blur_p))
+    if params.solarize_p > 0:
+        # the float image's midpoint: PIL's uint8 threshold 128 after rounding (see :func:`solarize`)
+        steps.append(v2.RandomSolarize(0.5, p=params.solarize_p))
     steps.append(v2.Normalize(list(info.mean), list(info.std)))
     return v2.Compose(steps)

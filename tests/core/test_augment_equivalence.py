@@ -8,11 +8,11 @@
 * Samplers: the parameters :meth:`BatchedTwoView.sample` draws follow torchvision's own
   samplers (``RandomResizedCrop.make_params``, ``ColorJitter.make_params`` with its
   ``randperm(4)`` order, the apply draws of ``RandomApply`` / ``RandomGrayscale`` /
-  ``RandomHorizontalFlip``, ``RandomRotation`` and ``GaussianBlur``): two-sample KS and
-  chi-square tests over 20,000 seeded draws of each side.
+  ``RandomHorizontalFlip`` / ``RandomSolarize``, ``RandomRotation`` and ``GaussianBlur``):
+  two-sample KS and chi-square tests over 20,000 seeded draws of each side.
 * Power: planted defects (a fixed jitter order, jitter factors shifted by one sample, a crop
-  sampler without torchvision's rejection loop) are monkeypatched into the module and the
-  checks above must report them.
+  sampler without torchvision's rejection loop, solarize on every sample, solarize at the wrong
+  threshold) are monkeypatched into the module and the checks above must report them.
 """
 
 from __future__ import annotations
@@ -41,13 +41,14 @@ from clusterkit.data.augment import (
     resized_crop,
     rgb_to_grayscale,
     rotate,
+    solarize,
 )
 
 CIFAR = DATASETS["cifar10"]
 DIGITS = DATASETS["digits"]
 ATOL = 1e-4  # op equivalence: float rounding differs between the kernels, not more
 # Sampler tests: every p-value of a correct sampler must stay above ALPHA.  Under the null the
-# chance that one of the 15 falls below is 1.5e-5 (the seeded draws give at least 3e-3); the
+# chance that one of the 16 falls below is 1.6e-5 (the seeded draws give at least 3e-3); the
 # planted defects give 1e-24 or less.
 ALPHA = 1e-6
 N_DRAWS = 20_000
@@ -90,6 +91,8 @@ def reference_view(image: torch.Tensor, p: ViewParams, i: int, size: int, kernel
     if p.blur is not None and p.blur[i]:
         sigma = float(p.sigma[i])
         x = TF.gaussian_blur(x, [kernel_size, kernel_size], [sigma, sigma])
+    if p.solarize is not None and p.solarize[i]:
+        x = TF.solarize(x, 0.5)  # the per-image pipeline's RandomSolarize threshold
     return x
 
 
@@ -106,10 +109,10 @@ def view_error(aug: BatchedTwoView, images: torch.Tensor, params: ViewParams) ->
 # Configurations of the whole-view check: output size (shrinking and enlarging crops of the
 # 24 x 20 image in one batch at 16; every crop shrinks at 8, enlarges at 32), channels.
 VIEW_CASES = {
-    "rgb16": (AugmentParams(rotation=25.0, blur_p=0.5, jitter_p=0.9, grayscale_p=0.3), 16, CIFAR),
+    "rgb16": (AugmentParams(rotation=25.0, blur_p=0.5, jitter_p=0.9, grayscale_p=0.3, solarize_p=0.5), 16, CIFAR),
     "rgb8": (AugmentParams(blur_p=0.5, jitter=(0.8, 0.8, 0.8, 0.4), crop_scale=(0.2, 1.0)), 8, CIFAR),
-    "rgb32": (AugmentParams(rotation=10.0, blur_p=0.5, crop_ratio=(0.5, 2.0)), 32, CIFAR),
-    "gray16": (AugmentParams(rotation=15.0, blur_p=0.5, jitter_p=0.9), 16, DIGITS),
+    "rgb32": (AugmentParams(rotation=10.0, blur_p=0.5, crop_ratio=(0.5, 2.0), blur_kernel=13), 32, CIFAR),
+    "gray16": (AugmentParams(rotation=15.0, blur_p=0.5, jitter_p=0.9, solarize_p=0.5), 16, DIGITS),
 }
 
 
@@ -185,7 +188,7 @@ def test_grayscale_matches_torchvision():
         assert float((out[i] - TF.rgb_to_grayscale(images[i], num_output_channels=3)).abs().max()) < ATOL
 
 
-@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("kernel_size", [3, 5, 13])
 def test_blur_matches_torchvision(kernel_size):
     images = _images(5)
     sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
@@ -193,6 +196,15 @@ def test_blur_matches_torchvision(kernel_size):
     for i in range(5):
         ref = TF.gaussian_blur(images[i], [kernel_size, kernel_size], [float(sigma[i])] * 2)
         assert float((out[i] - ref).abs().max()) < ATOL, i
+
+
+def test_solarize_matches_torchvision():
+    images = _images(4)
+    out = solarize(images)
+    for i in range(4):
+        assert float((out[i] - TF.solarize(images[i], 0.5)).abs().max()) < ATOL
+    gray = _images(4, channels=1)
+    assert float((solarize(gray) - torch.stack([TF.solarize(g, 0.5) for g in gray])).abs().max()) < ATOL
 
 
 def test_colour_jitter_order_matches_torchvision():
@@ -223,6 +235,8 @@ def test_view_matches_torchvision_image_by_image(case):
     aug, images, drawn = _view_case(case)
     if drawn.jitter is not None:  # the draw exercises what it should
         assert 0 < int(drawn.jitter.sum()) < len(images) and len({tuple(o) for o in drawn.order.tolist()}) > 10
+    if drawn.solarize is not None:
+        assert 0 < int(drawn.solarize.sum()) < len(images)
     assert view_error(aug, images, drawn) < ATOL
 
 
@@ -241,7 +255,7 @@ def test_view_is_sample_then_apply():
 # --------------------------------------------------------------------------- b) samplers
 
 
-SAMPLER_PARAMS = AugmentParams(rotation=30.0, blur_p=0.5)  # the defaults, plus rotation and blur
+SAMPLER_PARAMS = AugmentParams(rotation=30.0, blur_p=0.5, solarize_p=0.2)  # the defaults, plus rotation, blur, solarize
 
 
 @functools.lru_cache(maxsize=None)
@@ -250,8 +264,8 @@ def torchvision_draws(seed: int = 0, n: int = N_DRAWS) -> dict:
     transforms.v2 objects), each from torchvision's own sampler, on a 3 x 24 x 20 image."""
     pipeline = PerImageTwoView(SAMPLER_PARAMS, 16, CIFAR).transform.transforms
     step = {type(t).__name__: t for t in pipeline}
-    rrc, flip, rotation, gray = (step[k] for k in ("RandomResizedCrop", "RandomHorizontalFlip",
-                                                   "RandomRotation", "RandomGrayscale"))
+    rrc, flip, rotation, gray, solar = (step[k] for k in ("RandomResizedCrop", "RandomHorizontalFlip",
+                                                          "RandomRotation", "RandomGrayscale", "RandomSolarize"))
     jitter_apply, blur_apply = (t for t in pipeline if isinstance(t, v2.RandomApply))
     (jitter,), (blur,) = jitter_apply.transforms, blur_apply.transforms
     image = torch.zeros(3, HEIGHT, WIDTH)
@@ -285,6 +299,7 @@ def torchvision_draws(seed: int = 0, n: int = N_DRAWS) -> dict:
             "grayscale": torch.tensor(applied(gray)),
             "blur": torch.tensor(applied(blur_apply)),
             "sigma": torch.tensor([blur.make_params([image])["sigma"][0] for _ in range(n)]),
+            "solarize": torch.tensor(applied(solar)),
         }
         for name in ("brightness", "contrast", "saturation", "hue"):
             draws[name] = torch.tensor([c[f"{name}_factor"] for c in colour])
@@ -328,7 +343,7 @@ def sampler_pvalues(ours: dict, ref: dict) -> dict[str, float]:
         p["jitter order"] = 0.0  # some order never drawn
     else:
         p["jitter order"] = stats.chi2_contingency(np.stack([ours_orders, ref_orders])).pvalue
-    for name in ("flip", "jitter", "grayscale", "blur"):
+    for name in ("flip", "jitter", "grayscale", "blur", "solarize"):
         table = [[int(x.sum()), int((~x).sum())] for x in (ours[name], ref[name])]
         p[f"{name} rate"] = stats.chi2_contingency(table).pvalue
     return p
@@ -336,20 +351,20 @@ def sampler_pvalues(ours: dict, ref: dict) -> dict[str, float]:
 
 def test_sampler_matches_torchvision():
     p = sampler_pvalues(batched_draws(), torchvision_draws())
-    assert len(p) == 15
+    assert len(p) == 16
     failed = {k: v for k, v in p.items() if v < ALPHA}
     assert not failed, failed
 
 
 def test_sampler_test_tells_distributions_apart():
     """Sanity of the statistics: two halves of torchvision's draws pass; against torchvision with
-    another setting (crop scale 0.2-1, jitter 0.5, hue 0.12, p 0.75 / 0.25 / 0.45, sigma to 2.2)
-    every parameter whose setting changed fails."""
+    another setting (crop scale 0.2-1, jitter 0.5, hue 0.12, p 0.75 / 0.25 / 0.45 / 0.25, sigma to
+    2.2) every parameter whose setting changed fails."""
     other = AugmentParams(crop_scale=(0.2, 1.0), jitter=(0.5, 0.5, 0.5, 0.12), jitter_p=0.75,
-                          grayscale_p=0.25, blur_p=0.45, blur_sigma=(0.1, 2.2), rotation=30.0)
+                          grayscale_p=0.25, blur_p=0.45, blur_sigma=(0.1, 2.2), rotation=30.0, solarize_p=0.25)
     p_other = sampler_pvalues(batched_draws(other), torchvision_draws())
     changed = ["crop area", "brightness", "contrast", "saturation", "hue", "sigma", "jitter rate",
-               "grayscale rate", "blur rate"]
+               "grayscale rate", "blur rate", "solarize rate"]
     assert all(p_other[k] < ALPHA for k in changed), {k: p_other[k] for k in changed}
     ref = torchvision_draws()
     halves = [{k: v[s] for k, v in ref.items()} for s in (slice(0, N_DRAWS // 2), slice(N_DRAWS // 2, None))]
@@ -408,3 +423,43 @@ def test_planted_factors_shifted_by_one_sample_are_caught(monkeypatch):
     monkeypatch.setattr(augment, "color_jitter", rolled)
     for case in ("rgb16", "gray16"):
         assert view_error(*_view_case(case)) > 100 * ATOL, case
+
+
+def test_planted_solarize_on_every_sample_is_caught(monkeypatch):
+    """The sampler marks every sample for solarizing: the rate test fails; the ops still follow
+    the decisions they are given."""
+    original = BatchedTwoView.sample
+
+    def always(self, n, channels, height, width):
+        drawn = original(self, n, channels, height, width)
+        return drawn if drawn.solarize is None else attrs.evolve(drawn, solarize=torch.ones(n, dtype=torch.bool))
+
+    monkeypatch.setattr(BatchedTwoView, "sample", always)
+    p = sampler_pvalues(batched_draws(), torchvision_draws())
+    assert p["solarize rate"] < 1e-10, p
+    assert view_error(*_view_case("rgb16")) < ATOL
+
+
+def test_planted_solarize_ignoring_its_decision_is_caught(monkeypatch):
+    """apply() solarizes every sample whatever was drawn: only the op check can see it."""
+    original = BatchedTwoView.apply
+
+    def everywhere(self, images, params):
+        if params.solarize is not None:
+            params = attrs.evolve(params, solarize=torch.ones_like(params.solarize))
+        return original(self, images, params)
+
+    monkeypatch.setattr(BatchedTwoView, "apply", everywhere)
+    for case in ("rgb16", "gray16"):
+        assert view_error(*_view_case(case)) > 100 * ATOL, case
+    p = sampler_pvalues(batched_draws(), torchvision_draws())
+    assert min(p.values()) > ALPHA
+
+
+@pytest.mark.parametrize("threshold", [128 / 255, 0.6, 0.0])
+def test_planted_solarize_threshold_off_is_caught(monkeypatch, threshold):
+    """The op at another threshold fails the whole-view check: 128 / 255 (PIL's uint8 threshold
+    without the rounding, off by half a level: errors of about 0.004), 0.6, 0.0 (inverts everything)."""
+    monkeypatch.setattr(augment, "solarize", lambda images: solarize(images, threshold))
+    for case in ("rgb16", "gray16"):
+        assert view_error(*_view_case(case)) > 10 * ATOL, (case, threshold)

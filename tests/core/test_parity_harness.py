@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import attrs
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -253,6 +254,11 @@ def test_the_pici_recipe_is_the_setting_the_official_run_gets(parity):
     assert (cli["n_init"], cli["feature_scaling"], cli["double_softmax"], cli["pseudo_labels"]) == \
         (s["cli_n_init"], "minmax", True, "stage")
     assert [st.name for st in r.stages] == ["pretrain", "train", "boost"]
+    # the official Transforms_BYOL views: the second adds Solarize p 0.2; PIL's untruncated blur
+    # needs a 13-tap kernel at 32 px (the 10% rule gives 3)
+    a, b = r.data.augment, r.data.augment_second
+    assert (a.blur_p, a.blur_sigma, a.blur_kernel, a.solarize_p) == (1.0, (0.1, 2.0), 13, 0.0)
+    assert b == attrs.evolve(a, solarize_p=0.2)
 
 
 def test_pici_runs_are_keyed_on_their_stages_and_setting(parity):

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import attrs
 import pytest
 import timm
 import torch
@@ -529,7 +530,11 @@ def test_pici_recipes_follow_the_paper(key, k):
     assert r.plugins["masked_vit"] == {"mask_ratio": 0.5, "test_time_masking": False}
     assert r.plugins["cross_level_interaction"]["n_init"] == 100
     assert r.plugins["cross_level_interaction"]["double_softmax"] is True       # the code's behaviour
-    assert r.data.augment_second is None and r.data.augment.blur_p == 1.0
+    # Transforms_BYOL: the second view is the first plus Solarize p 0.2; blur sigma 0.1-2 always
+    a, b = r.data.augment, r.data.augment_second
+    assert (a.blur_p, a.blur_sigma, a.solarize_p) == (1.0, (0.1, 2.0), 0.0)
+    assert (a.jitter, a.crop_scale) == ((0.4, 0.4, 0.2, 0.1), (0.08, 1.0))
+    assert b == attrs.evolve(a, solarize_p=0.2)
     text = path.read_text()
     assert "Published" in text or "NOT a published setting" in text
 
