@@ -340,3 +340,32 @@ def test_official_evaluation_collects_features_and_leaves_training_as_it_was(par
         assert net.training
         net(torch.zeros(1, 3))
         assert feats == []
+
+
+def test_parity_judge_applies_the_criteria_across_two_results_files(tmp_path, capsys):
+    """benchmarks/parity_judge.py: clusterkit runs of one file against the official runs of another.
+    Epoch 1's official spread is .30-.40 (mean .35): .38 passes, .42 is outside the spread and .07 from the
+    mean, so it fails; a largest share of .35 against an official .20 fails (more than .10 away)."""
+    spec = importlib.util.spec_from_file_location("parity_judge", REPO / "benchmarks" / "parity_judge.py")
+    judge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(judge)
+
+    def run(system, seed, nmis, shares):
+        epochs = [{"epoch": e, "nmi": n, "largest_share": s} for e, (n, s) in enumerate(zip(nmis, shares, strict=True))]
+        return {"method": "propos", "system": system, "seed": seed, "epochs": epochs}
+
+    official = {"runs": [run("official", 0, [0.50, 0.30], [0.2, 0.2]), run("official", 1, [0.50, 0.40], [0.2, 0.2]),
+                         run("clusterkit", 0, [0.0, 0.0], [1.0, 1.0])]}      # ignored: not official
+    ours = {"runs": [run("clusterkit", 0, [0.52, 0.38], [0.25, 0.2]), run("clusterkit", 1, [0.50, 0.42], [0.2, 0.35]),
+                     run("official", 0, [0.0, 0.0], [1.0, 1.0])]}            # ignored: not clusterkit
+    lines, verdict = judge.judge(official, ours, "propos", 1)
+    assert verdict == {"nmi_ok": 3, "share_ok": 3, "checked": 4}
+    assert lines[2].startswith("| 0 |") and "| yes |" in lines[2]
+    assert lines[3].startswith("| 1 |") and lines[3].count("**no**") == 2
+    (tmp_path / "o.json").write_text(json.dumps(official))
+    (tmp_path / "c.json").write_text(json.dumps(ours))
+    assert judge.main([str(tmp_path / "o.json"), str(tmp_path / "c.json"), "--method", "propos", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "NMI criterion met in 3 of 4 (epoch, seed) cells; largest-cluster criterion in 3 of 4." in out
+    with pytest.raises(SystemExit, match="no official run of 'digpro'"):
+        judge.judge(official, ours, "digpro", 1)
