@@ -4,6 +4,7 @@ report.  The official code is never run here (its runs are replaced by recorded 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -273,21 +274,28 @@ def test_the_meter_sees_a_grandchild_nobody_waits_for(speed):
     import subprocess
     import time
 
+    # its own session: the busy grandchild is in the parent's process group, which the cleanup kills whole
+    # (killing the descendants seen in one scan raced with a grandchild started after it, and leaked a
+    # busy process in a loaded CI run)
     parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
-                               "subprocess.Popen([sys.executable, '-c', 'while True: pass']); time.sleep(600)"])
+                               "subprocess.Popen([sys.executable, '-c', 'while True: pass']); time.sleep(600)"],
+                              start_new_session=True)
     try:
         with speed.DescendantMeter(interval=0.05) as meter:
             deadline = time.monotonic() + 60
-            grandchild = lambda: [cpu for (pid, _), cpu in list(meter.seen.items()) if pid != parent.pid]  # noqa: E731
+
+            def grandchild() -> list[float]:  # the meter's readings of the parent's own children
+                kids = {pid for pid, _ in speed.descendant_cpu(parent.pid)}
+                return [cpu for (pid, _), cpu in list(meter.seen.items()) if pid in kids]
+
             while time.monotonic() < deadline and not any(cpu > 0 for cpu in grandchild()):
                 time.sleep(0.05)
-        assert any(cpu > 0 for cpu in grandchild())  # the busy grandchild's CPU time is counted
-        assert meter.seconds >= max(grandchild())
+            seen = grandchild()
+        assert any(cpu > 0 for cpu in seen)  # the busy grandchild's CPU time is counted
+        assert meter.seconds >= max(seen)
     finally:
-        for (pid, _), _cpu in speed.descendant_cpu(os.getpid()).items():
-            if pid != parent.pid:
-                os.kill(pid, 9)
-        parent.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, 9)
         parent.wait()
 
 
